@@ -19,7 +19,7 @@ _PAIRWISE_MAX_M = 16
 
 def magnitude_key(x: torch.Tensor) -> torch.Tensor:
     """|x| with NaN mapped to +inf, so NaN and inf both rank as the largest magnitude."""
-    return torch.abs(x).nan_to_num_(nan=math.inf)
+    return torch.abs(x).nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
 def topn_in_groups(keys: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,7 +62,7 @@ def _grouped_mask(x: torch.Tensor, n: int, m: int, method: str, generator) -> to
     buf = torch.empty((min(chunk, groups), m), dtype=x.dtype, device=x.device)
     for s in range(0, groups, chunk):
         e = min(groups, s + chunk)
-        keys = torch.abs(flat[s:e], out=buf[: e - s]).nan_to_num_(nan=math.inf)
+        keys = torch.abs(flat[s:e], out=buf[: e - s]).nan_to_num_(nan=math.inf, posinf=math.inf)
         topn_in_groups(keys, n, out=out[s:e])
     return out.view(x.shape)
 

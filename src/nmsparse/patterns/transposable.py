@@ -108,17 +108,24 @@ def _exact_flow(a: torch.Tensor, n: int, m: int) -> torch.Tensor:
         k = act.numel()
         tol = 1e-12 * m * w.amax(dim=(1, 2)).clamp_min(1e-300).unsqueeze(1)
         dc = torch.where(ex > 0, 0.0, inf)
+        dr = torch.full((k, m), float("inf"), dtype=a.dtype, device=a.device)
         pred_c = torch.full((k, m), -1, dtype=torch.int64, device=a.device)  # row feeding column
+        pred_r = torch.full((k, m), -1, dtype=torch.int64, device=a.device)  # column feeding row
         sel_cost = torch.where(xa, w, inf)  # column j -> row i cancels (i, j): +w
         add_cost = torch.where(xa, inf, -w)  # row i -> column j adds (i, j): -w
-        for _ in range(2 * m + 2):
-            dr, pred_r = (dc.unsqueeze(1) + sel_cost).min(dim=2)  # best column feeding each row
-            cand, arg = (dr.unsqueeze(2) + add_cost).min(dim=1)  # best row feeding each column
-            better = cand < dc - tol
-            if not bool(better.any()):
+        # Labels change only on a strict improvement (beyond rounding), which keeps the
+        # predecessor graph a tree even among the zero-cost cycles that ties create.
+        for _ in range(4 * m + 4):
+            cand, arg = (dc.unsqueeze(1) + sel_cost).min(dim=2)
+            better_r = cand < dr - tol
+            dr = torch.where(better_r, cand, dr)
+            pred_r = torch.where(better_r, arg, pred_r)
+            cand, arg = (dr.unsqueeze(2) + add_cost).min(dim=1)
+            better_c = cand < dc - tol
+            dc = torch.where(better_c, cand, dc)
+            pred_c = torch.where(better_c, arg, pred_c)
+            if not bool(better_c.any()):
                 break
-            dc = torch.where(better, cand, dc)
-            pred_c = torch.where(better, arg, pred_c)
         # Sink: the under-full column at the smallest distance (one always exists and is reachable).
         dist = torch.where(ex < 0, dc, inf)
         col = dist.argmin(dim=1)
