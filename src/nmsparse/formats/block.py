@@ -11,6 +11,7 @@ nonzero blocks are stored, in CSR order over the (Co/bo, Ci/bi) block grid:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -147,8 +148,11 @@ class BlockCompressed:
         """The 2-D weight as a ``torch.sparse_bsr`` tensor (int64 indices)."""
         if len(self.shape) != 2:
             raise ValueError(f"to_bsr needs a 2-D weight, this one has shape {tuple(self.shape)}")
-        return torch.sparse_bsr_tensor(self.crow_indices.long(), self.col_indices.long(),
-                                       self.values, size=self.shape)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+            # The CSR arrays come from compress_block or a validated load: skip torch's re-check.
+            return torch.sparse_bsr_tensor(self.crow_indices.long(), self.col_indices.long(),
+                                           self.values, size=self.shape, check_invariants=False)
 
     def to(self, device) -> "BlockCompressed":
         return BlockCompressed(self.values.to(device), self.crow_indices.to(device),

@@ -2,7 +2,8 @@
 
 Tensors are stored under readable keys (``values``/``indices`` for one object, ``<name>.values``
 etc. for a dict entry, ``<name>`` for a plain tensor). The structure, the format parameters and a
-CRC-32 per stored tensor go in the safetensors metadata as JSON under the key ``nmsparse``.
+CRC-32 per stored tensor go in the safetensors metadata as JSON under the key ``nmsparse``
+(itself guarded by a CRC-32 under ``nmsparse.crc32``); other metadata keys are the caller's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .nm import NMCompressed
 __all__ = ["save", "load", "size_report"]
 
 META_KEY = "nmsparse"
+META_CRC_KEY = "nmsparse.crc32"  # CRC-32 of the META_KEY JSON string, so edits to it are caught
 VERSION = 1
 _PARTS = {"nm": ("values", "indices"), "block": ("values", "crow_indices", "col_indices"),
           "tensor": ("data",)}
@@ -85,13 +87,15 @@ def _prepare(obj, metadata) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         info["crc32"] = {key: _crc(tensors[key]) for key in parts}
         entries[name] = info
     header = {"version": VERSION, "kind": kind, "entries": entries}
-    meta = {META_KEY: json.dumps(header)}
+    text = json.dumps(header)
+    meta = {META_KEY: text, META_CRC_KEY: str(zlib.crc32(text.encode()))}
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
             raise TypeError("metadata must be a dict of str -> str")
-        if META_KEY in metadata:
-            raise ValueError(f"metadata key {META_KEY!r} is reserved by nmsparse")
+        reserved = sorted(set(metadata) & set(meta))
+        if reserved:
+            raise ValueError(f"metadata keys {reserved} are reserved by nmsparse")
         meta.update(metadata)
     return tensors, meta
 
@@ -162,7 +166,7 @@ def load(path, device: str | torch.device = "cpu", *, with_metadata: bool = Fals
     """
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, "no such nmsparse file", path)
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -178,6 +182,8 @@ def load(path, device: str | torch.device = "cpu", *, with_metadata: bool = Fals
 
             if META_KEY not in meta:
                 raise ValueError(f"no {META_KEY!r} metadata: not written by nmsparse.formats.save")
+            if meta.get(META_CRC_KEY) != str(zlib.crc32(meta[META_KEY].encode())):
+                raise ValueError(f"the {META_KEY!r} metadata fails its CRC-32 check (corrupted)")
             header = json.loads(meta[META_KEY])
             if not isinstance(header, dict) or header.get("version") != VERSION:
                 raise ValueError(f"unsupported nmsparse format version in {header!r:.80}")
@@ -200,7 +206,7 @@ def load(path, device: str | torch.device = "cpu", *, with_metadata: bool = Fals
     if device is not None and torch.device(device) != torch.device("cpu"):
         result = {k: v.to(device) for k, v in result.items()} if isinstance(result, dict) \
             else result.to(device)
-    user = {k: v for k, v in meta.items() if k != META_KEY}
+    user = {k: v for k, v in meta.items() if k not in (META_KEY, META_CRC_KEY)}
     return (result, user) if with_metadata else result
 
 

@@ -1,0 +1,24 @@
+# Two commands do all the set-up on a fresh machine:  make run  (main job)  and  make test.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0   # the local CPU wheel; an unpinned torch pulls a CUDA build
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/nmsparse demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/nmsparse bench patterns --out docs/bench-patterns.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
