@@ -29,6 +29,58 @@ def _demo(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from .train.compare import format_table, run_compare
+    from .train.config import load_config
+    from .train.defaults import default_configs
+    from .train.loop import train
+
+    if args.config is None:
+        from .train.config import apply_overrides
+
+        out = Path(args.out or "runs/default")
+        configs = [apply_overrides(d, args.set) for d in default_configs()]
+        print(f"No --config: the embedded default, {len(configs)} runs on scikit-learn's digits -> {out}/")
+        rows = run_compare(configs, 1, out)
+        print("\n" + format_table(rows))
+        print(f"\nTable, CSV and accuracy plot: {out}/compare.md, compare.csv, compare.png")
+        return 0
+    cfg = load_config(args.config, args.set)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    summary = train(cfg, out, resume=not args.restart)
+    print(f"\n{cfg.name}: final test top-1 {summary['final_test_acc']:.2f}% "
+          f"(best {summary['best_test_acc']:.2f}%); run directory {out}/")
+    return 0
+
+
+def _compare(args) -> int:
+    from .train.compare import expand_sweeps, format_table, load_config_dicts, run_compare
+
+    configs = []
+    for d in load_config_dicts(args.configs, args.set):
+        configs += expand_sweeps(d, args.sweep)
+    rows = run_compare(configs, args.seeds, args.out)
+    print("\n" + format_table(rows))
+    print(f"\nSaved {args.out}/compare.md, compare.csv, compare.png")
+    return 0
+
+
+def _eval(args) -> int:
+    from .train.evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, device=args.device)
+    print(f"{args.checkpoint}: test top-1 {res['test_acc']:.2f}%, test loss {res['test_loss']:.4f} "
+          f"({res['name']}, epoch {res['epoch']})")
+    return 0
+
+
+def _report(args) -> int:
+    from .train.evaluate import report_run
+
+    print(report_run(args.run_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nmsparse", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -36,6 +88,33 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="compute every pattern for a real trained weight and print a summary")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_demo)
+
+    t = sub.add_parser("train", help="train from a YAML config (no config: the embedded digits default)")
+    t.add_argument("--config", help="YAML config (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=0.05 (repeatable)")
+    t.add_argument("--out", help="run directory (default runs/<config name>)")
+    t.add_argument("--restart", action="store_true",
+                   help="ignore an existing checkpoint in --out (it is overwritten only at the next epoch end)")
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("compare", help="several configs (or a sweep) x seeds: mean +- std table and a plot")
+    c.add_argument("configs", nargs="+")
+    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="e.g. --sweep sparsity.grad.nm=1:4,2:4,4:8 (repeatable: cross product)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--out", default="runs/compare")
+    c.set_defaults(func=_compare)
+
+    e = sub.add_parser("eval", help="test accuracy of a training checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=_eval)
+
+    r = sub.add_parser("report", help="metrics, sparsity report and plots of a run directory")
+    r.add_argument("run_dir")
+    r.set_defaults(func=_report)
 
     b = sub.add_parser("bench", help="benchmarks that compare against a baseline measured in the same run")
     bsub = b.add_subparsers(dest="suite", required=True)
@@ -51,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"nmsparse {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,14 @@
+"""Autograd functions, parametrizations and modules for sparse training, and `sparsify`."""
+
+from .config import GradSparsity, SparsityConfig, WeightBlock, WeightNM
+from .sdgp import SDGPConv2d, SDGPLinear, prune_grad
+from .sparsify import (SADTracker, default_filter, format_report, sparsify, sparsity_report, squash,
+                       weight_masks)
+from .weight import BlockWeightSparsity, NMWeightSparsity
+
+__all__ = [
+    "SparsityConfig", "WeightNM", "WeightBlock", "GradSparsity",
+    "prune_grad", "SDGPConv2d", "SDGPLinear", "NMWeightSparsity", "BlockWeightSparsity",
+    "sparsify", "default_filter", "sparsity_report", "format_report", "squash", "weight_masks",
+    "SADTracker",
+]

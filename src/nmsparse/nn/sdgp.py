@@ -1,0 +1,320 @@
+"""SDGP (McDanel et al. 2022): the output gradient, pruned N:M along channels, feeds only the input gradient.
+
+The dense output gradient still computes the weight and bias gradients, so only the
+backward-data product (whose reduction runs over the output channels) becomes N:M sparse.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+from torch.nn.utils import parametrize
+
+from ..patterns._checks import check_dim, check_divisible, check_float_tensor, check_nm
+from ..patterns.nm import magnitude_key, nm_mask, topn_in_groups
+
+SDGP_METHODS = ("magnitude", "random", "rescale")
+# Generator seed for a layer's backward number `step`: seed * _SEED_STRIDE + step.
+_SEED_STRIDE = 1_000_003
+
+__all__ = ["prune_grad", "SDGP_METHODS", "SDGPConv2d", "SDGPLinear", "sdgp_conv2d", "sdgp_linear"]
+
+
+def _check_method(method) -> None:
+    if method not in SDGP_METHODS:
+        raise ValueError(f"method must be one of {SDGP_METHODS}, got {method!r}")
+
+
+def _check_nm(n, m) -> tuple[int, int]:
+    n, m = check_nm(n, m)
+    if n < 1:  # nothing kept: no input gradient, and an overflow would go unseen
+        raise ValueError(f"n must be >= 1 for SDGP, got n={n}")
+    return n, m
+
+
+def _topn(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """topn_in_groups, or under torch.compile (which cannot trace its out= calls) a stable sort,
+    which also gives ties to the earlier position."""
+    if not torch.compiler.is_compiling():
+        return topn_in_groups(keys, n)
+    idx = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :n]
+    return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device).scatter_(1, idx, True)
+
+
+def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: int = 1,
+               generator: torch.Generator | None = None, eps: float = 1e-4) -> torch.Tensor:
+    """g pruned to n:m (1 <= n <= m) in groups of m consecutive channels along `dim`, in g's memory format.
+
+    Groups follow the logical channel dim at every sample and spatial position, so NCHW and
+    channels_last give the same values. "magnitude" keeps the n largest |g|; "random" keeps n
+    positions drawn from `generator`; "rescale" is magnitude, then each (sample, channel) plane
+    (dim 0 x `dim`, over all other dims) is scaled by sum|g| / (sum|pruned g| + eps) to keep
+    its L1 norm. With no such spatial dims (a Linear on (batch, features)) rescale scales each
+    sample's row over all its channels instead; for a 1-D g, the whole vector. Every group that
+    holds inf or NaN still holds a non-finite value afterwards, so a gradient scaler sees it.
+    """
+    check_float_tensor(g, "g")
+    n, m = _check_nm(n, m)
+    d = check_dim(g, dim)
+    _check_method(method)
+    check_divisible(g.shape[d], m, f"g's channel dim {dim}", g.shape)
+    # Channels innermost: free for channels_last conv grads and Linear grads, one copy otherwise.
+    gc = g.movedim(d, -1).contiguous()
+    if method == "random":
+        keys = torch.rand(gc.shape, generator=generator, device=gc.device, dtype=torch.float32)
+        keys.masked_fill_(~torch.isfinite(gc), 2.0)  # above any draw: non-finite entries stay
+        mask = _topn(keys.view(-1, m), n).view(gc.shape)
+    elif torch.compiler.is_compiling():
+        mask = _topn(magnitude_key(gc.detach()).view(-1, m), n).view(gc.shape)
+    else:
+        mask = nm_mask(gc.detach(), n, m, dim=-1)  # the mask carries no gradient
+    out = torch.where(mask, gc, 0)
+    if method == "rescale":
+        last = gc.dim() - 1
+        dims = tuple(range(1 if d != 0 else 0, last)) or (last,)
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        full = torch.linalg.vector_norm(gc, 1, dims, keepdim=True, dtype=acc)
+        kept = torch.linalg.vector_norm(out, 1, dims, keepdim=True, dtype=acc)
+        scale = full / (kept + eps)
+        # Multiplied in `acc`: a fully pruned half plane gets 0 * (large scale) = 0, not 0 * inf.
+        # Out of place only where autograd records it (a double backward).
+        out = (out * scale).to(g.dtype) if out.requires_grad else out.mul_(scale)
+    out = out.movedim(-1, d)
+    if out.stride() != g.stride():
+        out = torch.empty_like(g).copy_(out)
+    return out
+
+
+def _autocast(*tensors):
+    """Tensors cast as autocast would cast a conv/linear's arguments, so the Function sees one dtype."""
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
+def _check_layer(x, weight, n, m, method, what: str):
+    check_float_tensor(x, "x")
+    check_float_tensor(weight, "weight")
+    n, m = _check_nm(n, m)
+    _check_method(method)
+    check_divisible(weight.shape[0], m, f"weight's {what} dim 0", weight.shape)
+    return n, m
+
+
+class _SDGPConv2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, n, m, method, generator):
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.prune = (n, m, method, generator)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+        if need_w or need_b:
+            _, dw, db = torch.ops.aten.convolution_backward(
+                gy, x, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups,
+                [False, need_w, need_b])
+        if need_x:
+            n, m, method, generator = ctx.prune
+            gp = prune_grad(gy, n, m, method, 1, generator)
+            dx = torch.ops.aten.convolution_backward(
+                gp, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [True, False, False])[0]
+        return (dx, dw, db) + (None,) * 8
+
+
+class _SDGPLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, n, m, method, generator):
+        ctx.prune = (n, m, method, generator)
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dw = db = None
+        g2 = gy.reshape(-1, gy.shape[-1])
+        if need_w:
+            dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
+        if need_b:
+            db = g2.sum(0)
+        if need_x:
+            n, m, method, generator = ctx.prune
+            dx = prune_grad(gy, n, m, method, -1, generator).matmul(weight)
+        return (dx, dw, db) + (None,) * 4
+
+
+def _resolve_padding(x, weight, stride, padding, dilation):
+    """Integer (top, left) padding for a conv; 'same' with an odd total pads x's far side first, as torch does."""
+    if not isinstance(padding, str):
+        return x, _pair(padding)
+    if padding == "valid":
+        return x, (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be 'valid', 'same', an int or a pair, got {padding!r}")
+    if any(s != 1 for s in stride):
+        raise ValueError(f"padding='same' needs stride 1, got stride={tuple(stride)}")
+    total = [dl * (k - 1) for dl, k in zip(dilation, weight.shape[2:])]
+    if total[0] % 2 or total[1] % 2:
+        x = F.pad(x, (0, total[1] % 2, 0, total[0] % 2))
+    return x, (total[0] // 2, total[1] // 2)
+
+
+def sdgp_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, n=2, m=4,
+                method="rescale", generator=None):
+    """F.conv2d whose backward feeds the N:M-pruned output gradient to the input gradient only."""
+    n, m = _check_layer(x, weight, n, m, method, "out-channel")
+    stride, dilation = _pair(stride), _pair(dilation)
+    x, padding = _resolve_padding(x, weight, stride, padding, dilation)
+    x, weight, bias = _autocast(x, weight, bias)
+    return _SDGPConv2dFn.apply(x, weight, bias, list(stride), list(padding), list(dilation), groups,
+                               n, m, method, generator)
+
+
+def sdgp_linear(x, weight, bias=None, n=2, m=4, method="rescale", generator=None):
+    """F.linear whose backward feeds the N:M-pruned output gradient to the input gradient only."""
+    n, m = _check_layer(x, weight, n, m, method, "out-feature")
+    x, weight, bias = _autocast(x, weight, bias)
+    return _SDGPLinearFn.apply(x, weight, bias, n, m, method, generator)
+
+
+class _SDGPMixin:
+    """Shared state of the SDGP modules: n, m, method, seed and the persistent `sdgp_step` counter."""
+
+    _dense_cls: type
+    _out_name: str
+
+    def _init_sdgp(self, out: int, n, m, method, seed, device) -> None:
+        n, m = _check_nm(n, m)
+        _check_method(method)
+        if out % m:
+            raise ValueError(f"{self._dense_cls.__name__} with {self._out_name}={out} cannot be "
+                             f"grouped by m={m}: {out} is not divisible by {m}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.n, self.m, self.method, self.seed = n, m, method, seed
+        self.register_buffer("sdgp_step", torch.zeros((), dtype=torch.int64, device=device))
+
+    def _step_generator(self, *inputs: torch.Tensor | None) -> torch.Generator | None:
+        """Counts forwards that record a backward; for "random", that backward's generator."""
+        if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
+            return None
+        gen = self._generator(inputs[0].device) if self.method == "random" else None
+        with torch.no_grad():
+            self.sdgp_step.add_(1)
+        return gen
+
+    @torch.compiler.disable  # reads the step on the host: a clean graph break under torch.compile
+    def _generator(self, device: torch.device) -> torch.Generator:
+        # One host read per forward, only for "random": the seed must be a Python int.
+        seed = (self.seed * _SEED_STRIDE + int(self.sdgp_step)) % (1 << 64)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, n: int = 2, m: int = 4, method: str = "rescale", seed: int = 0):
+        """The SDGP version of `module`, sharing its Parameter objects (state_dict keys and optimizers still match)."""
+        if not isinstance(module, cls._dense_cls) or isinstance(module, _SDGPMixin):
+            raise TypeError(f"{cls.__name__}.from_dense needs an nn.{cls._dense_cls.__name__}, "
+                            f"got {type(module).__name__}")
+        if parametrize.is_parametrized(module):
+            raise ValueError(f"{cls.__name__}.from_dense: the module has parametrizations; convert it "
+                             "to SDGP first, then register them")
+        new = cls(**cls._dense_kwargs(module), device="meta", dtype=module.weight.dtype,
+                  n=n, m=m, method=method, seed=seed)
+        new.weight, new.bias = module.weight, module.bias
+        new.sdgp_step = torch.zeros((), dtype=torch.int64, device=module.weight.device)
+        return new.train(module.training)
+
+    def to_dense(self) -> nn.Module:
+        """A plain nn.Conv2d / nn.Linear holding the same Parameter objects."""
+        if parametrize.is_parametrized(self):
+            raise ValueError(f"{type(self).__name__}.to_dense: remove the weight parametrizations first")
+        dense = self._dense_cls(**self._dense_kwargs(self), device="meta", dtype=self.weight.dtype)
+        dense.weight, dense.bias = self.weight, self.bias
+        return dense.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, sdgp={self.n}:{self.m} {self.method}, seed={self.seed}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # A dense checkpoint has no step counter: load it as is, keeping the current count.
+        if prefix + "sdgp_step" in missing_keys:
+            missing_keys.remove(prefix + "sdgp_step")
+
+
+class SDGPConv2d(_SDGPMixin, nn.Conv2d):
+    """nn.Conv2d with SDGP: the input gradient uses the output gradient pruned n:m along channels.
+
+    `sdgp_step` counts forwards that record a backward; "random" draws its choice for step s
+    from a generator seeded with seed * 1_000_003 + s, so a reloaded model continues identically.
+    """
+
+    _dense_cls = nn.Conv2d
+    _out_name = "out_channels"
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, padding_mode="zeros", device=None, dtype=None, *,
+                 n: int = 2, m: int = 4, method: str = "rescale", seed: int = 0):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, padding_mode, device, dtype)
+        self._init_sdgp(out_channels, n, m, method, seed, device)
+
+    @staticmethod
+    def _dense_kwargs(mod) -> dict:
+        return dict(in_channels=mod.in_channels, out_channels=mod.out_channels,
+                    kernel_size=mod.kernel_size, stride=mod.stride, padding=mod.padding,
+                    dilation=mod.dilation, groups=mod.groups, bias=mod.bias is not None,
+                    padding_mode=mod.padding_mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias  # read once: a parametrized weight is recomputed per read
+        gen = self._step_generator(x, weight, bias)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return sdgp_conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups,
+                           self.n, self.m, self.method, gen)
+
+
+class SDGPLinear(_SDGPMixin, nn.Linear):
+    """nn.Linear with SDGP: the input gradient uses the output gradient pruned n:m along features.
+
+    Rescale keeps each sample's L1 norm over tokens (3-D inputs) or over its whole row (2-D).
+    `sdgp_step` and the seed work as in SDGPConv2d.
+    """
+
+    _dense_cls = nn.Linear
+    _out_name = "out_features"
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *,
+                 n: int = 2, m: int = 4, method: str = "rescale", seed: int = 0):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._init_sdgp(out_features, n, m, method, seed, device)
+
+    @staticmethod
+    def _dense_kwargs(mod) -> dict:
+        return dict(in_features=mod.in_features, out_features=mod.out_features,
+                    bias=mod.bias is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias  # read once: a parametrized weight is recomputed per read
+        gen = self._step_generator(x, weight, bias)
+        return sdgp_linear(x, weight, bias, self.n, self.m, self.method, gen)

@@ -1,0 +1,345 @@
+"""Weight sparsity as parametrizations: N:M (SR-STE, STE, fixed; optionally transposable) and blocks.
+
+Register with ``apply(module, p)`` (or ``torch.nn.utils.parametrize.register_parametrization``);
+``module.weight`` then reads W * mask and the dense W lives in
+``module.parametrizations.weight.original``. Each parametrization keeps two persistent buffers:
+
+- ``mask``: bool, W's shape: the mask of the last training step (or the initial one);
+- ``step``: int64 scalar: the number of training steps seen so far.
+
+A *training step* is a forward in training mode with autograd enabled. Forwards in eval mode,
+under ``torch.no_grad()`` or ``torch.inference_mode()`` neither count nor change the mask.
+The very first forward (the shape check that registration runs) only sets the mask up and
+does not count either. Whether a step recomputes the mask depends on the method and on
+``step`` alone, so a model reloaded from its state_dict continues exactly as the original.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..patterns._checks import check_fraction, check_nm
+from ..patterns.block import _check_block, _check_score, _check_weight, block_scores, expand_block_grid
+from ..patterns.nm import nm_mask
+from ..patterns.transposable import conv_from_2d, conv_to_2d, transposable_mask
+
+NM_METHODS = ("srste", "ste", "fixed")
+MASK_METHODS = ("exact", "greedy")
+SCHEDULES = ("oneshot", "gradual")
+
+
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {name}={value}")
+    return value
+
+
+def _check_number(value, name: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {name}={value}")
+    return float(value)
+
+
+def _check_rank(shape, name: str) -> tuple[int, ...]:
+    shape = tuple(shape)
+    if len(shape) not in (2, 4):
+        raise ValueError(f"{name} must be a 2-D Linear weight (out, in) or a 4-D Conv2d weight "
+                         f"(Co, Ci, kh, kw), got shape {shape}")
+    return shape
+
+
+class _StraightThrough(torch.autograd.Function):
+    """W * mask forward; backward passes the dense gradient plus decay * (1 - mask) * W (SR-STE)."""
+
+    @staticmethod
+    def forward(ctx, w, mask, decay):
+        ctx.decay = decay
+        if decay:
+            ctx.save_for_backward(w, mask)
+        return w * mask
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.decay:
+            w, mask = ctx.saved_tensors
+            grad = grad + ctx.decay * w.masked_fill(mask, 0)
+        return grad, None, None
+
+
+class _MaskedWeight(nn.Module):
+    """Shared state and step logic; subclasses say how to compute a mask and when one is due."""
+
+    def __init__(self):
+        super().__init__()
+        # 1-D and empty until the first forward, which learns W's (2-D or 4-D) shape.
+        self.register_buffer("mask", torch.ones(0, dtype=torch.bool))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    # Subclass hooks.
+    def _initial(self, w):  # the mask set up at the first forward or by reset_mask
+        return self._compute(w)
+
+    def _compute(self, w):  # the mask a due training step computes
+        raise NotImplementedError
+
+    def _due(self) -> bool:  # whether the training step at self.step recomputes the mask
+        raise NotImplementedError
+
+    def _eval_mask(self, w):  # the mask used by a forward that is not a training step
+        return self.mask
+
+    def _multiply(self, w, mask):
+        return w * mask
+
+    def check_weight(self, shape, name: str = "weight") -> None:
+        raise NotImplementedError
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.mask.shape != w.shape:
+            if self._ready():
+                raise ValueError(f"weight of shape {tuple(w.shape)} does not match the mask of shape "
+                                 f"{tuple(self.mask.shape)} this parametrization was set up for")
+            self.check_weight(w.shape)
+            self._set(self._initial(w))
+            mask = self.mask
+        elif self.training and torch.is_grad_enabled():
+            if self._due():
+                self._set(self._compute(w))
+            self.step += 1
+            mask = self.mask
+        else:
+            mask = self._eval_mask(w)
+        return self._multiply(w, mask)
+
+    def _ready(self) -> bool:
+        return self.mask.dim() != 1
+
+    def _set(self, mask: torch.Tensor) -> None:
+        # Rebind rather than copy_: a mask saved for a pending backward must not change under it.
+        self.mask = mask.to(torch.bool).contiguous()
+
+    @torch.no_grad()
+    def reset_mask(self, w: torch.Tensor) -> torch.Tensor:
+        """Recompute the mask from w now (step unchanged), as the first forward would; returns it.
+
+        Call it after registering, e.g. ``p.reset_mask(module.parametrizations.weight.original)``
+        (called before, it would make the registration's check forward count as a step).
+        """
+        self.check_weight(w.shape)
+        self._set(self._initial(w.detach()))
+        return self.mask
+
+    def density(self) -> float:
+        """Fraction of weights the current mask keeps."""
+        if not self._ready():
+            raise RuntimeError(f"{type(self).__name__} has no mask yet: register it on a module "
+                               f"(nmsparse.nn.weight.apply) or call reset_mask(W)")
+        return float(self.mask.sum()) / max(self.mask.numel(), 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "mask")
+        if saved is not None and not self._ready() and saved.shape != self.mask.shape:
+            self.mask = torch.empty(saved.shape, dtype=torch.bool, device=self.mask.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return self.pattern_name()
+
+
+class NMWeightSparsity(_MaskedWeight):
+    """N:M weights along the input channels: SR-STE, plain STE or a fixed mask; optionally transposable.
+
+    Groups are m consecutive input features of a Linear weight (out, in), or m consecutive
+    input channels at each (co, kh, kw) of a Conv2d weight, i.e. ``nm_mask(W, n, m, dim=1)``.
+    - "srste": mask recomputed from W at every training step; backward: dense gradient
+      plus decay * (1 - mask) * W. "ste": the same with no decay.
+    - "fixed": mask chosen at the first forward (or by ``reset_mask``) and frozen; gradient masked.
+    - transposable=True: the mask is ``transposable_mask`` of the 2-D view (Linear: W; Conv:
+      ``conv_to_2d(W)``) by ``mask_method``, recomputed at the training steps that are multiples
+      of ``recompute_every`` (srste/ste; "fixed" freezes it).
+    Forwards that are not training steps use the stored mask, except srste/ste without
+    transposable, whose mask is a function of W and is recomputed from it (not stored).
+    """
+
+    def __init__(self, n: int = 2, m: int = 4, method: str = "srste", decay: float = 2e-4,
+                 transposable: bool = False, mask_method: str = "exact", recompute_every: int = 40):
+        super().__init__()
+        n, m = check_nm(n, m)
+        if n == 0:
+            raise ValueError("n must be >= 1 for weight sparsity (n=0 would zero the whole weight), got n=0")
+        if method not in NM_METHODS:
+            raise ValueError(f"method must be one of {NM_METHODS}, got method={method!r}")
+        if not isinstance(transposable, bool):
+            raise TypeError(f"transposable must be a bool, got {transposable!r}")
+        if mask_method not in MASK_METHODS:
+            raise ValueError(f"mask_method must be one of {MASK_METHODS}, got mask_method={mask_method!r}")
+        self.n, self.m, self.method = n, m, method
+        self.decay = _check_number(decay, "decay")
+        self.transposable, self.mask_method = transposable, mask_method
+        self.recompute_every = _check_int(recompute_every, "recompute_every", 1)
+
+    def check_weight(self, shape, name: str = "weight") -> None:
+        """Raise ValueError (naming the dim, its size and m) if W of this shape cannot be grouped."""
+        shape = _check_rank(shape, name)
+        conv = len(shape) == 4
+        dims = [("dim 1", "input channels" if conv else "input features", shape[1])]
+        if self.transposable:
+            rows = ("dim 0", "output channels" if conv else "output features", shape[0])
+            if conv:  # the columns of the (Co, kh*kw*Ci) view that the tiles cover
+                dims[0] = ("kh*kw*Ci", f"columns of the (Co, kh*kw*Ci) view, {shape[2]}*{shape[3]}*{shape[1]}",
+                           shape[1] * shape[2] * shape[3])
+            dims.insert(0, rows)
+        for where, what, size in dims:
+            if size % self.m:
+                kind = f"transposable {self.n}:{self.m} tiles" if self.transposable else f"{self.n}:{self.m} groups"
+                raise ValueError(
+                    f"{name} of shape {shape}: {where} ({what}) has size {size}, which is not divisible "
+                    f"by m={self.m} for {kind}; pad it to a multiple of {self.m} or choose an m that divides {size}")
+
+    def _compute(self, w):
+        w = w.detach()
+        if not self.transposable:
+            return nm_mask(w, self.n, self.m, dim=1)
+        if w.dim() == 2:
+            return transposable_mask(w, self.n, self.m, self.mask_method)
+        return conv_from_2d(transposable_mask(conv_to_2d(w), self.n, self.m, self.mask_method), w.shape)
+
+    def _due(self) -> bool:
+        if self.method == "fixed":
+            return False
+        return not self.transposable or int(self.step) % self.recompute_every == 0
+
+    def _eval_mask(self, w):
+        if self.method != "fixed" and not self.transposable:
+            return self._compute(w)
+        return self.mask
+
+    def _multiply(self, w, mask):
+        if self.method == "fixed":
+            return w * mask
+        return _StraightThrough.apply(w, mask, self.decay if self.method == "srste" else 0.0)
+
+    def pattern_name(self) -> str:
+        """E.g. "2:4 srste", "4:8-T exact" (transposable srste), "2:4-T greedy fixed"."""
+        if not self.transposable:
+            return f"{self.n}:{self.m} {self.method}"
+        name = f"{self.n}:{self.m}-T {self.mask_method}"
+        return name if self.method == "srste" else f"{name} {self.method}"
+
+
+class BlockWeightSparsity(_MaskedWeight):
+    """Zeroed bo x bi blocks of (out, in) channels spanning the whole kernel; gradient masked.
+
+    - "oneshot": the lowest-scoring round(sparsity * blocks) blocks are chosen at the first
+      forward (or by ``reset_mask``) and stay zero.
+    - "gradual": target sparsity s(t) = sparsity * (1 - (1 - (t - start_step) / (end_step -
+      start_step)) ** power) between start_step and end_step (Zhu & Gupta); at the training
+      steps start_step + k * every (and at end_step) the lowest-scoring live blocks are zeroed
+      until round(s(t) * blocks) are zero. Zeroed blocks never come back.
+    """
+
+    def __init__(self, block=(8, 8), sparsity: float = 0.5, score: str = "l2", schedule: str = "oneshot",
+                 start_step: int = 0, end_step: int | None = None, every: int = 100, power: float = 3):
+        super().__init__()
+        self.block = _check_block(block)
+        self.sparsity = check_fraction(sparsity, "sparsity")
+        self.score = _check_score(score)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={schedule!r}")
+        self.schedule = schedule
+        self.start_step = _check_int(start_step, "start_step", 0)
+        if end_step is None:
+            if schedule == "gradual":
+                raise ValueError("schedule='gradual' needs end_step > start_step, got end_step=None")
+        else:
+            _check_int(end_step, "end_step", start_step + 1)
+        self.end_step = end_step
+        self.every = _check_int(every, "every", 1)
+        self.power = _check_number(power, "power", positive=True)
+
+    def check_weight(self, shape, name: str = "weight") -> None:
+        """Raise ValueError (naming the dim, its size and the block) if W of this shape cannot be blocked."""
+        _check_weight(torch.empty(_check_rank(shape, name), device="meta"), self.block, name)
+
+    def target_sparsity(self, step: int) -> float:
+        """Fraction of blocks that should be zero at a training step."""
+        if self.schedule == "oneshot":
+            return self.sparsity
+        t0, t1 = self.start_step, self.end_step
+        frac = min(max((step - t0) / (t1 - t0), 0.0), 1.0)
+        return self.sparsity * (1.0 - (1.0 - frac) ** self.power)
+
+    def _grid(self) -> torch.Tensor:
+        """The (Co/bo, Ci/bi) kept-block grid of the current mask."""
+        mask = self.mask if self.mask.dim() == 2 else self.mask[:, :, 0, 0]
+        return mask[:: self.block[0], :: self.block[1]]
+
+    def _prune(self, w, grid):
+        """Zero the lowest-scoring live blocks of grid until round(s(step) * blocks) are zero."""
+        scores = block_scores(w.detach(), self.block, self.score).flatten()
+        grid = grid.flatten().clone()
+        more = round(self.target_sparsity(int(self.step)) * grid.numel()) - int((~grid).sum())
+        if more > 0:
+            live = grid.nonzero().squeeze(1)
+            order = torch.argsort(scores[live.to(scores.device)], stable=True)  # ties: earlier block
+            grid[live[order[:more].to(live.device)]] = False
+        return grid
+
+    def _initial(self, w):
+        bo, bi = self.block
+        grid = torch.ones((w.shape[0] // bo, w.shape[1] // bi), dtype=torch.bool, device=w.device)
+        return expand_block_grid(self._prune(w, grid).view(grid.shape), w.shape, self.block)
+
+    def _compute(self, w):
+        grid = self._grid()
+        return expand_block_grid(self._prune(w, grid).view(grid.shape), w.shape, self.block)
+
+    def _due(self) -> bool:
+        if self.schedule == "oneshot":
+            return False
+        t = int(self.step)
+        return self.start_step <= t <= self.end_step and ((t - self.start_step) % self.every == 0
+                                                          or t == self.end_step)
+
+    def pattern_name(self) -> str:
+        """E.g. "block 8x8 50% l2" (with " gradual" for the gradual schedule)."""
+        name = f"block {self.block[0]}x{self.block[1]} {self.sparsity * 100:g}% {self.score}"
+        return name if self.schedule == "oneshot" else f"{name} gradual"
+
+
+_TYPES = (NMWeightSparsity, BlockWeightSparsity)
+
+
+def _find(module: nn.Module, name: str):
+    if not parametrize.is_parametrized(module, name):
+        return None
+    return next((p for p in module.parametrizations[name] if isinstance(p, _TYPES)), None)
+
+
+def apply(module: nn.Module, parametrization: _MaskedWeight, name: str = "weight") -> nn.Module:
+    """Register ``parametrization`` on ``module.<name>`` (checked, unsafe=False); returns module."""
+    if not isinstance(parametrization, _TYPES):
+        raise TypeError(f"parametrization must be an NMWeightSparsity or BlockWeightSparsity, "
+                        f"got {type(parametrization).__name__}")
+    if _find(module, name) is not None:
+        raise ValueError(f"{type(module).__name__}.{name} already has a weight sparsity parametrization")
+    parametrization.check_weight(getattr(module, name).shape, name)
+    parametrize.register_parametrization(module, name, parametrization, unsafe=False)
+    return module
+
+
+def current_mask(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The current mask (bool, the weight's shape) of a module with a weight sparsity parametrization."""
+    p = _find(module, name)
+    if p is None:
+        raise ValueError(f"{type(module).__name__}.{name} has no NMWeightSparsity or BlockWeightSparsity "
+                         f"parametrization")
+    return p.mask

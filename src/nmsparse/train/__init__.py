@@ -1,0 +1,1 @@
+"""Training: configs, optimizers, schedules, checkpoints and reference models."""

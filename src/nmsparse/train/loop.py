@@ -1,0 +1,237 @@
+"""The training loop: data, model, sparsify, SGD with a per-iteration schedule, eval, logs, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from ..nn.sparsify import sparsify, sparsity_report
+from . import distributed
+from .checkpoint import check_config, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import NUM_CLASSES, STATS, TensorLoader, load_dataset
+from .data_imagefolder import imagefolder_loader
+from .metrics import MetricsLog, read_metrics
+from .models import MODELS, build_model
+from .optim import build_optimizer
+from .schedule import lr_factor
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def build_loaders(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1):
+    """Train and test loaders; small datasets live on the device as uint8 tensors."""
+    d = cfg.data
+    if d.name == "imagefolder":
+        from .data_imagefolder import ImageFolder
+        train = ImageFolder(load_dataset("imagefolder", d.root, "train").root, "train", d.image_size)
+        test = ImageFolder(train.root, "val", d.image_size)
+        return (imagefolder_loader(train, d.batch_size, workers=d.workers, seed=cfg.seed, rank=rank, world_size=world),
+                imagefolder_loader(test, d.test_batch_size, workers=d.workers, shuffle=False))
+    mean, std = STATS[d.name]
+    common = dict(device=device, channels_last=cfg.channels_last)
+    xtr, ytr = load_dataset(d.name, d.root, "train")
+    xte, yte = load_dataset(d.name, d.root, "test")
+    train = TensorLoader(xtr, ytr, d.batch_size, mean, std, shuffle=True, drop_last=False, flip=d.flip,
+                         translate=d.translate, cutout=d.cutout, seed=cfg.seed, rank=rank, world_size=world, **common)
+    test = TensorLoader(xte, yte, d.test_batch_size, mean, std, shuffle=False, **common)
+    return train, test
+
+
+def model_for(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> nn.Module:
+    """Build cfg.model, filling in classes, input channels and image size from the data unless given."""
+    c, h, w = sample_shape
+    accepted = inspect.signature(MODELS.get(cfg.model.name, build_model)).parameters
+    derived = {"num_classes": NUM_CLASSES[cfg.data.name], "in_channels": c, "image_size": h,
+               "in_features": c * h * w}
+    kwargs = {k: v for k, v in derived.items() if k in accepted}
+    kwargs.update(cfg.model.kwargs)
+    return build_model(cfg.model.name, **kwargs)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device):
+    choice = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device, amp_dtype=None, tta_flip: bool = False) -> dict:
+    """Test loss and top-1 accuracy (%), with left-right flip averaging when tta_flip."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if x.dtype == torch.uint8:  # imagefolder batches
+            x = _normalize_uint8(x, device)
+        with _autocast(device, amp_dtype):
+            logits = model(x).float()
+            if tta_flip:
+                logits = (logits + model(x.flip(-1)).float()) / 2
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        correct += (logits.argmax(1) == y).sum()
+        count += len(y)
+    return {"test_loss": float(loss_sum) / max(count, 1), "test_acc": 100.0 * float(correct) / max(count, 1)}
+
+
+def _normalize_uint8(x, device):
+    mean, std = STATS["imagefolder"]
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return (x.float() / 255 - m) / s
+
+
+def _autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _set_determinism(cfg: TrainConfig) -> None:
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = True, log=print) -> dict:
+    """Train cfg to the end (resuming from out_dir/checkpoint.pt when it exists); returns the summary."""
+    info, device = distributed.setup(cfg.device)
+    _set_determinism(cfg)
+    out = Path(out_dir) if out_dir is not None else None
+    main = info.is_main and out is not None
+    train_loader, test_loader = build_loaders(cfg, device, info.rank, info.world_size)
+    sample = next(iter(test_loader))[0]
+    model = model_for(cfg, tuple(sample.shape[1:]))
+    if cfg.sparsity is not None:
+        sparsify(model, cfg.sparsity)
+    model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+    opt = build_optimizer(model, cfg.optim)
+    net = nn.parallel.DistributedDataParallel(model) if info.enabled else model
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    steps_per_epoch = len(train_loader)
+    total = math.ceil(cfg.epochs * steps_per_epoch)
+    warmup = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    peak = cfg.optim.lr * (cfg.data.batch_size * info.world_size / 256 if cfg.optim.batch_lr_scaling else 1)
+
+    epoch, step, history = 0, 0, []
+    ckpt = out / CHECKPOINT if out is not None else None
+    if resume and ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt, map_location=device)
+        check_config(ckpt, state, cfg.to_dict())
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        epoch, step, history = state["epoch"], state["step"], state["history"]
+        log(f"resumed from {ckpt} at epoch {epoch} (step {step})")
+    metrics = MetricsLog(out, enabled=main)
+    metrics.truncate(len(history))
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    n_epochs = math.ceil(cfg.epochs)
+    t_start = time.perf_counter()
+    while epoch < n_epochs and step < total:
+        model.train()
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        else:
+            train_loader.sampler.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=device)
+        seen = 0
+        t0 = time.perf_counter()
+        bar = tqdm(train_loader, desc=f"{cfg.name} epoch {epoch + 1}/{n_epochs}", leave=False,
+                   disable=not (cfg.progress and info.is_main) or None, dynamic_ncols=True)
+        for x, y in bar:
+            if step >= total:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                x = _normalize_uint8(x, device)
+            lr = peak * lr_factor(cfg.schedule.name, step, total, warmup, cfg.schedule.start_factor,
+                                  cfg.schedule.end_factor)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with _autocast(device, amp_dtype):
+                loss = F.cross_entropy(net(x), y, label_smoothing=cfg.optim.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            loss_sum += loss.detach().float() * len(y)
+            seen += len(y)
+            step += 1
+        train_time = time.perf_counter() - t0
+        epoch += 1
+        row = {"epoch": epoch, "step": step, "lr": lr,
+               "train_loss": float(distributed.all_reduce_mean(loss_sum / max(seen, 1))),
+               "epoch_time_s": round(train_time, 3)}
+        if epoch % cfg.eval_every == 0 or epoch == n_epochs or step >= total:
+            row.update(evaluate(model, test_loader, device, amp_dtype, cfg.tta_flip))
+        history.append(row)
+        if main:
+            metrics.log(row)
+            save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                                   "history": history, "config": cfg.to_dict()})
+        if info.is_main:
+            acc = f", test acc {row['test_acc']:.2f}%" if "test_acc" in row else ""
+            log(f"{cfg.name}: epoch {epoch}/{n_epochs}, train loss {row['train_loss']:.4f}{acc} "
+                f"({train_time:.1f} s)")
+    summary = _summary(cfg, model, history, time.perf_counter() - t_start)
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _summary(cfg: TrainConfig, model: nn.Module, history: list[dict], seconds: float) -> dict:
+    evals = [r for r in history if "test_acc" in r]
+    return {
+        "name": cfg.name,
+        "pattern": pattern_label(cfg),
+        "final_test_acc": evals[-1]["test_acc"] if evals else None,
+        "best_test_acc": max(r["test_acc"] for r in evals) if evals else None,
+        "epochs": history[-1]["epoch"] if history else 0,
+        "train_seconds_this_session": round(seconds, 2),
+        "sparsity": sparsity_report(model),
+    }
+
+
+def pattern_label(cfg: TrainConfig) -> str:
+    """Short label of the run's sparsity, e.g. 'SDGP rescale 2:4' or 'SR-STE 2:4 + SDGP max 2:4'."""
+    s = cfg.sparsity
+    if s is None:
+        return "dense"
+    parts = []
+    if s.weight is not None:
+        w = s.weight
+        if hasattr(w, "block"):
+            parts.append(f"block {w.block[0]}x{w.block[1]} {w.sparsity:.0%}")
+        else:
+            kind = {"srste": "SR-STE", "ste": "STE", "fixed": "fixed"}[w.method]
+            parts.append(f"{kind} {w.n}:{w.m}{'-T' if w.transposable else ''}")
+    if s.grad is not None:
+        parts.append(f"SDGP {s.grad.method} {s.grad.n}:{s.grad.m}")
+    return " + ".join(parts)
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """Metrics rows and summary of a finished or interrupted run directory."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    summary_path = run_dir / "summary.json"
+    return {"metrics": read_metrics(run_dir),
+            "summary": json.loads(summary_path.read_text()) if summary_path.exists() else None}

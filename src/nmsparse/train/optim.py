@@ -1,0 +1,35 @@
+"""Optimizers with the references' weight-decay rule: norm parameters and biases are not decayed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
+    """Two groups: decayed weights, and norm parameters plus biases (decay 0 unless asked)."""
+    no_decay_ids = set()
+    if not decay_norm_and_bias:
+        for mod in model.modules():
+            if isinstance(mod, NORM_TYPES):
+                no_decay_ids.update(id(p) for p in mod.parameters(recurse=False))
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                no_decay_ids.add(id(p))
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if id(p) in no_decay_ids else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0 if not decay_norm_and_bias else weight_decay}]
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {cfg.name!r}")
