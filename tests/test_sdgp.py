@@ -1,4 +1,4 @@
-"""SDGP: prune_grad against a plain reference, conv/linear gradients against float64, modules, AMP, compile."""
+"""SDGP: prune_grad vs a plain reference, conv/linear gradients vs float64, modules, AMP, compile."""
 
 import copy
 import io

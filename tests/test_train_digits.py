@@ -1,7 +1,10 @@
 """A short real training run on scikit-learn's digits: every method lands near dense.
 
-Measured on the 2-core CI machine (seed 0, 12 epochs, test split of 360 images); see
-docs/results.md for the table. The thresholds leave room for run-to-run noise of a few images.
+Measured on the 2-core CI machine (seed 0, 12 epochs, 360 test images, about 1.5 s a run):
+dense 99.72%; SDGP rescale, magnitude and random 2:4 99.72%; SR-STE 2:4 99.72%; transposable
+4:8-T (SR-STE) 99.72%; block 8x8 50% 99.44%. Digits is too easy to separate the methods (that
+is Fashion-MNIST's job, docs/results.md); this run proves each one trains. The thresholds leave
+room for a few images of noise.
 """
 
 import pytest

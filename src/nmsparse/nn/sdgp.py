@@ -45,7 +45,7 @@ def _topn(keys: torch.Tensor, n: int) -> torch.Tensor:
 
 def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: int = 1,
                generator: torch.Generator | None = None, eps: float = 1e-4) -> torch.Tensor:
-    """g pruned to n:m (1 <= n <= m) in groups of m consecutive channels along `dim`, in g's memory format.
+    """g pruned to n:m (1 <= n <= m) in groups of m consecutive channels along `dim`, in g's layout.
 
     Groups follow the logical channel dim at every sample and spatial position, so NCHW and
     channels_last give the same values. "magnitude" keeps the n largest |g|; "random" keeps n
@@ -159,7 +159,7 @@ class _SDGPLinearFn(torch.autograd.Function):
 
 
 def _resolve_padding(x, weight, stride, padding, dilation):
-    """Integer (top, left) padding for a conv; 'same' with an odd total pads x's far side first, as torch does."""
+    """Integer (top, left) padding; 'same' with an odd total first pads x's far side, as torch does."""
     if not isinstance(padding, str):
         return x, _pair(padding)
     if padding == "valid":
@@ -226,7 +226,8 @@ class _SDGPMixin:
 
     @classmethod
     def from_dense(cls, module: nn.Module, n: int = 2, m: int = 4, method: str = "rescale", seed: int = 0):
-        """The SDGP version of `module`, sharing its Parameter objects (state_dict keys and optimizers still match)."""
+        """The SDGP version of `module`, sharing its Parameter objects (state_dict keys and optimizers
+        still match) and keeping its device, dtype, padding and padding_mode."""
         if not isinstance(module, cls._dense_cls) or isinstance(module, _SDGPMixin):
             raise TypeError(f"{cls.__name__}.from_dense needs an nn.{cls._dense_cls.__name__}, "
                             f"got {type(module).__name__}")
