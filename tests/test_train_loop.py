@@ -1,0 +1,169 @@
+"""The training engine: configs, schedules, weight decay groups, logs, exact resume, faults, commands."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from nmsparse.cli import main as cli
+from nmsparse.train.checkpoint import load_checkpoint
+from nmsparse.train.config import load_config
+from nmsparse.train.loop import train
+from nmsparse.train.optim import param_groups
+from nmsparse.train.schedule import lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "configs" / "digits-dense.yaml"
+
+
+def quick(tmp_path, name="cfg.yaml", **changes):
+    """A digits config file with small overrides (dotted keys)."""
+    d = yaml.safe_load(DIGITS.read_text())
+    d.update({"epochs": 2, "progress": False})
+    for key, value in changes.items():
+        node = d
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: {lr: 0.1, momentun: 0.9}\n")
+    with pytest.raises(ValueError, match=r"optim.momentun; did you mean 'momentum'.*bad.yaml"):
+        load_config(bad)
+    bad.write_text("epochs: ten\n")
+    with pytest.raises(ValueError, match=r"config.epochs must be float"):
+        load_config(bad)
+    bad.write_text("sparsity: {grad: {n: 2, m: 4, methd: rescale}}\n")
+    with pytest.raises(ValueError, match=r"sparsity.grad.methd"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError, match="nothere.yaml"):
+        load_config(tmp_path / "nothere.yaml")
+    cfg = load_config(DIGITS, ["optim.lr=0.05", "sparsity.grad.method=random", "sparsity.grad.n=1"])
+    assert cfg.optim.lr == 0.05 and cfg.sparsity.grad.method == "random" and cfg.sparsity.grad.n == 1
+
+
+def test_schedules():
+    tri = [lr_factor("triangular", s, 100, 10) for s in range(101)]
+    assert tri[0] == 0 and tri[10] == 1 and tri[100] == 0 and abs(tri[55] - 0.5) < 1e-9
+    cos = [lr_factor("cosine", s, 100, 10, start=0.1) for s in range(101)]
+    assert abs(cos[0] - 0.1) < 1e-9 and cos[10] == 1 and cos[100] < 1e-9
+    one = [lr_factor("onecycle", s, 100, 0) for s in range(101)]
+    assert max(one) == one[30] == 1 and one[0] == 0
+    with pytest.raises(ValueError, match="schedule.name"):
+        lr_factor("step", 0, 10, 0)
+
+
+def test_weight_decay_skips_norm_and_bias():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8, 2), nn.LayerNorm(2))
+    decay, no_decay = param_groups(model, 5e-4)
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert no_decay["weight_decay"] == 0 and len(no_decay["params"]) == 6
+
+
+def test_train_writes_logs_checkpoint_and_summary(tmp_path):
+    cfg = load_config(quick(tmp_path), ["sparsity.grad.method=rescale"])
+    summary = train(cfg, tmp_path / "run", log=lambda *_: None)
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all("test_acc" in r for r in rows)
+    assert (run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,step,lr,train_loss")
+    assert summary["final_test_acc"] == rows[-1]["test_acc"] > 80
+    assert summary["pattern"] == "SDGP rescale 2:4" and len(summary["sparsity"]) == 2
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["epoch"] == 2 and state["config"]["sparsity"]["grad"]["method"] == "rescale"
+
+
+def _run_cli(args, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "nmsparse.cli", *args], env=env, **kw)
+
+
+def test_kill_9_mid_epoch_then_resume_is_exact(tmp_path):
+    cfg_path = quick(tmp_path, epochs=4, data__batch_size=16,
+                     sparsity={"weight": {"kind": "nm", "n": 2, "m": 4}, "grad": {"method": "random"}})
+    # Same process setup for both runs (thread count changes float reduction order).
+    assert _run_cli(["train", "--config", str(cfg_path), "--out", str(tmp_path / "ref")],
+                    stdout=subprocess.DEVNULL).wait() == 0
+    run = tmp_path / "killed"
+    proc = _run_cli(["train", "--config", str(cfg_path), "--out", str(run)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint.pt").exists():
+        time.sleep(0.01)
+    time.sleep(0.05)  # well inside epoch 2 (an epoch takes ~1 s here)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len((run / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= done < 4, "the kill should land before the run finished"
+    assert _run_cli(["train", "--config", str(cfg_path), "--out", str(run)], stdout=subprocess.DEVNULL).wait() == 0
+    a = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def test_resume_refuses_other_config_and_truncated_checkpoint(tmp_path):
+    cfg_path = quick(tmp_path, epochs=1)
+    run = tmp_path / "run"
+    train(load_config(cfg_path), run, log=lambda *_: None)
+    with pytest.raises(ValueError, match=r"different config \(optim.lr: 0.1 -> 0.2\)"):
+        train(load_config(cfg_path, ["optim.lr=0.2"]), run, log=lambda *_: None)
+    good = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"checkpoint.pt is truncated or corrupt"):
+        train(load_config(cfg_path), run, log=lambda *_: None)
+    assert cli(["eval", str(run / "checkpoint.pt")]) == 2  # clear message, exit 2, no traceback
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path):
+    cfg = load_config(quick(tmp_path), ["data.name=fashion-mnist", f"data.root={tmp_path / 'nodata'}"])
+    with pytest.raises(FileNotFoundError, match=r"train-images-idx3-ubyte.gz"):
+        train(cfg, None, log=lambda *_: None)
+
+
+def test_eval_report_and_compare_commands(tmp_path, capsys):
+    cfg_path = quick(tmp_path, epochs=1, sparsity={"weight": {"kind": "nm", "n": 2, "m": 4}})
+    run = tmp_path / "run"
+    assert cli(["train", "--config", str(cfg_path), "--out", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert cli(["eval", str(run / "checkpoint.pt"), "--device", "cpu"]) == 0
+    assert f"test top-1 {summary['final_test_acc']:.2f}%" in capsys.readouterr().out
+    assert cli(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| epoch |" in out and "2:4 srste" in out
+    assert (run / "curves.png").stat().st_size > 1000 and (run / "masks.png").stat().st_size > 1000
+    assert cli(["compare", str(cfg_path), "--seeds", "2", "--sweep", "sparsity.weight.nm=1:4,2:4",
+                "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    rows = [line for line in table.splitlines() if line.endswith("| 2 |")]  # 2 seeds each
+    assert len(rows) == 2 and "SR-STE 1:4" in rows[0] and "SR-STE 2:4" in rows[1]
+    assert (tmp_path / "cmp" / "compare.png").exists()
+
+
+def test_torchrun_ddp_training(tmp_path):
+    cfg_path = quick(tmp_path, epochs=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "nmsparse.cli", "train", "--config", str(cfg_path), "--out", str(tmp_path / "ddp"),
+                          "--set", "sparsity.grad.method=rescale"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2  # rank 0 alone writes
+    # Each rank sees half an epoch per epoch: 1437 images / 2 ranks / 64 per batch = 12 steps.
+    # Half the steps of one process at twice the batch: it learns, a little slower.
+    assert rows[-1]["step"] == 24 and rows[-1]["test_acc"] > 60
