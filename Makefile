@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	$(VENV)/bin/nmsparse demo
+	$(VENV)/bin/nmsparse train
 
 test: $(STAMP)
 	$(PY) -m pytest -q
