@@ -22,6 +22,13 @@ def _bench_patterns(args) -> int:
     return 0
 
 
+def _bench_gpu(args) -> int:
+    from .bench import gpu
+
+    gpu.run(out=args.out, quick=args.quick)
+    return 0
+
+
 def _demo(args) -> int:
     from . import demo
 
@@ -125,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--budget", type=float, default=5.0, help="seconds of repeats per timed case")
     bp.add_argument("--out", help="also write the tables (Markdown) and a JSON copy here")
     bp.set_defaults(func=_bench_patterns)
+    bg = bsub.add_parser("gpu", help="Triton prune kernels and 2:4 sparse tensor cores vs dense (needs CUDA)")
+    bg.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    bg.add_argument("--out", help="write JSON (and Markdown beside it) here")
+    bg.set_defaults(func=_bench_gpu)
     return p
 
 

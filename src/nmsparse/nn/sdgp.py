@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 from torch.nn.utils import parametrize
 
+from ..kernels.ops import prune_grad_fast
 from ..patterns._checks import check_dim, check_divisible, check_float_tensor, check_nm
 from ..patterns.nm import magnitude_key, nm_mask, topn_in_groups
 
@@ -54,12 +55,17 @@ def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: 
     its L1 norm. With no such spatial dims (a Linear on (batch, features)) rescale scales each
     sample's row over all its channels instead; for a 1-D g, the whole vector. Every group that
     holds inf or NaN still holds a non-finite value afterwards, so a gradient scaler sees it.
+    On CUDA with triton installed a Triton kernel does it (nmsparse.kernels; same values, except
+    that "random" draws from the kernel's own stream, seeded by the generator's initial seed).
     """
     check_float_tensor(g, "g")
     n, m = _check_nm(n, m)
     d = check_dim(g, dim)
     _check_method(method)
     check_divisible(g.shape[d], m, f"g's channel dim {dim}", g.shape)
+    fast = prune_grad_fast(g, n, m, method, d, generator, eps)
+    if fast is not None:
+        return fast
     # Channels innermost: free for channels_last conv grads and Linear grads, one copy otherwise.
     gc = g.movedim(d, -1).contiguous()
     if method == "random":

@@ -1,0 +1,32 @@
+"""GPU kernels and the references they must match: Triton N:M pruning, 2:4 sparse tensor cores.
+
+Importing this package imports neither triton nor the kernels (they load on first use, and
+triton decides at its import whether to compile or interpret). Layering: kernels/ uses
+patterns/ and formats/ only; nn/ may use kernels/.
+
+- ``reference``: torch implementations (SDGP pruning, Triton's random stream, SR-STE masking,
+  the transposable 4x4-tile 2:4 pattern of PyTorch's tile op) that run on any device;
+- ``triton_prune``: the Triton kernels (``prune``, ``prune_lastdim``, ``prune_channels``,
+  ``srste_mask_apply``);
+- ``semi_structured``: PyTorch's 2:4 semi-structured sparsity (compression, the fused tile op,
+  sparse products, ``Linear24``);
+- ``dispatch``: ``use_triton`` and the measuring ``Dispatcher``;
+- ``ops``: what nn/ calls (``prune_grad_fast``, ``srste_fast``, ``tile24_prune_grad``,
+  ``sdgp_linear_dx``).
+"""
+
+from . import dispatch, ops, reference, semi_structured, triton_prune
+from .dispatch import Decision, Dispatcher, default_dispatcher, triton_status, use_triton
+from .ops import prune_grad_fast, sdgp_linear_dx, srste_fast, tile24_prune_grad
+from .reference import prune_random_reference, prune_reference, srste_reference, tile24_mask, tile24_reference
+from .semi_structured import SemiStructuredUnavailable
+from .triton_prune import SUPPORTED_M, prune, prune_channels, prune_lastdim, srste_mask_apply
+
+__all__ = [
+    "dispatch", "ops", "reference", "semi_structured", "triton_prune",
+    "Decision", "Dispatcher", "default_dispatcher", "triton_status", "use_triton",
+    "prune_grad_fast", "sdgp_linear_dx", "srste_fast", "tile24_prune_grad",
+    "prune_reference", "prune_random_reference", "srste_reference", "tile24_mask", "tile24_reference",
+    "SemiStructuredUnavailable", "SUPPORTED_M", "prune", "prune_channels", "prune_lastdim",
+    "srste_mask_apply",
+]

@@ -1,0 +1,148 @@
+"""Entry points for nn/: the fastest available implementation, same results as the reference.
+
+- ``prune_grad_fast``: SDGP gradient pruning by the Triton kernel where ``use_triton`` says so,
+  else None (the caller keeps its torch implementation).
+- ``srste_fast``: SR-STE's (W * mask, mask) by the Triton kernel, else None.
+- ``tile24_prune_grad``: the "tile24" SDGP pattern: on a GPU by PyTorch's tile kernel, on a CPU
+  by the reference emulation.
+- ``sdgp_linear_dx``: a Linear's SDGP input gradient on 2:4 sparse tensor cores, where that
+  applies and the Dispatcher measured it faster for this shape; else None (dense in the caller).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import reference
+from .dispatch import Dispatcher, default_dispatcher, use_triton
+from .semi_structured import SPARSE_DTYPES, is_available
+
+__all__ = ["prune_grad_fast", "srste_fast", "tile24_prune_grad", "sdgp_linear_dx", "sparse24_applies",
+           "triton_failure"]
+
+_triton_failure: str | None = None
+
+
+def triton_failure() -> str | None:
+    """Why the Triton kernels were switched off for this process (a first call that failed), or None."""
+    return _triton_failure
+
+
+def _guarded(fn):
+    """fn()'s result, or None (with a one-time warning, and no more Triton in this process) if the
+    kernels fail, e.g. a Triton that cannot compile for this GPU: training goes on in torch."""
+    global _triton_failure
+    if _triton_failure is not None:
+        return None
+    try:
+        return fn()
+    except Exception as e:
+        _triton_failure = f"{type(e).__name__}: {e}"
+        warnings.warn(f"nmsparse: the Triton pruning kernels failed ({_triton_failure}); using the torch "
+                      "implementation for the rest of this process", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def prune_grad_fast(g: torch.Tensor, n: int, m: int, method: str, dim: int,
+                    generator: torch.Generator | None = None, eps: float = 1e-4) -> torch.Tensor | None:
+    """The Triton version of SDGP's prune_grad for g, or None where it does not apply (CPU, an
+    unsupported dtype or m, triton missing or disabled, autograd through g, torch.compile).
+
+    "random" draws from the kernel's Philox stream seeded by ``generator.initial_seed()``
+    (reproducible from the layer's (seed, step), but not the same choice as torch's stream).
+    """
+    if method not in reference.PRUNE_METHODS or g.requires_grad or torch.compiler.is_compiling():
+        return None
+    if _triton_failure is not None or not use_triton(g, m):
+        return None
+    from .triton_prune import prune, seed_from_generator
+
+    seed = seed_from_generator(generator) if method == "random" else 0
+    return _guarded(lambda: prune(g, n, m, method, dim, seed=seed, eps=eps))
+
+
+def srste_fast(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(w * mask, mask) for SR-STE by the Triton kernel (mask along dim 1), or None where it does
+    not apply. The product is computed without autograd: wrap it in the straight-through Function."""
+    if torch.compiler.is_compiling() or not use_triton(w, m) or w.dim() not in (2, 4):
+        return None
+    from .triton_prune import srste_mask_apply
+
+    return _guarded(lambda: srste_mask_apply(w, n, m))
+
+
+def _tile_ok(g2: torch.Tensor) -> bool:
+    return (g2.device.type == "cuda" and g2.dtype in SPARSE_DTYPES and g2.shape[1] % 32 == 0
+            and is_available(g2.device))
+
+
+def tile24_prune_grad(g: torch.Tensor, dim: int = -1,
+                      algorithm: str = "largest_abs_values_greedy") -> torch.Tensor:
+    """g pruned to the "tile24" pattern (see ``reference.tile24_prune_grad``), dense, g's layout.
+
+    On an sm80+ GPU with a float16/bfloat16 g whose channel count is a multiple of 32, PyTorch's
+    tile kernel computes it; otherwise the CPU emulation (moving g to the CPU and back).
+    """
+    d = dim % g.dim()
+    gc = g.movedim(d, -1)
+    g2 = gc.reshape(-1, gc.shape[-1])
+    if _tile_ok(g2):
+        from .semi_structured import apply_tile_masks_dense, tile24_raw
+
+        masks = tile24_raw(g2, algorithm)[4]
+        out = apply_tile_masks_dense(g2.contiguous(), masks).view(gc.shape).movedim(-1, d)
+        return out if out.stride() == g.stride() else torch.empty_like(g).copy_(out)
+    return reference.tile24_prune_grad(g, dim, algorithm)
+
+
+def sparse24_applies(gy: torch.Tensor, weight: torch.Tensor, n: int, m: int) -> bool:
+    """Whether sdgp_linear_dx could use the sparse cores for this gradient and weight at all."""
+    return ((n, m) == (2, 4) and gy.device.type == "cuda" and gy.dtype in SPARSE_DTYPES
+            and weight.dtype == gy.dtype and gy.shape[-1] % 64 == 0 and weight.shape[1] % 64 == 0
+            and gy.numel() // gy.shape[-1] % 64 == 0 and is_available(gy.device))
+
+
+def sdgp_linear_dx(gy: torch.Tensor, weight: torch.Tensor, n: int, m: int, method: str,
+                   generator: torch.Generator | None = None, eps: float = 1e-4,
+                   dispatcher: Dispatcher | None = None, backend: str = "auto") -> torch.Tensor | None:
+    """dX = (SDGP-pruned dY) @ W on 2:4 sparse tensor cores, or None for the caller's dense path.
+
+    Applies to 2:4, float16/bfloat16 CUDA tensors with sizes the backends take; the first call
+    for a (method, shape, dtype, GPU) measures the dense route (same pruning, dense GEMM)
+    against the sparse one through the Dispatcher and the answer is cached: None is returned
+    where dense measured faster (or the sparse route failed or disagreed), and the Dispatcher's
+    log and report() say so. method "tile24" uses the fused prune-and-compress kernel; the
+    others prune with the Triton kernel (needs triton) and compress.
+    """
+    if not sparse24_applies(gy, weight, n, m) or gy.requires_grad or torch.compiler.is_compiling():
+        return None
+    from . import semi_structured as ss
+
+    lead = gy.shape[:-1]
+    g2 = gy.reshape(-1, gy.shape[-1])
+    if method == "tile24":
+        def dense_fn():
+            return tile24_prune_grad(g2) @ weight
+
+        def sparse_fn():
+            return ss.sdgp_dx_tile24(g2, weight)
+    else:
+        if not use_triton(gy, m):
+            return None
+        from .triton_prune import prune, seed_from_generator
+
+        seed = seed_from_generator(generator) if method == "random" else 0
+
+        def dense_fn():
+            return prune(gy, n, m, method, -1, seed=seed, eps=eps).reshape(g2.shape) @ weight
+
+        def sparse_fn():
+            pruned = prune(gy, n, m, method, -1, seed=seed, eps=eps).reshape(g2.shape)
+            return ss.to_sparse_24(pruned, backend) @ weight
+    disp = dispatcher if dispatcher is not None else default_dispatcher()
+    shape = (g2.shape[0], g2.shape[1], weight.shape[1])
+    if disp.choose(f"sdgp_dx_{method}", shape, gy.dtype, gy.device, dense_fn, sparse_fn) != "sparse":
+        return None
+    return sparse_fn().view(*lead, weight.shape[1])
