@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.set_defaults(func=_report)
 
+    from .compile.cli import add_compile_arguments, compile_command
+
+    cp = sub.add_parser("compile", help="compact block/N:M model file, per-layer plan and estimated time for a target")
+    add_compile_arguments(cp)
+    cp.set_defaults(func=compile_command)
+
     b = sub.add_parser("bench", help="benchmarks that compare against a baseline measured in the same run")
     bsub = b.add_subparsers(dest="suite", required=True)
     bp = bsub.add_parser("patterns", help="mask computation times on 1024^2 and 4096^2 float32 weights")
@@ -136,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     bg.add_argument("--out", help="write JSON (and Markdown beside it) here")
     bg.set_defaults(func=_bench_gpu)
+    from .bench.deploy import add_deploy_arguments, deploy_main
+
+    bd = bsub.add_parser("deploy", help="block-sparse CPU execution vs dense per layer, against the cpu profile")
+    add_deploy_arguments(bd)
+    bd.set_defaults(func=deploy_main)
     return p
 
 

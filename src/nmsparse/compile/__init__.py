@@ -1,0 +1,31 @@
+"""Block-sparse model compiler: compact files, per-layer plans on hardware profiles, estimates, CPU execution.
+
+- ``compile_model(model, target, example_input_shape)`` -> ``CompiledModel`` (plans, compact tensors);
+  ``compile_to_dir(model_or_path, target, out_dir)`` also writes model.safetensors, plan.json,
+  report.md and charts (the ``nmsparse compile`` command: ``cli.compile_main``).
+- Targets are YAML profiles in ``targets/`` (``aie2``, ``gpu``, ``cpu``) or a user's file:
+  ``load_target``, ``list_targets``; ``calibrate_cpu`` measures this machine for the cpu profile.
+- ``load_compact`` / ``load_compact_state`` read a compact file back (CRC-checked, bit-exact).
+- ``aie2_table`` reproduces the paper's AIE2 estimates for ResNet-50, Inception-v3 and VGG-16.
+"""
+
+from .compiler import (CompiledModel, LayerPlan, compile_model, compile_to_dir, load_compact, load_compact_state,
+                       prune_blocks, resolve_model)
+from .cost import LayerEstimate, PlanError, SubVolume, estimate_layer, plan_aie2, time_series
+from .layers import IncompatibleLayer, LayerFormat, LayerSpec, NoSparseLayers, detect_format, extract_layers
+from .networks import aie2_table, format_aie2_table, network_specs, vgg16
+from .profiles import ProfileError, Target, list_targets, load_target
+
+
+def calibrate_cpu(*args, **kwargs):
+    """Measure this CPU and write a cpu profile (see ``calibrate.calibrate_cpu``)."""
+    from .calibrate import calibrate_cpu as _calibrate
+
+    return _calibrate(*args, **kwargs)
+
+
+__all__ = ["compile_model", "compile_to_dir", "CompiledModel", "LayerPlan", "load_compact", "load_compact_state",
+           "prune_blocks", "resolve_model", "LayerEstimate", "PlanError", "SubVolume", "estimate_layer", "plan_aie2",
+           "time_series", "IncompatibleLayer", "LayerFormat", "LayerSpec", "NoSparseLayers", "detect_format",
+           "extract_layers", "aie2_table", "format_aie2_table", "network_specs", "vgg16", "ProfileError", "Target", "list_targets",
+           "load_target", "calibrate_cpu"]

@@ -1,0 +1,73 @@
+"""`nmsparse compile MODEL --target T --out DIR`: argument parsing and the command body.
+
+Wire it into a parent parser with ``add_compile_arguments(sub.add_parser("compile"))`` and
+``set_defaults(func=compile_command)``, or call ``compile_main(argv)`` with a list of strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_compile_arguments", "compile_command", "compile_main"]
+
+
+def add_compile_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("model", help="a checkpoint written by `nmsparse train`, or a model name (resnet50, vgg16, "
+                                 "small_cnn, ...; random weights, use with --prune)")
+    p.add_argument("--target", default="aie2",
+                   help="hardware profile: aie2, gpu, cpu, or the path of a YAML profile (default aie2)")
+    p.add_argument("--out", required=True, help="output directory (model.safetensors, plan.json, report.md, charts)")
+    p.add_argument("--input-shape", help="example input, e.g. 1,3,224,224 (default: from the checkpoint's data "
+                                         "or the model name)")
+    p.add_argument("--prune", type=float, metavar="FRACTION",
+                   help="first zero this fraction of the 8x8 blocks of every conv/linear but the first conv "
+                        "(lowest L2 norm), e.g. 0.5")
+    p.add_argument("--array", metavar="RxC", help="aie2 core array, e.g. 4x4 (the profile's default otherwise)")
+    p.add_argument("--allow-dense", action="store_true",
+                   help="compile a model without sparse layers as a dense baseline instead of failing")
+    p.add_argument("--on-incompatible", choices=["error", "dense"], default="error",
+                   help="a layer with many zeros whose channels the block does not divide: fail (default) or store "
+                        "it dense")
+    p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
+    p.add_argument("--measure", choices=["auto", "yes", "no"], default="auto",
+                   help="time dense vs block-sparse per layer on this CPU for the fallback (auto: cpu target only)")
+    p.add_argument("--backend", choices=["auto", "native", "torch"], default="auto",
+                   help="block-sparse CPU kernel used for measuring")
+    return p
+
+
+def compile_command(args) -> int:
+    """The body of `nmsparse compile`: compile, write the directory, print a summary. Returns 0."""
+    from .compiler import compile_to_dir
+    from .report import fmt_bytes, fmt_s
+
+    measure = {"auto": None, "yes": True, "no": False}[args.measure]
+    compiled, paths = compile_to_dir(args.model, args.target, args.out, input_shape=args.input_shape,
+                                     prune=args.prune, array=args.array, allow_dense=args.allow_dense,
+                                     on_incompatible=args.on_incompatible, charts=not args.no_charts,
+                                     measure=measure, backend=args.backend)
+    t = compiled.totals()
+    print(f"{compiled.source} on {compiled.target.label}: {t['sparse_layers']} of {t['layers']} layers sparse")
+    print(f"  estimated time {fmt_s(t['dense_time_s'])} dense -> {fmt_s(t['time_s'])} compiled "
+          f"({t['speedup']:.2f}x); bytes moved {fmt_bytes(t['dense_bytes_moved'])} -> {fmt_bytes(t['bytes_moved'])}")
+    print(f"  model file {fmt_bytes(t['file_bytes'])} ({t['file_ratio']:.2f} of dense {fmt_bytes(t['dense_file_bytes'])})")
+    for key, path in paths.items():
+        print(f"  {key}: {path}")
+    return 0
+
+
+def compile_main(argv=None) -> int:
+    """Standalone entry: parse ``argv`` (list of strings) and run; errors print one line and return 2."""
+    p = add_compile_arguments(argparse.ArgumentParser(prog="nmsparse compile",
+                                                      description="compile a block/N:M sparse model for a target"))
+    args = p.parse_args(argv)
+    try:
+        return compile_command(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"nmsparse compile: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(compile_main())

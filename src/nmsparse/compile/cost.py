@@ -1,0 +1,609 @@
+"""Cost models: per-layer plans and time estimates for the aie2, gpu and cpu targets.
+
+AIE2 (the block-sparsity paper's method, SPEC section 5)
+--------------------------------------------------------
+Activations are BHWC, weights Co x kh x kw x Ci. A layer's output (B, Ho, Wo, Co) and its
+reduction over (kh, kw, Ci) is split into sub-volumes that fit the on-chip memory, two levels deep:
+
+1. DDR <-> memory tiles (``memtile_kib`` per column, all columns together). The tile sizes are
+   chosen by splitting W first, then Co, then Ci: the fewest Ci splits, then the fewest Co
+   splits, then the fewest W splits whose largest sub-volume fits (inputs, weights and outputs,
+   x2 when double-buffered; partial sums at ``acc_bytes`` when Ci is split). Co and Ci split on
+   block boundaries. Loop order: Co tiles, then W tiles, then Ci tiles. When Ci is not split the
+   weights of a Co tile stay resident and load once for all its W tiles; otherwise every
+   sub-volume loads its weights. Each sub-volume loads its input columns (with the kernel's halo)
+   and weights from DDR at ``ddr_load_gbps`` x channels and writes its outputs (after its last Ci
+   part) at ``ddr_write_gbps`` x channels. Only kept blocks move, plus their index
+   (min(bitmask, ``index_bytes`` per kept block) per sub-volume).
+2. Memory tiles <-> cores: a sub-volume is shared by the rows x cols cores (split W, then Co,
+   then output rows so every core works); each core's piece is tiled again to fit
+   ``core_memory_kib`` (same W, Co, Ci rule; kept blocks spread evenly over the piece), loaded at
+   ``core_load_gbps`` and written at ``core_write_gbps`` per core, and computed at
+   ``macs_per_cycle`` x ``clock_ghz``. A sub-volume's compute time is its slowest core's time.
+
+With ``reuse_dense_tiling`` (default true) a sparse layer, at either level, also tries the split
+its dense version gets and keeps the faster: the W, Co, Ci rule applied to the smaller sparse
+weights can pick fewer Ci splits and then reload the inputs for many more Co tiles, which would
+make a sparse layer slower than dense. Set it false for the rule alone.
+
+At each level the time is a time series over the steps (load, compute, write):
+``sum(max(load_i, compute_i, write_i))``, which is ``max(load, compute, write) x iterations``
+for identical steps; a single step takes ``load + compute + write`` (nothing to overlap).
+
+GPU: a roofline per layer (see targets/gpu.yaml). CPU: a model of this package's kernels with
+coefficients measured by ``calibrate_cpu`` (see targets/cpu.yaml).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..kernels.block_cpu import CHUNK, GEMV_ROWS
+from .layers import LayerFormat, LayerSpec
+
+__all__ = ["SubVolume", "LayerEstimate", "WeightPattern", "PlanError", "time_series", "plan_aie2",
+           "estimate_gpu", "estimate_cpu", "estimate_layer", "cpu_dense_time", "cpu_sparse_time", "cpu_kind",
+           "kernel_work", "DEFAULT_CACHE"]
+
+
+class PlanError(ValueError):
+    """A layer that cannot be planned on a target (it does not fit even split to the smallest tile)."""
+
+
+def time_series(steps) -> float:
+    """Time of (load, compute, write) steps: the sum for one step, else sum of per-step maxima."""
+    steps = list(steps)
+    if len(steps) == 1:
+        return float(sum(steps[0]))
+    return float(sum(max(s) for s in steps))
+
+
+def _series_counted(items) -> tuple[float, int]:
+    """items: (count, load, compute, write). Returns (time, iterations) with the time_series rule."""
+    n = sum(c for c, *_ in items)
+    if n == 1:
+        (_, l, c, w), = [i for i in items if i[0]]
+        return l + c + w, 1
+    return sum(cnt * max(l, c, w) for cnt, l, c, w in items), n
+
+
+def _bounds(units: int, parts: int) -> list[int]:
+    return [(i * units) // parts for i in range(parts + 1)]
+
+
+def _distinct_splits(units: int) -> list[int]:
+    """Split counts 1..units giving distinct largest-part sizes ceil(units / n), fewest first."""
+    out, last = [], None
+    for n in range(1, units + 1):
+        size = -(-units // n)
+        if size != last:
+            out.append(n)
+            last = size
+    return out
+
+
+class WeightPattern:
+    """Kept-block counts over rectangles of a layer's (Co units, Ci units) grid (dense: all kept)."""
+
+    def __init__(self, R: int, C: int, bo: int, bi: int, grid=None):
+        self.R, self.C, self.bo, self.bi = R, C, bo, bi
+        self.dense = grid is None
+        if grid is not None:
+            g = np.asarray(grid, dtype=np.int64)
+            if g.shape != (R, C):
+                raise ValueError(f"block grid of shape {g.shape} does not match ({R}, {C})")
+            self.ps = np.zeros((R + 1, C + 1), dtype=np.int64)
+            self.ps[1:, 1:] = g.cumsum(0).cumsum(1)
+
+    @classmethod
+    def for_layer(cls, spec: LayerSpec, block, grid=None) -> "WeightPattern":
+        bo, bi = block
+        if spec.groups != 1:  # grouped conv: dense, Ci is not split (one unit of all channels)
+            return cls(spec.co // bo, 1, bo, spec.ci) if spec.co % bo == 0 else cls(spec.co, 1, 1, spec.ci)
+        if grid is not None:
+            return cls(spec.co // bo, spec.ci // bi, bo, bi, grid)
+        if spec.co % bo == 0 and spec.ci % bi == 0:
+            return cls(spec.co // bo, spec.ci // bi, bo, bi)
+        return cls(spec.co, spec.ci, 1, 1)  # channels not divisible by the block: channel units
+
+    @property
+    def total(self) -> int:
+        return self.R * self.C
+
+    @property
+    def kept(self) -> int:
+        return self.total if self.dense else int(self.ps[-1, -1])
+
+    @property
+    def density(self) -> float:
+        return self.kept / self.total if self.total else 0.0
+
+    def nnz(self, r0, r1, c0, c1) -> int:
+        if self.dense:
+            return (r1 - r0) * (c1 - c0)
+        p = self.ps
+        return int(p[r1, c1] - p[r0, c1] - p[r1, c0] + p[r0, c0])
+
+    def max_nnz(self, rb, cb) -> int:
+        """Largest kept count over the tiles with row bounds rb and column bounds cb."""
+        if self.dense:
+            return int(max(np.diff(rb)) * max(np.diff(cb)))
+        r, c = np.asarray(rb), np.asarray(cb)
+        p = self.ps
+        t = p[np.ix_(r[1:], c[1:])] - p[np.ix_(r[:-1], c[1:])] - p[np.ix_(r[1:], c[:-1])] + p[np.ix_(r[:-1], c[:-1])]
+        return int(t.max())
+
+
+@dataclass
+class SubVolume:
+    """One DDR-level step of an AIE2 plan: output columns w, channels co, reduction channels ci."""
+
+    index: int
+    w: tuple
+    co: tuple
+    ci: tuple
+    in_bytes: int
+    weight_bytes: int
+    out_bytes: int
+    macs: int
+    kept_blocks: int
+    memory_bytes: int
+    load_s: float
+    compute_s: float
+    write_s: float
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["w"], d["co"], d["ci"] = list(self.w), list(self.co), list(self.ci)
+        return d
+
+
+@dataclass
+class LayerEstimate:
+    """A layer's estimated time on a target, as compiled (sparse where it is) and dense."""
+
+    time_s: float
+    dense_time_s: float
+    bytes_moved: int
+    dense_bytes_moved: int
+    macs: int
+    dense_macs: int
+    iterations: int = 1
+    tiles: dict = field(default_factory=dict)
+    subvolumes: list = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_time_s / self.time_s if self.time_s > 0 else math.nan
+
+    def to_dict(self, with_subvolumes: bool = True) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "subvolumes"}
+        d["speedup"] = self.speedup
+        if with_subvolumes:
+            d["subvolumes"] = [s.to_dict() if isinstance(s, SubVolume) else s for s in self.subvolumes]
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# AIE2
+# ----------------------------------------------------------------------------------------------
+
+class _Geo:
+    """Byte and MAC counts of tiles of one layer on one AIE2 profile."""
+
+    def __init__(self, spec: LayerSpec, pat: WeightPattern, prof):
+        self.s, self.p = spec, pat
+        self.db, self.acc = prof["dtype_bytes"], prof["acc_bytes"]
+        self.ib = prof["index_bytes"]
+        self.k = spec.kh * spec.kw
+        self.grouped = spec.groups != 1
+
+    def rows_in(self, out_rows: int) -> int:
+        s = self.s
+        return min(s.h_in, (out_rows - 1) * s.stride[0] + (s.kh - 1) * s.dilation[0] + 1)
+
+    def cols_in(self, out_cols: int) -> int:
+        s = self.s
+        return min(s.w_in, (out_cols - 1) * s.stride[1] + (s.kw - 1) * s.dilation[1] + 1)
+
+    def ci_channels(self, ci_units: int, co_units: int) -> int:
+        if self.grouped:  # the input channels of the groups the output channels belong to
+            return max(1, self.s.ci * co_units // self.p.R)
+        return ci_units * self.p.bi
+
+    def in_bytes(self, rows: int, out_cols: int, ci_units: int, co_units: int) -> int:
+        return rows * self.cols_in(out_cols) * self.ci_channels(ci_units, co_units) * self.db
+
+    def weight_bytes(self, kept: float, co_units: int, ci_units: int) -> float:
+        if self.grouped:
+            return co_units * self.p.bo * (self.s.ci // self.s.groups) * self.k * self.db
+        values = kept * self.p.bo * self.p.bi * self.k * self.db
+        if self.p.dense:
+            return values
+        index = min(math.ceil(co_units * ci_units / 8), self.ib * math.ceil(kept))
+        return values + index
+
+    def macs(self, out_positions: int, kept: float, co_units: int) -> float:
+        if self.grouped:
+            return out_positions * co_units * self.p.bo * (self.s.ci // self.s.groups) * self.k
+        return out_positions * kept * self.p.bo * self.p.bi * self.k
+
+
+def _fit_search(units_w, units_co, units_ci, footprint, capacity):
+    """First (nci, nco, nw) in the W-first, then Co, then Ci order whose largest tile fits."""
+    for nci in _distinct_splits(units_ci):
+        for nco in _distinct_splits(units_co):
+            if footprint(units_w, nco, nci) > capacity:  # even one column per tile: split Co/Ci
+                continue
+            lo, hi = 1, units_w
+            while lo < hi:  # smallest nw that fits (footprint falls as nw grows)
+                mid = (lo + hi) // 2
+                if footprint(mid, nco, nci) <= capacity:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return nci, nco, lo
+    return None
+
+
+def _core_tiling(g: _Geo, prof, rows, wt, co_units, ci_units, per_unit, partial):
+    """(nh, nci, nco, nw): the W-first, then Co, then Ci split of a core piece that fits core memory
+    (output rows are halved only when even the smallest tile does not fit)."""
+    cap = prof["core_memory_kib"] * 1024
+    buf = 2 if prof["double_buffer"] else 1
+
+    def foot(nw, nco, nci, nh):
+        w = -(-wt // nw)
+        co = -(-co_units // nco)
+        ci = -(-ci_units // nci)
+        r = -(-rows // nh)
+        ob = g.acc if (partial or nci > 1) else g.db
+        return (buf * (g.rows_in(r) * g.cols_in(w) * g.ci_channels(ci, co) * g.db
+                       + g.weight_bytes(per_unit * co * ci, co, ci))
+                + buf * r * w * co * g.p.bo * ob)
+
+    nh = 1
+    while True:
+        found = _fit_search(wt, co_units, ci_units, lambda a, b, c: foot(a, b, c, nh), cap)
+        if found is not None:
+            return (nh,) + found
+        if nh >= rows:
+            raise PlanError(f"layer {g.s.name!r} ({g.s.describe()}): one core piece of 1 row x 1 column x "
+                            f"{g.p.bo} channels does not fit {prof['core_memory_kib']} KiB of core memory")
+        nh = min(rows, nh * 2)
+
+
+def _core_series(g: _Geo, prof, rows, wt, co_units, ci_units, per_unit, partial, tiling) -> tuple[float, int]:
+    """Time series of one core piece under a tiling (nh, nci, nco, nw), grouping identical steps."""
+    rate = prof["macs_per_cycle"] * prof["clock_ghz"] * 1e9
+    lbw, wbw = prof["core_load_gbps"] * 1e9, prof["core_write_gbps"] * 1e9
+    nh, nci, nco, nw = tiling
+    r = -(-rows // nh)
+    wsizes = np.diff(_bounds(wt, nw))
+    cisizes = np.diff(_bounds(ci_units, nci))
+    wsz, cisz = Counter(wsizes.tolist()), Counter(cisizes.tolist())
+    cosz = Counter(np.diff(_bounds(co_units, nco)).tolist())
+    first_w, last_ci = wsizes[0], cisizes[-1]
+    ob = g.acc if (partial or nci > 1) else g.db
+    items = []
+    for co, nco_c in cosz.items():
+        for w, nw_c in wsz.items():
+            for ci, nci_c in cisz.items():
+                kept_t = per_unit * co * ci
+                inb = g.rows_in(r) * g.cols_in(w) * g.ci_channels(ci, co) * g.db
+                wb = g.weight_bytes(kept_t, co, ci)
+                c = g.macs(r * w, kept_t, co) / rate
+                out = r * w * co * g.p.bo * ob / wbw
+                if nci == 1:  # weights resident across the W tiles of a Co tile
+                    firsts = 1 if w == first_w else 0
+                    for cnt, load in ((firsts, (inb + wb) / lbw), (nw_c - firsts, inb / lbw)):
+                        if cnt:
+                            items.append((nco_c * cnt * nh, load, c, out))
+                else:
+                    lasts = 1 if ci == last_ci else 0
+                    for cnt, wr in ((lasts, out), (nci_c - lasts, 0.0)):
+                        if cnt:
+                            items.append((nco_c * nw_c * cnt * nh, (inb + wb) / lbw, c, wr))
+    return _series_counted(items)
+
+
+def _core_time(g: _Geo, prof, rows: int, wt: int, co_units: int, ci_units: int, kept: float,
+               partial: bool) -> tuple[float, dict]:
+    """Time of one core's piece (rows x wt outputs, co_units x ci_units, kept blocks) from its memtile.
+
+    The piece is tiled by the W, Co, Ci rule for its own (kept-block) size; for a sparse piece the
+    tiling a dense piece would get is tried too and the faster is used (kept blocks never make a
+    layer slower than its dense tiling would).
+    """
+    per_unit = kept / (co_units * ci_units) if co_units * ci_units else 0.0
+    tilings = [_core_tiling(g, prof, rows, wt, co_units, ci_units, per_unit, partial)]
+    if not g.p.dense and per_unit < 1 and prof.get("reuse_dense_tiling", True):
+        dense_tiling = _core_tiling(g, prof, rows, wt, co_units, ci_units, 1.0, partial)
+        if dense_tiling != tilings[0]:
+            tilings.append(dense_tiling)
+    best = None
+    for tiling in tilings:
+        t, n = _core_series(g, prof, rows, wt, co_units, ci_units, per_unit, partial, tiling)
+        if best is None or t < best[0]:
+            best = (t, n, tiling)
+    t, n, (nh, nci, nco, nw) = best
+    return t, {"core_tiles": {"rows": nh, "w": nw, "co": nco, "ci": nci}, "core_iterations": n,
+               "core_rows": -(-rows // nh)}
+
+
+def plan_aie2(spec: LayerSpec, pat: WeightPattern, prof, with_subvolumes: bool = True,
+              tiles: tuple | None = None) -> tuple[float, dict]:
+    """(time, plan) of one layer on an AIE2 profile for the kept blocks in ``pat``.
+
+    ``tiles`` = (n_ci, n_co, n_w) forces the DDR-level split (it must fit); default: the W, Co, Ci rule.
+    """
+    rows_a, cols_a = prof["array"]
+    P = rows_a * cols_a
+    cap = prof["memtile_kib"] * 1024 * cols_a
+    buf = 2 if prof["double_buffer"] else 1
+    ch = cols_a * prof["ddr_channels_per_column"]
+    ld, wr = ch * prof["ddr_load_gbps"] * 1e9, ch * prof["ddr_write_gbps"] * 1e9
+    g = _Geo(spec, pat, prof)
+    B, Ho, Wo = spec.batch, spec.h_out, spec.w_out
+    out_rows = B * Ho
+    in_rows = B * g.rows_in(Ho)
+
+    def foot(nw, nco, nci):
+        wt = -(-Wo // nw)
+        rb, cb = _bounds(pat.R, nco), _bounds(pat.C, nci)
+        kept = pat.max_nnz(rb, cb)
+        co, ci = max(np.diff(rb)), max(np.diff(cb))
+        ob = g.acc if nci > 1 else g.db
+        return (buf * (in_rows * g.cols_in(wt) * g.ci_channels(ci, co) * g.db + g.weight_bytes(kept, co, ci))
+                + buf * out_rows * wt * co * pat.bo * ob)
+
+    found = _fit_search(Wo, pat.R, pat.C, foot, cap) if tiles is None else tuple(tiles)
+    if tiles is not None and foot(tiles[2], tiles[1], tiles[0]) > cap:
+        raise PlanError(f"layer {spec.name!r}: forced tiles {tiles} do not fit the memory tiles")
+    if found is None:
+        raise PlanError(f"layer {spec.name!r} ({spec.describe()}): even a sub-volume of one output column, "
+                        f"{pat.bo} output and {pat.bi} input channels needs {foot(Wo, pat.R, pat.C)} bytes, more than "
+                        f"the {cap} bytes of memory tiles of a {rows_a}x{cols_a} array")
+    nci, nco, nw = found
+    wb_, cob, cib = _bounds(Wo, nw), _bounds(pat.R, nco), _bounds(pat.C, nci)
+    subs, steps = [], []
+    core_cache: dict = {}
+    core_summary: dict = {}
+    totals = Counter()
+    idx = 0
+    for a in range(nco):
+        r0, r1 = cob[a], cob[a + 1]
+        cou = r1 - r0
+        # co groups over the cores (for the slowest core's kept count)
+        for b in range(nw):
+            w0, w1 = wb_[b], wb_[b + 1]
+            wt = w1 - w0
+            for c in range(nci):
+                c0, c1 = cib[c], cib[c + 1]
+                ciu = c1 - c0
+                kept = pat.nnz(r0, r1, c0, c1)
+                inb = in_rows * g.cols_in(wt) * g.ci_channels(ciu, cou) * g.db
+                wload = g.weight_bytes(kept, cou, ciu) if (nci > 1 or b == 0) else 0
+                last = c == nci - 1
+                outb = out_rows * wt * cou * pat.bo * g.db if last else 0
+                macs = g.macs(out_rows * wt, kept, cou)
+                # level 2: split W, then Co, then rows over the cores
+                p_w = min(P, wt)
+                p_co = min(P // p_w, cou)
+                p_h = min(P // (p_w * p_co), out_rows)
+                gb = [r0 + x for x in _bounds(cou, p_co)]
+                core_kept = pat.max_nnz(gb, [c0, c1]) if not pat.dense else -(-cou // p_co) * ciu
+                key = (-(-out_rows // p_h), -(-wt // p_w), -(-cou // p_co), ciu, core_kept, nci > 1)
+                if key not in core_cache:
+                    core_cache[key] = _core_time(g, prof, *key)
+                ct, core_info = core_cache[key]
+                if not core_summary:
+                    core_summary = {"cores_used": p_w * p_co * p_h, "split": {"w": p_w, "co": p_co, "rows": p_h},
+                                    "piece": {"rows": key[0], "cols": key[1], "co": key[2] * pat.bo,
+                                              "ci": key[3] * pat.bi}, **core_info}
+                mem = (buf * (inb + g.weight_bytes(kept, cou, ciu))
+                       + buf * out_rows * wt * cou * pat.bo * (g.acc if nci > 1 else g.db))
+                step = (inb + wload) / ld, ct, outb / wr
+                steps.append(step)
+                totals.update(load=inb + wload, write=outb, macs=macs)
+                if with_subvolumes:
+                    subs.append(SubVolume(idx, (w0, w1), (r0 * pat.bo, r1 * pat.bo), (c0 * pat.bi, c1 * pat.bi),
+                                          int(inb), int(round(wload)), int(outb), int(round(macs)), int(kept),
+                                          int(round(mem)), step[0], step[1], step[2]))
+                idx += 1
+    t = time_series(steps)
+    plan = {"tiles": {"w": nw, "co": nco, "ci": nci}, "iterations": len(steps),
+            "bytes_loaded": int(round(totals["load"])), "bytes_written": int(round(totals["write"])),
+            "macs": int(round(totals["macs"])), "memory_capacity": int(cap), "subvolumes": subs,
+            "cores": core_summary,
+            "load_s": sum(s[0] for s in steps), "compute_s": sum(s[1] for s in steps),
+            "write_s": sum(s[2] for s in steps)}
+    return t, plan
+
+
+def _aie2_estimate(spec, fmt, prof, grid, with_subvolumes=True) -> LayerEstimate:
+    block = tuple(prof["block"])
+    notes = []
+    sparse_grid = grid if (fmt is not None and fmt.kind == "block" and grid is not None) else None
+    if fmt is not None and fmt.kind == "nm":
+        notes.append(f"{fmt.n}:{fmt.m} weights: the AIE2 model has no N:M path; estimated dense")
+    dense_pat = WeightPattern.for_layer(spec, block)
+    td, pd = plan_aie2(spec, dense_pat, prof, with_subvolumes=sparse_grid is None and with_subvolumes)
+    if sparse_grid is None:
+        return LayerEstimate(td, td, pd["bytes_loaded"] + pd["bytes_written"], pd["bytes_loaded"] + pd["bytes_written"],
+                             pd["macs"], pd["macs"], pd["iterations"], pd["tiles"], pd.pop("subvolumes"),
+                             {**pd, "dense": {k: v for k, v in pd.items() if k != "subvolumes"}}, notes)
+    sp = WeightPattern.for_layer(spec, block, grid)
+    ts, ps = plan_aie2(spec, sp, prof, with_subvolumes=with_subvolumes)
+    ps["tiling"] = "own (W, Co, Ci rule)"
+    dense_tiles = (pd["tiles"]["ci"], pd["tiles"]["co"], pd["tiles"]["w"])
+    if prof.get("reuse_dense_tiling", True) and dense_tiles != (ps["tiles"]["ci"], ps["tiles"]["co"], ps["tiles"]["w"]):
+        ts2, ps2 = plan_aie2(spec, sp, prof, with_subvolumes=with_subvolumes, tiles=dense_tiles)
+        if ts2 < ts:
+            ts, ps = ts2, ps2
+            ps["tiling"] = "the dense layer's (faster than its own)"
+    subs = ps.pop("subvolumes")
+    pd.pop("subvolumes", None)
+    return LayerEstimate(ts, td, ps["bytes_loaded"] + ps["bytes_written"], pd["bytes_loaded"] + pd["bytes_written"],
+                         ps["macs"], pd["macs"], ps["iterations"], ps["tiles"], subs, {**ps, "dense": pd}, notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU roofline
+# ----------------------------------------------------------------------------------------------
+
+def estimate_gpu(spec: LayerSpec, fmt: LayerFormat | None, prof, grid=None) -> LayerEstimate:
+    db = prof["dtype_bytes"]
+    act = (spec.in_numel + spec.out_numel) * db
+    wbytes = spec.weight_numel * db
+    bw = prof["memory_gbps"] * 1e9
+    dense_rate = prof["dense_tflops"] * 1e12 * prof["efficiency"]
+    ovh = prof["launch_overhead_us"] * 1e-6
+    flops = 2 * spec.macs
+    td = ovh + max(flops / dense_rate, (act + wbytes) / bw)
+    notes, details = [], {"roofline": "max(flops / rate, bytes / bandwidth) + overhead"}
+    if fmt is None or not fmt.sparse:
+        return LayerEstimate(td, td, act + wbytes, act + wbytes, spec.macs, spec.macs, details=details)
+    extra = prof["sparse_overhead_us"] * 1e-6
+    if fmt.kind == "nm" and fmt.fits_24:
+        rate = prof["sparse_24_tflops"] * 1e12 * prof["sparse_efficiency"]
+        sw = wbytes / 2 + spec.weight_numel / 2 / 4  # half the values + 2 bits per kept value
+        t = ovh + extra + max(flops / rate, (act + sw) / bw)
+        macs = spec.macs  # tensor cores skip half the products; time uses the sparse rate
+        details["path"] = "2:4 sparse tensor cores"
+        if t >= td:
+            notes.append("2:4 kernel not faster than dense here (small layer): runs dense")
+            return LayerEstimate(td, td, act + wbytes, act + wbytes, spec.macs, spec.macs, details=details, notes=notes)
+        return LayerEstimate(t, td, int(act + sw), act + wbytes, macs // 2, spec.macs, details=details, notes=notes)
+    if fmt.kind == "nm":
+        notes.append(f"{fmt.n}:{fmt.m} is not 2:4-compatible: no tensor-core path, runs dense")
+        return LayerEstimate(td, td, act + wbytes, act + wbytes, spec.macs, spec.macs, details=details, notes=notes)
+    d = fmt.block_density
+    rate = prof["dense_tflops"] * 1e12 * prof["efficiency"] * prof["block_sparse_efficiency"]
+    bo, bi = prof["block"]
+    kept = d * (spec.co // bo) * (spec.ci // bi)
+    sw = wbytes * d + kept * 2 + (spec.co // bo + 1) * 4
+    t = ovh + extra + max(flops * d / rate, (act + sw) / bw)
+    details["path"] = "block-sparse GEMM on kept blocks"
+    if t >= td:
+        notes.append("block-sparse kernel not faster than dense here: runs dense")
+        return LayerEstimate(td, td, act + wbytes, act + wbytes, spec.macs, spec.macs, details=details, notes=notes)
+    return LayerEstimate(t, td, int(act + sw), act + wbytes, int(spec.macs * d), spec.macs, details=details,
+                         notes=notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU (this package's kernels)
+# ----------------------------------------------------------------------------------------------
+
+def cpu_kind(spec: LayerSpec) -> str:
+    """Which CPU model applies: "gemv" (Linear on < 8 rows), "linear", "1x1" (plain 1x1 conv) or "kxk"."""
+    if spec.kind == "linear":
+        return "gemv" if spec.w_out < GEMV_ROWS else "linear"
+    return "1x1" if (spec.kh, spec.kw, spec.stride, spec.padding) == (1, 1, (1, 1), (0, 0)) else "kxk"
+
+
+DEFAULT_CACHE = {"l2_kib": 1024, "llc_kib": 32768}
+
+
+def kernel_work(spec: LayerSpec, kept_blocks: int, cache: dict | None = None) -> dict:
+    """Work counts of the block kernel for ``kept_blocks`` kept 8x8 blocks of the (Co, Ci) grid.
+
+    The kernel walks output positions in chunks of 48 (3 vectors of 16; a last partial chunk uses
+    ceil(n / 16) vectors), visits each kept block once per chunk, builds a K x 48 panel per chunk and
+    writes every output once (``out_floats``).
+    Kept weights larger than the L2 cache are re-read from further away once per chunk
+    (``l2_miss_bytes``); a few-rows Linear reads its weights once, from memory when they exceed the
+    last-level cache (``llc_miss_bytes``).
+    """
+    cache = cache or DEFAULT_CACHE
+    k = spec.kh * spec.kw
+    kept_mat = kept_blocks * k
+    wbytes = kept_mat * 256
+    if cpu_kind(spec) == "gemv":
+        return {"macs": kept_mat * 64 * spec.w_out, "weight_bytes": wbytes, "lane_macs": 0,
+                "block_visits": 0, "panel_floats": 0, "out_floats": spec.co * spec.w_out, "l2_miss_bytes": 0,
+                "llc_miss_bytes": wbytes if wbytes > cache["llc_kib"] * 1024 else 0}
+    positions = spec.h_out * spec.w_out
+    full, tail = divmod(positions, CHUNK)
+    vectors = spec.batch * (3 * full + -(-tail // 16))
+    chunks = spec.batch * (full + (1 if tail else 0))
+    return {"macs": kept_mat * 64 * spec.batch * positions, "weight_bytes": wbytes,
+            "lane_macs": kept_mat * 64 * 16 * vectors, "block_visits": kept_mat * chunks,
+            "panel_floats": spec.ci * k * CHUNK * chunks, "out_floats": spec.co * spec.batch * positions,
+            "l2_miss_bytes": wbytes * chunks if wbytes > cache["l2_kib"] * 1024 else 0, "llc_miss_bytes": 0}
+
+
+def cpu_dense_time(spec: LayerSpec, prof) -> float:
+    """PyTorch's dense F.conv2d / F.linear on the calibrated CPU (see targets/cpu.yaml)."""
+    d = prof["dense"]
+    key = {"1x1": "conv1x1", "kxk": "convkxk", "linear": "linear", "gemv": "gemv"}[cpu_kind(spec)]
+    if spec.kind == "conv" and spec.kh * spec.kw == 1:
+        key = "conv1x1"  # strided / padded 1x1 convs run the same dense path
+    rows = spec.w_out if key == "gemv" else 1
+    t = (d["overhead_us"] * 1e-6 + spec.macs / (d[f"{key}_gmacs"] * 1e9)
+         + rows * spec.weight_numel * 4 / (d[f"{key}_weight_gbps"] * 1e9))
+    cache = prof.get("cache", DEFAULT_CACHE)
+    if key == "gemv" and spec.weight_numel * 4 > cache["llc_kib"] * 1024:
+        t += spec.weight_numel * 4 / (d["gemv_dram_gbps"] * 1e9)
+    return t
+
+
+def cpu_sparse_time(spec: LayerSpec, kept_blocks: int, prof) -> float:
+    """The block kernel on the calibrated CPU (see targets/cpu.yaml)."""
+    s = prof["sparse"]
+    work = kernel_work(spec, kept_blocks, prof.get("cache"))
+    kind = cpu_kind(spec)
+    if kind == "gemv":
+        return (s["overhead_us"] * 1e-6 + work["macs"] / (s["gemv_gmacs"] * 1e9)
+                + work["weight_bytes"] / (s["gemv_weight_gbps"] * 1e9)
+                + work["llc_miss_bytes"] / (s["gemv_dram_gbps"] * 1e9))
+    pk = "1x1" if kind in ("1x1", "linear") else "kxk"
+    t = (s["overhead_us"] * 1e-6 + work["panel_floats"] / (s[f"pack_{pk}_gfloats"] * 1e9)
+         + work["out_floats"] / (s["store_gfloats"] * 1e9) + work["lane_macs"] / (s[f"gmacs_{pk}"] * 1e9) + work["block_visits"] / (s[f"gblocks_{pk}"] * 1e9)
+         + work["l2_miss_bytes"] / (s["l2_miss_gbps"] * 1e9))
+    if spec.kind == "linear":  # x^T copy before the kernel
+        t += spec.ci * spec.w_out * 8 / (prof["memory_gbps"] * 1e9)
+    return t
+
+
+def estimate_cpu(spec: LayerSpec, fmt: LayerFormat | None, prof, grid=None, decision: str | None = None) -> LayerEstimate:
+    """Estimate on the calibrated CPU; ``decision`` ("sparse"/"dense") forces the path (else the faster)."""
+    td = cpu_dense_time(spec, prof)
+    dense_bytes = (spec.in_numel + spec.out_numel + spec.weight_numel) * 4
+    details = {"dense_s": td}
+    if fmt is None or fmt.kind != "block" or spec.groups != 1 or spec.notes:
+        notes = []
+        if fmt is not None and fmt.kind == "nm":
+            notes.append(f"{fmt.n}:{fmt.m}: no CPU N:M kernel, runs dense")
+        return LayerEstimate(td, td, dense_bytes, dense_bytes, spec.macs, spec.macs, details=details, notes=notes)
+    bo, bi = prof["block"]
+    kept = int(round(fmt.block_density * (spec.co // bo) * (spec.ci // bi))) if grid is None else int(np.asarray(grid).sum())
+    ts = cpu_sparse_time(spec, kept, prof)
+    details["sparse_s"] = ts
+    sparse_bytes = int((spec.in_numel + spec.out_numel) * 4 + kept * bo * bi * spec.kh * spec.kw * 4
+                       + kept * spec.kh * spec.kw * 4)
+    use = decision or ("sparse" if ts < td else "dense")
+    details["path"] = use
+    notes = [] if decision else ([] if use == "sparse" else ["estimated sparse kernel slower: runs dense"])
+    if use == "dense":
+        return LayerEstimate(td, td, dense_bytes, dense_bytes, spec.macs, spec.macs, details=details, notes=notes)
+    macs = kept * bo * bi * spec.kh * spec.kw * spec.batch * spec.h_out * spec.w_out
+    return LayerEstimate(ts, td, sparse_bytes, dense_bytes, macs, spec.macs, details=details, notes=notes)
+
+
+def estimate_layer(spec: LayerSpec, fmt: LayerFormat | None, target, grid=None, **kw) -> LayerEstimate:
+    """Dispatch on the target's kind (a profiles.Target)."""
+    if target.kind == "aie2":
+        return _aie2_estimate(spec, fmt, target.params, grid, **kw)
+    if target.kind == "gpu":
+        return estimate_gpu(spec, fmt, target.params, grid)
+    if target.kind == "cpu":
+        return estimate_cpu(spec, fmt, target.params, grid, **kw)
+    raise ValueError(f"no cost model for target kind {target.kind!r}")

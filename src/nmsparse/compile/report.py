@@ -1,0 +1,160 @@
+"""The compile report: a Markdown table per layer with totals, and PNG charts (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["markdown_report", "write_charts", "fmt_s", "fmt_bytes"]
+
+
+def fmt_s(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds:.3f} s"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _table(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _target_lines(compiled) -> list[str]:
+    t = compiled.target
+    p = t.params
+    if t.kind == "aie2":
+        r, c = p["array"]
+        return [f"AIE2 array {r}x{c} at {p['clock_ghz']} GHz, {p['macs_per_cycle']} MACs/cycle per core, "
+                f"{p['core_memory_kib']} KiB per core, {p['memtile_kib']} KiB memory tile per column, "
+                f"{c * p['ddr_channels_per_column']:g} DDR channels ({p['ddr_load_gbps']} GB/s load, "
+                f"{p['ddr_write_gbps']} GB/s write each), memtile<->core {p['core_load_gbps']}/{p['core_write_gbps']} "
+                f"GB/s per core, {p['dtype_bytes']}-byte data. Time per layer: time series over its sub-volumes, "
+                f"sum of max(load, compute, write) (load + compute + write for a single step). "
+                f"'Moved' = bytes between DDR and the memory tiles."]
+    if t.kind == "gpu":
+        return [f"GPU roofline ({p['device']}): {p['dense_tflops']} TFLOPS dense, {p['sparse_24_tflops']} TFLOPS 2:4, "
+                f"{p['memory_gbps']} GB/s, efficiency {p['efficiency']} dense / {p['sparse_efficiency']} 2:4 / "
+                f"{p['block_sparse_efficiency']} of dense for 8x8 blocks. 'Moved' = bytes to and from memory."]
+    return [f"CPU model calibrated on: {p['machine']} ({p['threads']} thread(s), {p.get('measured', 'date unknown')}). "
+            f"Sparse layers run the native 8x8 block kernel where it was measured faster; 'measured' columns "
+            f"come from timing this machine at compile time. 'Moved' = bytes read and written in memory."]
+
+
+def markdown_report(compiled) -> str:
+    tot = compiled.totals()
+    t = compiled.target
+    measured = any(p.measured for p in compiled.layers)
+    headers = ["#", "layer", "shape", "format", "stored / dense", "est. dense", "est. compiled", "speed-up",
+               "moved dense -> compiled", "steps", "runs"]
+    if measured:
+        headers[-1:-1] = ["measured dense", "measured sparse"]
+    rows = []
+    for i, p in enumerate(compiled.layers):
+        e = p.estimate
+        tiles = e.tiles
+        steps = (f"{e.iterations} ({tiles.get('w', 1)}W x {tiles.get('co', 1)}Co x {tiles.get('ci', 1)}Ci)"
+                 if tiles else str(e.iterations))
+        row = [i, f"`{p.name}`", p.spec.describe(), p.format.label,
+               f"{fmt_bytes(p.stored_bytes)} / {fmt_bytes(p.dense_bytes)}", fmt_s(e.dense_time_s), fmt_s(e.time_s),
+               f"{e.speedup:.2f}x", f"{fmt_bytes(e.dense_bytes_moved)} -> {fmt_bytes(e.bytes_moved)}", steps,
+               p.decision]
+        if measured:
+            m = p.measured or {}
+            row[-1:-1] = [fmt_s(m["dense_s"]) if m else "", fmt_s(m["sparse_s"]) if m else ""]
+        rows.append(row)
+    notes = [f"- `{p.name}`: {'; '.join(p.notes)}" for p in compiled.layers if p.notes]
+    parts = [f"# Compiled model: {compiled.source or 'model'}", "",
+             f"Target: **{t.label}** (profile {t.source}); example input {tuple(compiled.input_shape)}; "
+             f"block {compiled.block[0]}x{compiled.block[1]}.", "", *_target_lines(compiled), "",
+             "## Whole network", "",
+             _table(["", "dense", "compiled", "ratio"], [
+                 ["estimated time (conv/linear layers)", fmt_s(tot["dense_time_s"]), fmt_s(tot["time_s"]),
+                  f"{tot['speedup']:.2f}x faster"],
+                 ["bytes moved", fmt_bytes(tot["dense_bytes_moved"]), fmt_bytes(tot["bytes_moved"]),
+                  f"{tot['bytes_moved'] / max(tot['dense_bytes_moved'], 1):.2f}"],
+                 ["conv/linear weights stored", fmt_bytes(tot["dense_weight_bytes"]), fmt_bytes(tot["weight_bytes"]),
+                  f"{tot['weight_bytes'] / max(tot['dense_weight_bytes'], 1):.2f}"],
+                 ["model file tensors (all)", fmt_bytes(tot["dense_file_bytes"]), fmt_bytes(tot["file_bytes"]),
+                  f"{tot['file_ratio']:.2f}"]]),
+             "", f"{tot['sparse_layers']} of {tot['layers']} layers are sparse. Layers other than Conv2d/Linear "
+                 f"(pooling, normalisation, activations) are not estimated.", "",
+             "## Layers", "", _table(headers, rows)]
+    if notes:
+        parts += ["", "## Notes", "", *notes]
+    return "\n".join(parts)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_charts(compiled, out_dir) -> dict:
+    """layers.png (per-layer time, speed-up, bytes moved) and network.png; {} plus a note without matplotlib."""
+    try:
+        plt = _plt()
+    except ImportError:
+        return {"charts_note": "Charts skipped: matplotlib is not installed (pip install nmsparse[plot])."}
+    import numpy as np
+
+    out = Path(out_dir)
+    L = compiled.layers
+    x = np.arange(len(L))
+    dense = np.array([p.estimate.dense_time_s for p in L]) * 1e3
+    comp = np.array([p.estimate.time_s for p in L]) * 1e3
+    speed = dense / np.maximum(comp, 1e-12)
+    bd = np.array([p.estimate.dense_bytes_moved for p in L]) / 1e6
+    bc = np.array([p.estimate.bytes_moved for p in L]) / 1e6
+    width = max(8.0, min(0.18 * len(L) + 3, 30.0))
+    fig, axes = plt.subplots(3, 1, figsize=(width, 9), sharex=True)
+    w = 0.42
+    axes[0].bar(x - w / 2, dense, w, label="dense", color="C7")
+    axes[0].bar(x + w / 2, comp, w, label="compiled", color="C0")
+    axes[0].set(ylabel="estimated ms", title=f"Per layer on {compiled.target.label}")
+    axes[1].bar(x, speed, 0.7, color=["C2" if s >= 1 else "C3" for s in speed])
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[1].set(ylabel="speed-up (x)")
+    axes[2].bar(x - w / 2, bd, w, label="dense", color="C7")
+    axes[2].bar(x + w / 2, bc, w, label="compiled", color="C0")
+    axes[2].set(ylabel="MB moved", xlabel="layer (call order; names in report.md)")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    if len(L) <= 40:
+        axes[2].set_xticks(x, [p.name for p in L], rotation=90, fontsize=6)
+    fig.tight_layout()
+    p1 = out / "layers.png"
+    fig.savefig(p1, dpi=100)
+    plt.close(fig)
+
+    tot = compiled.totals()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    axes[0].bar(["dense", "compiled"], [tot["dense_time_s"] * 1e3, tot["time_s"] * 1e3], color=["C7", "C0"])
+    axes[0].set(ylabel="estimated ms", title=f"whole network: {tot['speedup']:.2f}x")
+    axes[1].bar(["dense", "compiled"], [tot["dense_bytes_moved"] / 1e6, tot["bytes_moved"] / 1e6], color=["C7", "C0"])
+    axes[1].set(ylabel="MB moved", title="bytes moved")
+    axes[2].bar(["dense", "compact"], [tot["dense_file_bytes"] / 1e6, tot["file_bytes"] / 1e6], color=["C7", "C0"])
+    axes[2].set(ylabel="MB", title=f"model file ({tot['file_ratio']:.2f} of dense)")
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{compiled.source or 'model'} on {compiled.target.label}", fontsize=10)
+    fig.tight_layout()
+    p2 = out / "network.png"
+    fig.savefig(p2, dpi=100)
+    plt.close(fig)
+    return {"chart_layers": str(p1), "chart_network": str(p2)}
