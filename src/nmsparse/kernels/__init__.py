@@ -1,4 +1,4 @@
-"""GPU kernels and the references they must match: Triton N:M pruning, 2:4 sparse tensor cores.
+"""Execution backends: Triton N:M pruning, 2:4 sparse tensor cores, block-sparse CPU kernels.
 
 Importing this package imports neither triton nor the kernels (they load on first use, and
 triton decides at its import whether to compile or interpret). Layering: kernels/ uses
@@ -11,6 +11,8 @@ patterns/ and formats/ only; nn/ may use kernels/.
 - ``semi_structured``: PyTorch's 2:4 semi-structured sparsity (compression, the fused tile op,
   sparse products, ``Linear24``);
 - ``dispatch``: ``use_triton`` and the measuring ``Dispatcher``;
+- ``block_cpu``: block-sparse Linear/Conv on the CPU for compiled models (a native kernel built
+  on first use, PyTorch BSR as the fallback), imported by compile/ only;
 - ``ops``: what nn/ calls (``prune_grad_fast``, ``srste_fast``, ``tile24_prune_grad``,
   ``sdgp_linear_dx``).
 """
