@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_arguments(cp)
     cp.set_defaults(func=compile_command)
 
+    from .compile.prune_cli import add_prune_arguments, prune_command
+
+    pr = sub.add_parser("prune", help="one-shot N:M / 4:8-T / block pruning of a trained checkpoint, with AdaPrune")
+    add_prune_arguments(pr)
+    pr.set_defaults(func=prune_command)
+
     b = sub.add_parser("bench", help="benchmarks that compare against a baseline measured in the same run")
     bsub = b.add_subparsers(dest="suite", required=True)
     bp = bsub.add_parser("patterns", help="mask computation times on 1024^2 and 4096^2 float32 weights")
