@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..patterns._checks import check_dim, check_divisible, check_float_tensor, check_nm
-from ..patterns.nm import nm_mask, topn_in_groups
+from ..patterns.nm import magnitude_key, nm_mask, topn_in_groups
 
 __all__ = [
     "PRUNE_METHODS", "prune_reference", "plane_dims", "triton_rand", "random_keys_reference",
@@ -71,6 +71,15 @@ def _restride(out: torch.Tensor, d: int, g: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def topn_keys(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """topn_in_groups, or under torch.compile (which cannot trace its out= calls) a stable sort,
+    which also gives ties to the earlier position."""
+    if not torch.compiler.is_compiling():
+        return topn_in_groups(keys, n)
+    idx = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :n]
+    return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device).scatter_(1, idx, True)
+
+
 def prune_reference(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: int = 1,
                     generator: torch.Generator | None = None, eps: float = 1e-4) -> torch.Tensor:
     """g pruned n:m in groups of m consecutive entries along `dim`, in g's layout (SDGP's prune).
@@ -82,13 +91,21 @@ def prune_reference(g: torch.Tensor, n: int, m: int, method: str = "magnitude", 
     (float64 for float64 g).
     """
     n, m, d = _check_prune_args(g, n, m, method, dim)
+    return prune_checked(g, n, m, method, d, generator, eps)
+
+
+def prune_checked(g: torch.Tensor, n: int, m: int, method: str, d: int, generator, eps: float) -> torch.Tensor:
+    """``prune_reference`` for arguments already validated (d non-negative): the torch path of prune_grad."""
+    # Channels innermost: free for channels_last conv grads and Linear grads, one copy otherwise.
     gc = g.movedim(d, -1).contiguous()
     if method == "random":
         keys = torch.rand(gc.shape, generator=generator, device=gc.device, dtype=torch.float32)
-        keys.masked_fill_(~torch.isfinite(gc), 2.0)
-        mask = topn_in_groups(keys.view(-1, m), n).view(gc.shape)
+        keys.masked_fill_(~torch.isfinite(gc), 2.0)  # above any draw: non-finite entries stay
+        mask = topn_keys(keys.view(-1, m), n).view(gc.shape)
+    elif torch.compiler.is_compiling():
+        mask = topn_keys(magnitude_key(gc.detach()).view(-1, m), n).view(gc.shape)
     else:
-        mask = nm_mask(gc.detach(), n, m, dim=-1)
+        mask = nm_mask(gc.detach(), n, m, dim=-1)  # cache-sized chunks on the CPU; no gradient
     out = torch.where(mask, gc, 0)
     if method == "rescale":
         out = _apply_rescale(gc, out, d, eps, g.dtype)

@@ -13,10 +13,10 @@ from torch.nn.modules.utils import _pair
 from torch.nn.utils import parametrize
 
 from ..kernels.ops import prune_grad_fast
+from ..kernels.reference import PRUNE_METHODS, prune_checked
 from ..patterns._checks import check_dim, check_divisible, check_float_tensor, check_nm
-from ..patterns.nm import magnitude_key, nm_mask, topn_in_groups
 
-SDGP_METHODS = ("magnitude", "random", "rescale")
+SDGP_METHODS = PRUNE_METHODS
 # Generator seed for a layer's backward number `step`: seed * _SEED_STRIDE + step.
 _SEED_STRIDE = 1_000_003
 
@@ -33,15 +33,6 @@ def _check_nm(n, m) -> tuple[int, int]:
     if n < 1:  # nothing kept: no input gradient, and an overflow would go unseen
         raise ValueError(f"n must be >= 1 for SDGP, got n={n}")
     return n, m
-
-
-def _topn(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """topn_in_groups, or under torch.compile (which cannot trace its out= calls) a stable sort,
-    which also gives ties to the earlier position."""
-    if not torch.compiler.is_compiling():
-        return topn_in_groups(keys, n)
-    idx = torch.sort(keys, dim=1, descending=True, stable=True).indices[:, :n]
-    return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device).scatter_(1, idx, True)
 
 
 def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: int = 1,
@@ -66,31 +57,7 @@ def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: 
     fast = prune_grad_fast(g, n, m, method, d, generator, eps)
     if fast is not None:
         return fast
-    # Channels innermost: free for channels_last conv grads and Linear grads, one copy otherwise.
-    gc = g.movedim(d, -1).contiguous()
-    if method == "random":
-        keys = torch.rand(gc.shape, generator=generator, device=gc.device, dtype=torch.float32)
-        keys.masked_fill_(~torch.isfinite(gc), 2.0)  # above any draw: non-finite entries stay
-        mask = _topn(keys.view(-1, m), n).view(gc.shape)
-    elif torch.compiler.is_compiling():
-        mask = _topn(magnitude_key(gc.detach()).view(-1, m), n).view(gc.shape)
-    else:
-        mask = nm_mask(gc.detach(), n, m, dim=-1)  # the mask carries no gradient
-    out = torch.where(mask, gc, 0)
-    if method == "rescale":
-        last = gc.dim() - 1
-        dims = tuple(range(1 if d != 0 else 0, last)) or (last,)
-        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-        full = torch.linalg.vector_norm(gc, 1, dims, keepdim=True, dtype=acc)
-        kept = torch.linalg.vector_norm(out, 1, dims, keepdim=True, dtype=acc)
-        scale = full / (kept + eps)
-        # Multiplied in `acc`: a fully pruned half plane gets 0 * (large scale) = 0, not 0 * inf.
-        # Out of place only where autograd records it (a double backward).
-        out = (out * scale).to(g.dtype) if out.requires_grad else out.mul_(scale)
-    out = out.movedim(-1, d)
-    if out.stride() != g.stride():
-        out = torch.empty_like(g).copy_(out)
-    return out
+    return prune_checked(g, n, m, method, d, generator, eps)
 
 
 def _autocast(*tensors):
