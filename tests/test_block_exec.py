@@ -7,6 +7,8 @@ backend still runs.
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,6 +31,14 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture(params=["torch", "native", "native-panel"])
+def conv_path(request):
+    """(backend, direct): the native kernel's direct path and its im2col-panel path."""
+    if request.param != "torch":
+        _native_or_skip()
+    return ("torch", True) if request.param == "torch" else ("native", request.param == "native")
+
+
 def block_sparse(shape, density, g):
     w = torch.randn(shape, generator=g)
     keep = torch.rand(shape[0] // 8, shape[1] // 8, generator=g) < density
@@ -46,12 +56,18 @@ CONV_CASES = [  # (batch, ci, co, kernel, size, stride, padding, dilation)
     (2, 40, 32, (1, 7), (17, 13), 1, (0, 3), 1),
     (1, 16, 16, 3, 7, 1, 0, 1),
     (1, 64, 32, 3, 4, 1, 1, 1),
+    (2, 8, 16, 3, 15, 3, 2, 2),  # stride 3 with dilation 2: taps fall in all 9 stride phases
+    (1, 16, 8, 3, (9, 21), (2, 1), (1, 0), (1, 3)),  # asymmetric stride, padding, dilation
+    (1, 8, 16, 1, 9, 2, 1, 1),  # strided 1x1 with padding: a single phase, zero border
+    (2, 16, 16, 3, 50, 1, 1, 1),  # rows wider than a chunk: chunks end mid-row and at the wrap
+    (1, 8, 8, 2, 5, 1, 3, 1),  # padding larger than the kernel
 ]
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:5])))
 @pytest.mark.parametrize("density", [0.0, 0.3, 0.5, 1.0])
-def test_conv_matches_dense(case, density, backend):
+def test_conv_matches_dense(case, density, conv_path):
+    backend, direct = conv_path
     b, ci, co, k, hw, s, p, d = case
     g = torch.Generator().manual_seed(hash((case, density)) % 2**31)
     kh, kw = (k, k) if isinstance(k, int) else k
@@ -62,8 +78,60 @@ def test_conv_matches_dense(case, density, backend):
     mat = bc.BlockSparseMatrix.from_weight(wt)
     assert mat.nnzb == int((wt.reshape(co, -1).reshape(co // 8, 8, -1, 8).abs().sum((1, 3)) > 0).sum())
     for bb in (bias, None):
-        got = bc.block_sparse_conv2d(x, mat, (kh, kw), bb, s, p, d, backend=backend)
+        got = bc.block_sparse_conv2d(x, mat, (kh, kw), bb, s, p, d, backend=backend, direct=direct)
         torch.testing.assert_close(got, F.conv2d(x, wt, bb, s, p, d), **TOL)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(b=st.integers(1, 3), ci=st.sampled_from([8, 16, 24]), co=st.sampled_from([8, 16]),
+       kh=st.integers(1, 4), kw=st.integers(1, 4), h=st.integers(1, 23), w=st.integers(1, 70),
+       sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 3), pw=st.integers(0, 3),
+       dh=st.integers(1, 3), dw=st.integers(1, 3), density=st.sampled_from([0.2, 0.6, 1.0]),
+       threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**31 - 1))
+def test_native_conv_any_geometry(b, ci, co, kh, kw, h, w, sh, sw, ph, pw, dh, dw, density, threads, seed):
+    """Both native paths equal F.conv2d for any stride / padding / dilation / size that has an output."""
+    _native_or_skip()
+    if (h + 2 * ph - dh * (kh - 1) - 1) < 0 or (w + 2 * pw - dw * (kw - 1) - 1) < 0:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, ci, h, w, generator=g)
+    wt = block_sparse((co, ci, kh, kw), density, g)
+    bias = torch.randn(co, generator=g)
+    mat = bc.BlockSparseMatrix.from_weight(wt)
+    want = F.conv2d(x, wt, bias, (sh, sw), (ph, pw), (dh, dw))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for direct in (True, False):
+            got = bc.block_sparse_conv2d(x, mat, (kh, kw), bias, (sh, sw), (ph, pw), (dh, dw), backend="native",
+                                         direct=direct)
+            torch.testing.assert_close(got, want, **TOL)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_native_padded_buffer_is_rewritten_between_calls():
+    """The direct path keeps its padded-input buffer across calls: a smaller input after a larger one
+    (and a larger one after that) must see zeros where the padding is, not the previous call's data."""
+    _native_or_skip()
+    g = torch.Generator().manual_seed(5)
+    wt = block_sparse((16, 8, 3, 3), 1.0, g)
+    mat = bc.BlockSparseMatrix.from_weight(wt)
+    for size, pad in ((40, 1), (9, 2), (41, 3), (5, 1)):
+        x = torch.randn(2, 8, size, size, generator=g) * 100
+        torch.testing.assert_close(bc.block_sparse_conv2d(x, mat, 3, None, 1, pad, backend="native"),
+                                   F.conv2d(x, wt, None, 1, pad), rtol=1e-4, atol=1e-2)
+
+
+def test_direct_geometry_counts():
+    geo = bc.direct_geometry(16, 10, 10, 3, 1, 1)
+    assert (geo["h_out"], geo["w_out"], geo["grid_w"], geo["lanes"]) == (10, 10, 12, 9 * 12 + 10)
+    assert (geo["copy_floats"], geo["rows"], geo["span"], geo["plain"]) == (16 * 12 * 12, 16 * 3, 50, False)
+    one = bc.direct_geometry(32, 7, 7, 1)  # plain 1x1 reads x: nothing copied, one row per channel
+    assert (one["copy_floats"], one["rows"], one["lanes"], one["plain"]) == (0, 32, 49, True)
+    s2 = bc.direct_geometry(8, 9, 9, 3, 2, 1)  # 4 phases; rows: (phase row, offset) pairs 0/0, 1/0, 0/1
+    assert (s2["h_out"], s2["w_out"], s2["phases"], s2["grid_w"]) == (5, 5, 4, 6)
+    assert s2["copy_floats"] == 8 * 4 * 6 * 6 and s2["rows"] == 8 * 6 and s2["span"] == 49
 
 
 @pytest.mark.parametrize("rows", [1, 3, 7, 8, 16, 50])

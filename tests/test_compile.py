@@ -244,17 +244,21 @@ def test_gpu_roofline_and_cpu_model_formulas():
     # cpu: hand-computed from the profile's formulas
     prof = {"dense": {"overhead_us": 1.0, **{f"{k}_{u}": 10.0 for k in ("conv1x1", "convkxk", "linear", "gemv")
                                                for u in ("gmacs", "weight_gbps")}, "gemv_dram_gbps": 1.0},
-            "sparse": {"overhead_us": 2.0, "pack_1x1_gfloats": 1.0, "pack_kxk_gfloats": 2.0, "store_gfloats": 4.0,
+            "sparse": {"overhead_us": 2.0, "copy_gfloats": 1.0, "fetch_gbps": 2.0, "store_gfloats": 4.0,
                        "gmacs_1x1": 100.0,
                        "gmacs_kxk": 50.0, "gblocks_1x1": 1.0, "gblocks_kxk": 1.0, "l2_miss_gbps": 1.0,
                        "gemv_gmacs": 4.0, "gemv_weight_gbps": 8.0, "gemv_dram_gbps": 1.0},
             "memory_gbps": 10.0, "cache": {"l2_kib": 1024, "llc_kib": 32768}}
-    conv = LayerSpec.conv("c", 16, 16, 3, 10)  # 100 positions: chunks 48 + 48 + 4 -> 7 vectors, 3 chunks
+    # 3x3, padding 1 at 10x10: the direct grid is 10 rows of Wq = 12 lanes, walked up to the last real
+    # output: 9 * 12 + 10 = 118 lanes = chunks of 48 + 48 + 22 -> 3 + 3 + 2 vectors; the padded copy is
+    # 16 channels x 12 x 12; each chunk reads 16 x 3 input rows of 48 + 2 floats.
+    conv = LayerSpec.conv("c", 16, 16, 3, 10)
     w = kernel_work(conv, 2)
-    assert w == {"macs": 2 * 9 * 64 * 100, "weight_bytes": 2 * 9 * 256, "lane_macs": 2 * 9 * 64 * 16 * 7,
-                 "block_visits": 2 * 9 * 3, "panel_floats": 16 * 9 * 48 * 3, "out_floats": 16 * 100,
-                 "l2_miss_bytes": 0, "llc_miss_bytes": 0}
-    want = 2e-6 + w["panel_floats"] / 2e9 + 1600 / 4e9 + w["lane_macs"] / 50e9 + w["block_visits"] / 1e9
+    assert w == {"macs": 2 * 9 * 64 * 100, "weight_bytes": 2 * 9 * 256, "lane_macs": 2 * 9 * 64 * 16 * 8,
+                 "block_visits": 2 * 9 * 3, "copy_floats": 16 * 12 * 12, "fetch_bytes": 3 * 48 * 50 * 4,
+                 "out_floats": 16 * 100, "l2_miss_bytes": 0, "llc_miss_bytes": 0}
+    want = (2e-6 + w["copy_floats"] / 1e9 + w["fetch_bytes"] / 2e9 + 1600 / 4e9 + w["lane_macs"] / 50e9
+            + w["block_visits"] / 1e9)
     assert cpu_sparse_time(conv, 2, prof) == pytest.approx(want)
     assert cpu_dense_time(conv, prof) == pytest.approx(1e-6 + conv.macs / 10e9 + conv.weight_numel * 4 / 10e9)
     fc = LayerSpec.linear("fc", 64, 32, tokens=2)  # gemv: rows x kept MACs + kept bytes

@@ -8,10 +8,11 @@ data, with ``threads`` PyTorch threads (default 1: stable medians on a shared ma
   conv; multiply-accumulate rates for 1x1 convs, larger kernels and Linear on 8+ rows; for
   Linear on fewer rows, the rate at which the weights stream (bytes per second, per row);
 * block-sparse (the block kernel: native if it builds, else PyTorch BSR): per-call overhead from a
-  tiny layer; for each case the time with no kept block (building the im2col panels and storing
-  outputs) gives the panel and store rates, and the extra time at kept-block densities 0.25, 0.5 and 1.0 the
-  MAC rate, each separately for 1x1 (a plain copy of the input rows) and larger kernels (a
-  gather); the weight-streaming rate of the few-rows Linear kernel. The effective rate per
+  tiny layer; for each case the time with no kept block (rewriting the input into padded phase
+  planes, fetching each chunk's input rows, storing outputs) gives the copy, fetch and store rates,
+  and the extra time at kept-block densities 0.25, 0.5 and 1.0 the MAC rate, separately for plain
+  1x1 convs (which read x itself) and the others; the weight-streaming rate of the few-rows Linear
+  kernel. The effective rate per
   density is recorded too (informational), and the plain ``torch.mm`` GEMM rate.
 
 Cases are ResNet-50 / VGG-16-like shapes, cropped so that calibration takes well under a minute
@@ -36,10 +37,11 @@ from .runtime import alternating_timer
 
 __all__ = ["calibrate_cpu", "write_profile", "machine_info", "cache_sizes", "CONV_CASES", "LINEAR_CASES"]
 
-# (ci, co, k, hw)
-CONV_CASES = [(64, 64, 3, 56), (128, 128, 3, 28), (256, 256, 3, 14), (512, 512, 3, 7), (512, 512, 3, 4),
-              (256, 256, 3, 28), (256, 64, 1, 56), (64, 256, 1, 56), (1024, 256, 1, 14), (256, 1024, 1, 14),
-              (512, 2048, 1, 7), (2048, 512, 1, 4)]
+# (ci, co, k, hw, stride)
+CONV_CASES = [(64, 64, 3, 56, 1), (128, 128, 3, 28, 1), (256, 256, 3, 14, 1), (512, 512, 3, 7, 1), (512, 512, 3, 4, 1),
+              (256, 256, 3, 28, 1), (64, 64, 3, 112, 1), (128, 128, 3, 56, 2), (256, 64, 1, 56, 1),
+              (64, 256, 1, 56, 1), (1024, 256, 1, 14, 1), (256, 1024, 1, 14, 1), (512, 2048, 1, 7, 1),
+              (2048, 512, 1, 4, 1), (256, 512, 1, 28, 2)]
 LINEAR_CASES = [(2048, 1024, 1), (2048, 1024, 4), (4096, 4096, 1), (1024, 1024, 64), (4096, 1024, 16)]  # (in, out, rows)
 DENSITIES = (0.25, 0.5, 1.0)
 
@@ -116,17 +118,17 @@ def calibrate_cpu(path=None, *, threads: int = 1, quick: bool = False, backend: 
         log(f"memory bandwidth (copy) {bw:.1f} GB/s; call overhead dense {d_ovh * 1e6:.1f} us, sparse "
             f"{s_ovh * 1e6:.1f} us; torch.mm 1024^3 {gemm_gflops:.1f} GFLOP/s; sparse backend {use}")
         dense_fit = {k: ([], []) for k in ("1x1", "kxk", "linear", "gemv")}
-        pack_fit = ([], [])  # rows [1x1 panel floats, kxk panel floats, outputs], times
+        base_fit = ([], [])  # rows [copied floats, fetched bytes, outputs], times with no kept block
         mac_fit = {k: ([], []) for k in ("1x1", "kxk", "gemv")}
         by_density = {d: [0.0, 0.0] for d in DENSITIES}
-        specs = [LayerSpec.conv("c", ci, co, k, hw) for ci, co, k, hw in CONV_CASES]
+        specs = [LayerSpec.conv("c", ci, co, k, hw, stride=s) for ci, co, k, hw, s in CONV_CASES]
         specs += [LayerSpec.linear("l", i, o, t) for i, o, t in LINEAR_CASES]
         cases = []
         for spec in specs:
             if spec.kind == "conv":
                 x = torch.randn(1, spec.ci, spec.h_in, spec.w_in, generator=g)
                 w = torch.randn(spec.co, spec.ci, spec.kh, spec.kw, generator=g)
-                fns = [lambda x=x, w=w, p=spec.padding: F.conv2d(x, w, None, 1, p)]
+                fns = [lambda x=x, w=w, s=spec: F.conv2d(x, w, None, s.stride, s.padding)]
             else:
                 x = torch.randn(spec.w_in, spec.ci, generator=g)
                 w = torch.randn(spec.co, spec.ci, generator=g)
@@ -134,8 +136,8 @@ def calibrate_cpu(path=None, *, threads: int = 1, quick: bool = False, backend: 
             mats = [BlockSparseMatrix.from_weight(_masked(w, d, g)) for d in (0.0,) + DENSITIES]
             for mat in mats:
                 if spec.kind == "conv":
-                    fns.append(lambda x=x, m=mat, s=spec: block_sparse_conv2d(x, m, (s.kh, s.kw), None, 1, s.padding,
-                                                                               backend=use))
+                    fns.append(lambda x=x, m=mat, s=spec: block_sparse_conv2d(x, m, (s.kh, s.kw), None, s.stride,
+                                                                               s.padding, backend=use))
                 else:
                     fns.append(lambda x=x, m=mat: block_sparse_linear(x, m, None, backend=use))
             cases.append((spec, mats, fns, [[] for _ in fns]))
@@ -166,11 +168,9 @@ def calibrate_cpu(path=None, *, threads: int = 1, quick: bool = False, backend: 
                 by_density[d][1] += t
             if kind != "gemv":
                 work = kernel_work(spec, 0)
-                plain = kind in ("1x1", "linear")
                 extra = spec.ci * spec.w_out * 8 / (bw * 1e9) if spec.kind == "linear" else 0.0
-                pack_fit[0].append([work["panel_floats"] if plain else 0, 0 if plain else work["panel_floats"],
-                                    work["out_floats"]])
-                pack_fit[1].append(t0 - s_ovh - extra)
+                base_fit[0].append([work["copy_floats"], work["fetch_bytes"], work["out_floats"]])
+                base_fit[1].append(t0 - s_ovh - extra)
             log(f"{spec.describe():30s} dense {td * 1e3:8.3f} ms | no block {t0 * 1e3:7.3f} | " + " | ".join(
                 f"{d:.0%} {t * 1e3:7.3f}" for d, t in zip(DENSITIES, ts)) + " ms")
         dense = {"overhead_us": round(d_ovh * 1e6, 2)}
@@ -181,9 +181,8 @@ def calibrate_cpu(path=None, *, threads: int = 1, quick: bool = False, backend: 
             if kind == "gemv":
                 dense["gemv_dram_gbps"] = _rate(coefs[2] if len(coefs) > 2 else 0.0, 1000.0)
         sparse = {"backend": use, "overhead_us": round(s_ovh * 1e6, 2)}
-        c_p1, c_pk, c_out = _nnls(pack_fit[0], pack_fit[1])
-        sparse.update(pack_1x1_gfloats=_rate(c_p1, 5.0), pack_kxk_gfloats=_rate(c_pk, 3.0),
-                      store_gfloats=_rate(c_out, 5.0))
+        c_copy, c_fetch, c_out = _nnls(base_fit[0], base_fit[1])
+        sparse.update(copy_gfloats=_rate(c_copy, 5.0), fetch_gbps=_rate(c_fetch, 1000.0), store_gfloats=_rate(c_out, 5.0))
         misses = []
         for kind in ("1x1", "kxk"):
             c_m, c_b, c_l2 = _nnls(*mac_fit[kind]) if mac_fit[kind][1] else (0.0, 0.0, 0.0)
@@ -238,10 +237,10 @@ HEADER = """# The cpu target: this package's kernels on a measured CPU (written 
 # Dense layers (PyTorch F.conv2d / F.linear), per kind (1x1 conv, larger kernel, Linear on 8+ rows,
 #   Linear on fewer rows = gemv): time = overhead + MACs / <kind>_gmacs + weight bytes / <kind>_weight_gbps
 #   (PyTorch re-lays out the weights at each call; for gemv the weight term counts once per row).
-# Block-sparse layers (sparse.backend kernel), per kind (1x1 = plain copy of input rows, kxk = gather):
-#   time = overhead + im2col panel floats / pack_<kind>_gfloats + outputs / store_gfloats + lane MACs / gmacs_<kind>
-#        + (kept block, output chunk) visits / gblocks_<kind>,
-#   lane MACs counting the 16-wide vector lanes the kernel computes (output positions rounded up);
+# Block-sparse layers (sparse.backend kernel), per kind (1x1 = plain 1x1 conv reading x, kxk = the others):
+#   time = overhead + padded phase-plane floats / copy_gfloats + prefetched input bytes / fetch_gbps
+#        + outputs / store_gfloats + lane MACs / gmacs_<kind> + (kept block, output chunk) visits / gblocks_<kind>,
+#   lane MACs counting the 16-wide vector lanes the kernel computes (on the padded grid, rounded up);
 #        + kept weight bytes x chunks / l2_miss_gbps when the kept weights exceed the L2 cache (cache.l2_kib);
 #   a Linear on fewer than 8 rows: overhead + rows x kept MACs / gemv_gmacs + kept bytes / gemv_weight_gbps
 #        (+ kept bytes / gemv_dram_gbps beyond the last-level cache, cache.llc_kib; likewise dense gemv).

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..kernels.block_cpu import CHUNK, GEMV_ROWS
+from ..kernels.block_cpu import CHUNK, GEMV_ROWS, direct_geometry
 from .layers import LayerFormat, LayerSpec
 
 __all__ = ["SubVolume", "LayerEstimate", "WeightPattern", "PlanError", "time_series", "plan_aie2",
@@ -515,9 +515,11 @@ DEFAULT_CACHE = {"l2_kib": 1024, "llc_kib": 32768}
 def kernel_work(spec: LayerSpec, kept_blocks: int, cache: dict | None = None) -> dict:
     """Work counts of the block kernel for ``kept_blocks`` kept 8x8 blocks of the (Co, Ci) grid.
 
-    The kernel walks output positions in chunks of 48 (3 vectors of 16; a last partial chunk uses
-    ceil(n / 16) vectors), visits each kept block once per chunk, builds a K x 48 panel per chunk and
-    writes every output once (``out_floats``).
+    The kernel (direct path, ``kernels.block_cpu.direct_geometry``) rewrites the input once into
+    padded stride-phase planes (``copy_floats``; none for a plain 1x1 conv or a Linear), walks
+    ``lanes`` grid positions per image in chunks of 48 (3 vectors of 16; a last partial chunk uses
+    ceil(n / 16) vectors), visits each kept block once per chunk, prefetches each chunk's input rows
+    (``fetch_bytes``) and writes every output once (``out_floats``).
     Kept weights larger than the L2 cache are re-read from further away once per chunk
     (``l2_miss_bytes``); a few-rows Linear reads its weights once, from memory when they exceed the
     last-level cache (``llc_miss_bytes``).
@@ -528,15 +530,16 @@ def kernel_work(spec: LayerSpec, kept_blocks: int, cache: dict | None = None) ->
     wbytes = kept_mat * 256
     if cpu_kind(spec) == "gemv":
         return {"macs": kept_mat * 64 * spec.w_out, "weight_bytes": wbytes, "lane_macs": 0,
-                "block_visits": 0, "panel_floats": 0, "out_floats": spec.co * spec.w_out, "l2_miss_bytes": 0,
-                "llc_miss_bytes": wbytes if wbytes > cache["llc_kib"] * 1024 else 0}
-    positions = spec.h_out * spec.w_out
-    full, tail = divmod(positions, CHUNK)
+                "block_visits": 0, "copy_floats": 0, "fetch_bytes": 0, "out_floats": spec.co * spec.w_out,
+                "l2_miss_bytes": 0, "llc_miss_bytes": wbytes if wbytes > cache["llc_kib"] * 1024 else 0}
+    geo = direct_geometry(spec.ci, spec.h_in, spec.w_in, (spec.kh, spec.kw), spec.stride, spec.padding, spec.dilation)
+    full, tail = divmod(geo["lanes"], CHUNK)
     vectors = spec.batch * (3 * full + -(-tail // 16))
     chunks = spec.batch * (full + (1 if tail else 0))
-    return {"macs": kept_mat * 64 * spec.batch * positions, "weight_bytes": wbytes,
+    return {"macs": kept_mat * 64 * spec.batch * spec.h_out * spec.w_out, "weight_bytes": wbytes,
             "lane_macs": kept_mat * 64 * 16 * vectors, "block_visits": kept_mat * chunks,
-            "panel_floats": spec.ci * k * CHUNK * chunks, "out_floats": spec.co * spec.batch * positions,
+            "copy_floats": spec.batch * geo["copy_floats"], "fetch_bytes": chunks * geo["rows"] * geo["span"] * 4,
+            "out_floats": spec.co * spec.batch * spec.h_out * spec.w_out,
             "l2_miss_bytes": wbytes * chunks if wbytes > cache["l2_kib"] * 1024 else 0, "llc_miss_bytes": 0}
 
 
@@ -565,8 +568,9 @@ def cpu_sparse_time(spec: LayerSpec, kept_blocks: int, prof) -> float:
                 + work["weight_bytes"] / (s["gemv_weight_gbps"] * 1e9)
                 + work["llc_miss_bytes"] / (s["gemv_dram_gbps"] * 1e9))
     pk = "1x1" if kind in ("1x1", "linear") else "kxk"
-    t = (s["overhead_us"] * 1e-6 + work["panel_floats"] / (s[f"pack_{pk}_gfloats"] * 1e9)
-         + work["out_floats"] / (s["store_gfloats"] * 1e9) + work["lane_macs"] / (s[f"gmacs_{pk}"] * 1e9) + work["block_visits"] / (s[f"gblocks_{pk}"] * 1e9)
+    t = (s["overhead_us"] * 1e-6 + work["copy_floats"] / (s["copy_gfloats"] * 1e9)
+         + work["fetch_bytes"] / (s["fetch_gbps"] * 1e9) + work["out_floats"] / (s["store_gfloats"] * 1e9)
+         + work["lane_macs"] / (s[f"gmacs_{pk}"] * 1e9) + work["block_visits"] / (s[f"gblocks_{pk}"] * 1e9)
          + work["l2_miss_bytes"] / (s["l2_miss_gbps"] * 1e9))
     if spec.kind == "linear":  # x^T copy before the kernel
         t += spec.ci * spec.w_out * 8 / (prof["memory_gbps"] * 1e9)

@@ -123,7 +123,7 @@ SCHEMAS = {
                                for u in ("gmacs", "weight_gbps")}, "gemv_dram_gbps": _pos_number}), True),
         "sparse": (_mapping({"backend": _str, "overhead_us": _nonneg_number,
                              **{f"{u}_{k}": _pos_number for k in ("1x1", "kxk") for u in ("gmacs", "gblocks")},
-                             "pack_1x1_gfloats": _pos_number, "pack_kxk_gfloats": _pos_number,
+                             "copy_gfloats": _pos_number, "fetch_gbps": _pos_number,
                              "store_gfloats": _pos_number,
                              "l2_miss_gbps": _pos_number, "gemv_gmacs": _pos_number,
                              "gemv_weight_gbps": _pos_number, "gemv_dram_gbps": _pos_number}), True),
