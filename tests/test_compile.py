@@ -379,6 +379,21 @@ def test_user_profile_and_profile_errors(tmp_path):
         load_target(tmp_path / "cpu.yaml")
 
 
+def test_cpu_profile_rejects_blocks_other_than_8x8(tmp_path):
+    # The cpu cost model and native kernel only do 8x8: a 16x16 cpu profile must not give estimates.
+    cpu = yaml.safe_load(open(load_target("cpu").source))
+    cpu["block"] = [16, 16]
+    path = tmp_path / "cpu16.yaml"
+    path.write_text(yaml.safe_dump(cpu))
+    with pytest.raises(ProfileError, match=r"cpu16\.yaml: key 'block' must be \[8, 8\] for a cpu profile, "
+                                           r"got \[16, 16\]: the cpu kernels run 8x8 blocks only"):
+        load_target(path)
+    with pytest.raises(ProfileError, match=r"cpu kernels run 8x8 blocks only"):
+        load_target("cpu", block=(8, 16))
+    # other kinds keep accepting other block sizes
+    assert load_target("aie2", block=(16, 16)).params["block"] == [16, 16]
+
+
 def test_detect_format_variants():
     w = torch.randn(16, 16, 3, 3)
     assert detect_format("x", w).kind == "dense"

@@ -201,6 +201,12 @@ def _validate(params: dict, where: str) -> None:
             extra = sorted(set(value) - set(sub))
             if extra:
                 raise ProfileError(f"profile {where}: unknown key '{key}.{extra[0]}'")
+    # The cpu cost model (cost.kernel_work) and the native kernel (kernels.block_cpu.BLOCK) are
+    # written for 8x8 blocks; another size would be estimated with 8x8 work counts and run nowhere.
+    if kind == "cpu" and list(params["block"]) != [8, 8]:
+        raise ProfileError(f"profile {where}: key 'block' must be [8, 8] for a cpu profile, got "
+                           f"{list(params['block'])}: the cpu kernels run 8x8 blocks only (use an aie2 "
+                           f"or gpu profile to estimate other block sizes)")
 
 
 def _read(path: Path) -> dict:
