@@ -424,6 +424,34 @@ def test_compile_to_dir_writes_everything(tmp_path):
     assert "| `block` |" in text and "Whole network" in text and "speed-up" in text
 
 
+def test_report_format_column_says_blocks_kept():
+    # --prune 0.5 zeroes half the blocks: the column must say the other half is kept, with the block size
+    c = compile_model(sparse_net(), "aie2", SHAPE)
+    text = c.report()
+    assert "| block 8x8, 50% kept |" in text and "| 2:4 |" in text
+    assert LayerFormat("block", 0.75, 0.75, 0.25).label == "block, 25% kept"
+
+
+def test_report_links_charts_and_removes_stale_ones(tmp_path):
+    pytest.importorskip("matplotlib")
+    from nmsparse.compile.report import CHART_FILES, write_report
+
+    c = compile_model(sparse_net(), "aie2", SHAPE)
+    out = tmp_path / "out"
+    paths = write_report(c, out, charts=True)
+    text = (out / "report.md").read_text()
+    for key, name in CHART_FILES.items():
+        assert (out / name).is_file() and paths[key] == str(out / name)
+        assert f"]({name})" in text  # a relative link, so the directory can move
+    other = out / "notes.png"
+    other.write_bytes(b"not ours")
+    paths = write_report(c, out, charts=False)
+    text = (out / "report.md").read_text()
+    assert set(paths) == {"report"} and "## Charts" not in text and ".png" not in text
+    assert not any((out / name).exists() for name in CHART_FILES.values())
+    assert other.read_bytes() == b"not ours"  # only the chart file names this report writes are removed
+
+
 def test_cli_entry(tmp_path, capsys):
     assert compile_main(["small_cnn", "--prune", "0.5", "--target", "gpu", "--out", str(tmp_path / "g"),
                          "--no-charts"]) == 0

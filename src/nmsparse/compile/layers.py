@@ -203,6 +203,7 @@ class LayerFormat:
     m: int | None = None
     reason: str = ""
     fits_24: bool = False  # every group of 4 input channels keeps <= 2 (runs on 2:4 tensor cores)
+    block: tuple[int, int] | None = None  # (rows, cols) of the blocks counted in block_density
 
     @property
     def sparse(self) -> bool:
@@ -210,8 +211,10 @@ class LayerFormat:
 
     @property
     def label(self) -> str:
+        """Short format name for tables; block formats give the share of blocks KEPT (not pruned)."""
         if self.kind == "block":
-            return f"block {self.block_density:.0%}"
+            size = f" {self.block[0]}x{self.block[1]}" if self.block else ""
+            return f"block{size}, {self.block_density:.0%} kept"
         if self.kind == "nm":
             return f"{self.n}:{self.m}"
         return "dense"
@@ -268,7 +271,7 @@ def detect_format(name: str, w: torch.Tensor, block=(8, 8), groups: int = 1,
         zero_blocks = 1.0 - float(grid.float().mean())
         if zero_blocks > 0:
             return LayerFormat("block", zero_fraction, zero_blocks, 1.0 - zero_blocks,
-                               reason=f"{zero_blocks:.1%} of its {bo}x{bi} blocks are zero")
+                               reason=f"{zero_blocks:.1%} of its {bo}x{bi} blocks are zero", block=(bo, bi))
     else:
         zero_blocks = None
     nm = _nm_pattern(w) if zero_fraction > 0 else None

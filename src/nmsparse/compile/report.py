@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["markdown_report", "write_charts", "fmt_s", "fmt_bytes"]
+__all__ = ["markdown_report", "write_charts", "write_report", "remove_stale_charts", "CHART_FILES", "fmt_s",
+           "fmt_bytes"]
+
+# The PNG files write_charts makes (paths key -> file name, in the output directory) and their captions.
+CHART_FILES = {"chart_layers": "layers.png", "chart_network": "network.png"}
+_CHART_CAPTIONS = {"chart_layers": "Per-layer estimated time, speed-up and bytes moved",
+                   "chart_network": "Whole-network time, bytes moved and model file size"}
 
 
 def fmt_s(seconds: float) -> str:
@@ -51,7 +57,8 @@ def _target_lines(compiled) -> list[str]:
             f"come from timing this machine at compile time. 'Moved' = bytes read and written in memory."]
 
 
-def markdown_report(compiled) -> str:
+def markdown_report(compiled, charts: dict | None = None) -> str:
+    """The report text; ``charts`` (write_charts' paths) adds a Charts section linking them relatively."""
     tot = compiled.totals()
     t = compiled.target
     measured = any(p.measured for p in compiled.layers)
@@ -92,7 +99,47 @@ def markdown_report(compiled) -> str:
              "## Layers", "", _table(headers, rows)]
     if notes:
         parts += ["", "## Notes", "", *notes]
+    linked = [k for k in CHART_FILES if charts and charts.get(k)]
+    if linked:
+        # Relative links: the charts sit next to report.md, so the directory can be moved or published.
+        parts += ["", "## Charts", ""]
+        for k in linked:
+            parts += [f"![{_CHART_CAPTIONS[k]}]({Path(charts[k]).name})", ""]
+        parts.pop()
     return "\n".join(parts)
+
+
+def remove_stale_charts(out_dir) -> list[str]:
+    """Delete the chart PNGs (CHART_FILES names only) left in ``out_dir`` by an earlier run; returns them."""
+    removed = []
+    for name in CHART_FILES.values():
+        path = Path(out_dir) / name
+        if path.is_file():
+            path.unlink()
+            removed.append(str(path))
+    return removed
+
+
+def write_report(compiled, out_dir, charts: bool = True, name: str = "report.md") -> dict:
+    """Write ``name`` and, with ``charts``, the PNG charts it links; returns {"report": path, chart keys: paths}.
+
+    Without ``charts``, chart PNGs from an earlier run in ``out_dir`` are removed so that the
+    directory does not show charts of another model next to this report.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    if charts:
+        paths.update(write_charts(compiled, out))
+    else:
+        remove_stale_charts(out)
+    note = paths.pop("charts_note", None)
+    text = markdown_report(compiled, charts=paths)
+    if note:
+        text += "\n\n" + note
+    paths["report"] = str(out / name)
+    Path(paths["report"]).write_text(text + "\n")
+    return paths
 
 
 def _plt():
@@ -109,6 +156,7 @@ def write_charts(compiled, out_dir) -> dict:
     try:
         plt = _plt()
     except ImportError:
+        remove_stale_charts(out_dir)  # the report will not link them: do not leave another run's charts
         return {"charts_note": "Charts skipped: matplotlib is not installed (pip install nmsparse[plot])."}
     import numpy as np
 
@@ -138,7 +186,7 @@ def write_charts(compiled, out_dir) -> dict:
     if len(L) <= 40:
         axes[2].set_xticks(x, [p.name for p in L], rotation=90, fontsize=6)
     fig.tight_layout()
-    p1 = out / "layers.png"
+    p1 = out / CHART_FILES["chart_layers"]
     fig.savefig(p1, dpi=100)
     plt.close(fig)
 
@@ -154,7 +202,7 @@ def write_charts(compiled, out_dir) -> dict:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{compiled.source or 'model'} on {compiled.target.label}", fontsize=10)
     fig.tight_layout()
-    p2 = out / "network.png"
+    p2 = out / CHART_FILES["chart_network"]
     fig.savefig(p2, dpi=100)
     plt.close(fig)
     return {"chart_layers": str(p1), "chart_network": str(p2)}
