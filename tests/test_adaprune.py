@@ -12,7 +12,9 @@ from torch import nn
 
 from nmsparse.compile.adaprune import (absorb_mean_, adaprune, magnitude_prune, parse_pattern,
                                        prunable_layers, recalibrate_bn, weight_mask)
-from nmsparse.compile.prune_cli import add_prune_arguments, calibration_set, prune_checkpoint, prune_command
+from nmsparse.compile.prune_cli import (add_prune_arguments, calibration_set, format_result, prune_checkpoint,
+                                       prune_command)
+from nmsparse.train.checkpoint import load_checkpoint
 from nmsparse.patterns import conv_to_2d, is_nm, is_transposable
 
 
@@ -172,6 +174,15 @@ def test_bad_inputs():
         magnitude_prune(_tiny(), "block16x16")
     with pytest.raises(ValueError, match="sparsity"):
         parse_pattern("block8x8", sparsity=1.5)
+    with pytest.raises(ValueError, match="sparsity 0.75 does not apply to pattern 2:4"):
+        parse_pattern("2:4", sparsity=0.75)
+    assert parse_pattern("2:4", sparsity=0.5) == parse_pattern("2:4")  # its own sparsity is fine
+    assert parse_pattern("4:8-t") == parse_pattern("4:8-T") and parse_pattern("Block8X8") == parse_pattern("block8x8")
+    assert parse_pattern("block8x8").sparsity == 0.5
+    with pytest.raises(ValueError, match="iters"):
+        adaprune(_tiny(), _x(), "2:4", iters=-5)
+    with pytest.raises(ValueError, match="batch"):
+        adaprune(_tiny(), _x(), "2:4", batch=0)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +212,9 @@ def test_prune_checkpoint_end_to_end(digits_ckpt, tmp_path, pattern):
     res = prune_checkpoint(digits_ckpt, pattern, calib=10, iters=50, out=out, device="cpu")
     assert res["adaprune_acc"] >= res["magnitude_acc"] - 1.0, res
     assert res["dense_acc"] > 80
-    state = torch.load(out, weights_only=True)
+    ckpt = load_checkpoint(out)  # a training checkpoint of plain modules
+    assert ckpt["config"]["sparsity"] is None and ckpt["pruned"]["pattern"] == str(parse_pattern(pattern))
+    state = ckpt["model"]
     w = state["features.3.weight"]
     if pattern == "2:4":
         assert is_nm(w, 2, 4, dim=1)
@@ -224,3 +237,70 @@ def test_prune_command(digits_ckpt, tmp_path, capsys):
     missing = parser.parse_args([str(tmp_path / "nope.pt"), "--pattern", "2:4", "--out", str(out)])
     assert prune_command(missing) == 2
     assert "nope.pt does not exist" in capsys.readouterr().err
+
+
+def test_pruned_checkpoint_evaluates_and_compiles(digits_ckpt, tmp_path, capsys):
+    """prune -> eval -> compile from the command line: the pruned file is an ordinary checkpoint."""
+    from nmsparse.cli import main
+    from nmsparse.compile import load_compact_state
+    from nmsparse.train.evaluate import evaluate_checkpoint
+
+    out = tmp_path / "pruned.pt"
+    res = prune_checkpoint(digits_ckpt, "block8x8", calib=10, iters=20, out=out, device="cpu")
+    assert evaluate_checkpoint(out, "cpu")["test_acc"] == pytest.approx(res["adaprune_acc"])
+    assert main(["compile", str(out), "--target", "aie2", "--out", str(tmp_path / "build"), "--no-charts"]) == 0
+    printed = capsys.readouterr().out
+    assert "layers sparse" in printed
+    state, info = load_compact_state(tmp_path / "build" / "model.safetensors")
+    assert torch.equal(state["features.3.weight"], load_checkpoint(out)["model"]["features.3.weight"])
+    assert any(v["format"] == "block" for v in info["layers"].values())
+
+
+def test_magnitude_only(digits_ckpt, tmp_path, capsys):
+    from nmsparse.train.evaluate import load_trained
+
+    out = tmp_path / "mag.pt"
+    res = prune_checkpoint(digits_ckpt, "2:4", calib=10, out=out, device="cpu", magnitude_only=True, log=print)
+    assert "adaprune_acc" not in res and res["method"] == "magnitude"
+    assert "magnitude only" in capsys.readouterr().out
+    _, model, *_ = load_trained(digits_ckpt, "cpu")
+    from nmsparse.nn.sparsify import squash
+
+    squash(model)
+    want = magnitude_prune(model, "2:4").state_dict()
+    got = load_checkpoint(out)["model"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_prune_refuses_bad_settings_before_work(digits_ckpt, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_prune_arguments(parser)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 4)
+    cases = [
+        ([str(digits_ckpt), "--pattern", "2:4", "--batch", "0"], "--batch"),
+        ([str(digits_ckpt), "--pattern", "2:4", "--iters", "-5"], "--iters"),
+        ([str(digits_ckpt), "--pattern", "2:4", "--calib", "0"], "--magnitude-only"),
+        ([str(digits_ckpt), "--pattern", "2:4", "--sparsity", "0.75"], "does not apply to pattern 2:4"),
+        ([str(digits_ckpt), "--pattern", "2:4", "--out", str(tmp_path / "adir")], "is a directory"),
+        ([str(digits_ckpt), "--pattern", "2:4", "--out", str(tmp_path / "afile" / "x.pt")], "is a file"),
+        ([str(digits_ckpt.parent), "--pattern", "2:4"], "pass the checkpoint.pt file"),
+        ([str(junk), "--pattern", "2:4"], "cannot be loaded as a PyTorch checkpoint"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([str(digits_ckpt), "--pattern", "2:4", "--device", "cuda"], "CUDA is not available"))
+    for argv, msg in cases:
+        if "--out" not in argv:
+            argv = argv + ["--out", str(tmp_path / "never.pt")]
+        assert prune_command(parser.parse_args(argv)) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "never.pt").exists()
+
+
+def test_calib_larger_than_dataset_is_reported(digits_ckpt, tmp_path):
+    res = prune_checkpoint(digits_ckpt, "2:4", calib=100000, device="cpu", magnitude_only=True)
+    assert res["calib"] < 100000 and res["calib_asked"] == 100000
+    assert "asked 100000" in format_result(res)

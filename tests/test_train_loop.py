@@ -124,7 +124,7 @@ def test_resume_refuses_other_config_and_truncated_checkpoint(tmp_path):
         train(load_config(cfg_path, ["optim.lr=0.2"]), run, log=lambda *_: None)
     good = (run / "checkpoint.pt").read_bytes()
     (run / "checkpoint.pt").write_bytes(good[: len(good) // 2])
-    with pytest.raises(ValueError, match=r"checkpoint.pt is truncated or corrupt"):
+    with pytest.raises(ValueError, match=r"checkpoint.pt cannot be loaded as a PyTorch checkpoint.*truncated or corrupt"):
         train(load_config(cfg_path), run, log=lambda *_: None)
     assert cli(["eval", str(run / "checkpoint.pt")]) == 2  # clear message, exit 2, no traceback
 

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # bad input: one line, no traceback
         print(f"nmsparse {args.command}: error: {e}", file=sys.stderr)
         return 2
 

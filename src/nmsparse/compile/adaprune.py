@@ -49,19 +49,25 @@ class Pattern:
         return f"{self.n}:{self.m}" + ("-T" if self.kind == "nmt" else "")
 
 
-def parse_pattern(pattern: str | Pattern, sparsity: float = 0.5) -> Pattern:
-    """'2:4', '4:8', '4:8-T' (any N:M or N:M-T with 0 < N < M) or 'block8x8' (any blockRxC, with sparsity)."""
+def parse_pattern(pattern: str | Pattern, sparsity: float | None = None) -> Pattern:
+    """'2:4', '4:8', '4:8-T' (any N:M or N:M-T with 0 < N < M) or 'block8x8' (any blockRxC, with
+    ``sparsity``, the fraction of blocks zeroed: default 0.5). Case does not matter. An N:M pattern
+    fixes its own sparsity (1 - N/M), so a sparsity other than None or 1 - N/M is an error."""
     if isinstance(pattern, Pattern):
         return pattern
     text = str(pattern).strip()
-    mt, mb = _NM.match(text), _BLOCK.match(text)
+    mt, mb = _NM.match(text.upper()), _BLOCK.match(text.lower())
     if mt:
         n, m = int(mt.group(1)), int(mt.group(2))
         if 0 < n < m:
+            if sparsity is not None and abs(float(sparsity) - (1 - n / m)) > 1e-9:
+                raise ValueError(f"sparsity {sparsity} does not apply to pattern {text}: an N:M pattern keeps N of "
+                                 f"every M ({1 - n / m:.0%} zeros); sparsity is for block patterns (blockRxC)")
             return Pattern("nmt" if mt.group(3) else "nm", n, m)
     elif mb and int(mb.group(1)) > 0 and int(mb.group(2)) > 0:
+        sparsity = 0.5 if sparsity is None else sparsity
         if not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+            raise ValueError(f"sparsity must be in [0, 1) (the fraction of blocks zeroed), got {sparsity}")
         return Pattern("block", block=(int(mb.group(1)), int(mb.group(2))), sparsity=float(sparsity))
     raise ValueError(f"unknown pattern {pattern!r}: valid patterns are {', '.join(PATTERNS)} "
                      "(or any N:M, N:M-T with 0 < N < M, blockRxC)")
@@ -86,7 +92,7 @@ def _check_layer(name: str, mod: nn.Module, p: Pattern) -> None:
                              "exclude it with filter_fn or choose another pattern")
 
 
-def weight_mask(w: torch.Tensor, pattern: str | Pattern, sparsity: float = 0.5) -> torch.Tensor:
+def weight_mask(w: torch.Tensor, pattern: str | Pattern, sparsity: float | None = None) -> torch.Tensor:
     """Bool magnitude mask of a Linear (out, in) or Conv2d (Co, Ci, kh, kw) weight for the pattern."""
     p = parse_pattern(pattern, sparsity)
     w = w.detach()
@@ -187,7 +193,7 @@ def _check_pattern_fits(layers, p: Pattern) -> None:
 
 @torch.no_grad()
 def magnitude_prune(model: nn.Module, pattern: str | Pattern, filter_fn: FilterFn | None = None,
-                    sparsity: float = 0.5) -> nn.Module:
+                    sparsity: float | None = None) -> nn.Module:
     """Baseline: zero the weights of every selected layer by the magnitude mask, in place (no reconstruction)."""
     p = parse_pattern(pattern, sparsity)
     layers = prunable_layers(model, filter_fn)
@@ -222,7 +228,7 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model
 
 
-def adaprune(model: nn.Module, calib_x: torch.Tensor, pattern: str | Pattern, *, sparsity: float = 0.5,
+def adaprune(model: nn.Module, calib_x: torch.Tensor, pattern: str | Pattern, *, sparsity: float | None = None,
              iters: int = 1000, batch: int = 50, lr_w: float = 1e-3, lr_b: float = 1e-2,
              absorb_mean: bool = True, filter_fn: FilterFn | None = None,
              bn_recalib_x: torch.Tensor | None = None, progress: bool = False, seed: int = 0,
@@ -237,6 +243,10 @@ def adaprune(model: nn.Module, calib_x: torch.Tensor, pattern: str | Pattern, *,
     _check_pattern_fits(layers, p)
     if calib_x is None or len(calib_x) == 0:
         raise ValueError("adaprune needs at least one calibration sample")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"iters (Adam steps per layer) must be an int >= 0, got {iters!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch (cached samples per Adam step) must be an int >= 1, got {batch!r}")
     was_training = model.training
     model.eval()
     dense = copy.deepcopy(model).eval()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import sys
 import time
 from pathlib import Path
@@ -53,57 +52,80 @@ def calibration_set(cfg, dev, n: int, seed: int = 0) -> tuple[torch.Tensor, torc
     return x, y
 
 
-def _save_atomic(obj, out: str | Path) -> None:
+def _check_out(out: str | Path) -> Path:
+    """The output file's path, refused before any work when it cannot be written as a file."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: give a file name, e.g. {out / 'pruned.pt'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+            break
+    return out
 
 
-def prune_checkpoint(checkpoint: str | Path, pattern: str, sparsity: float = 0.5, calib: int | None = None,
+def prune_checkpoint(checkpoint: str | Path, pattern: str, sparsity: float | None = None, calib: int | None = None,
                      iters: int = 1000, out: str | Path | None = None, *, batch: int = 50, absorb_mean: bool = True,
-                     device: str = "auto", seed: int = 0, progress: bool = False, log=None) -> dict:
-    """Dense, magnitude-only and AdaPrune test accuracy (%) of a `nmsparse train` checkpoint; saves the
-    AdaPrune model's state_dict (plain modules) to out. Also returns magnitude_bn_acc (magnitude masks
-    plus the same batch-norm recalibration), timing and per-layer reconstruction MSEs."""
+                     magnitude_only: bool = False, device: str = "auto", seed: int = 0, progress: bool = False,
+                     log=None) -> dict:
+    """Dense, magnitude-only and AdaPrune test accuracy (%) of a `nmsparse train` checkpoint.
+
+    Saves the pruned model (AdaPrune's, or with ``magnitude_only`` the magnitude-pruned one) to
+    ``out`` as a training checkpoint of plain modules, which `nmsparse eval` and `nmsparse compile`
+    read like any other. Also returns magnitude_bn_acc (magnitude masks plus the same batch-norm
+    recalibration), timing and per-layer reconstruction MSEs.
+    """
     from ..nn.sparsify import squash
+    from ..train.checkpoint import save_checkpoint
     from ..train.data import NUM_CLASSES
     from ..train.evaluate import load_trained
     from ..train.loop import autocast_dtype, evaluate
 
-    p = parse_pattern(pattern, sparsity)  # bad pattern: fail before loading anything
-    cfg, model, test_loader, dev, _ = load_trained(checkpoint, device)
+    # Everything that can be refused is refused before the model is loaded and pruned.
+    p = parse_pattern(pattern, sparsity)
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+        raise ValueError(f"--iters (Adam steps per layer) must be >= 0, got {iters!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"--batch (cached samples per Adam step) must be >= 1, got {batch!r}")
+    if calib is not None and calib < 1:
+        raise ValueError(f"--calib must be >= 1 (calibration images), got {calib}; for no reconstruction "
+                         f"use --magnitude-only")
+    out = _check_out(out) if out is not None else None
+    cfg, model, test_loader, dev, state = load_trained(checkpoint, device)
     squash(model)
     model.eval()
     _check_pattern_fits(prunable_layers(model), p)
     n = calib if calib is not None else NUM_CLASSES[cfg.data.name]
-    if n < 1:
-        raise ValueError(f"calib must be >= 1, got {n}")
     calib_x, _ = calibration_set(cfg, dev, n, seed)
     amp = autocast_dtype(cfg, dev)
 
     def acc(m):
         return evaluate(m, test_loader, dev, amp, cfg.tta_flip)["test_acc"]
 
-    res = {"pattern": str(p), "calib": len(calib_x), "iters": iters, "dense_acc": acc(model)}
+    res = {"pattern": str(p), "calib": len(calib_x), "calib_asked": n, "iters": iters, "dense_acc": acc(model),
+           "method": "magnitude" if magnitude_only else "adaprune"}
     mag = magnitude_prune(copy.deepcopy(model), p)
     res["magnitude_acc"] = acc(mag)
-    res["magnitude_bn_acc"] = acc(recalibrate_bn(mag, calib_x))
-    del mag
-    t0 = time.perf_counter()
-    report: list = []
-    adaprune(model, calib_x, p, iters=iters, batch=batch, absorb_mean=absorb_mean, bn_recalib_x=calib_x,
-             progress=progress, seed=seed, report=report)
-    res["adaprune_seconds"] = time.perf_counter() - t0
-    res["adaprune_acc"] = acc(model)
-    res["layers"] = report
+    if magnitude_only:
+        final = mag
+        res["magnitude_bn_acc"] = acc(recalibrate_bn(copy.deepcopy(mag), calib_x))
+    else:
+        res["magnitude_bn_acc"] = acc(recalibrate_bn(mag, calib_x))
+        del mag
+        t0 = time.perf_counter()
+        report: list = []
+        adaprune(model, calib_x, p, iters=iters, batch=batch, absorb_mean=absorb_mean, bn_recalib_x=calib_x,
+                 progress=progress, seed=seed, report=report)
+        res["adaprune_seconds"] = time.perf_counter() - t0
+        res["adaprune_acc"] = acc(model)
+        res["layers"] = report
+        final = model
     if out is not None:
-        _save_atomic({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
+        saved_cfg = dict(cfg.to_dict(), sparsity=None, device="auto", name=f"{cfg.name} pruned {p} ({res['method']})")
+        save_checkpoint(out, {"config": saved_cfg, "model": {k: v.detach().cpu() for k, v in final.state_dict().items()},
+                              "epoch": state.get("epoch"), "pruned": {k: v for k, v in res.items() if k != "layers"},
+                              "source": str(checkpoint)})
         res["out"] = str(out)
     if log is not None:
         log(format_result(res))
@@ -111,39 +133,50 @@ def prune_checkpoint(checkpoint: str | Path, pattern: str, sparsity: float = 0.5
 
 
 def format_result(res: dict) -> str:
-    lines = [f"pattern {res['pattern']}, calib {res['calib']}, iters {res['iters']} "
-             f"({res.get('adaprune_seconds', 0):.1f} s)",
+    calib = f"calib {res['calib']}"
+    if res.get("calib_asked", res["calib"]) != res["calib"]:
+        calib += f" (asked {res['calib_asked']}: all the training set offers)"
+    head = (f"pattern {res['pattern']}, {calib}, magnitude only" if res.get("method") == "magnitude" else
+            f"pattern {res['pattern']}, {calib}, iters {res['iters']} ({res.get('adaprune_seconds', 0):.1f} s)")
+    lines = [head,
              f"  dense            {res['dense_acc']:.2f}%",
              f"  magnitude only   {res['magnitude_acc']:.2f}%",
-             f"  magnitude + BN   {res['magnitude_bn_acc']:.2f}%",
-             f"  AdaPrune         {res['adaprune_acc']:.2f}%"]
+             f"  magnitude + BN   {res['magnitude_bn_acc']:.2f}%"]
+    if "adaprune_acc" in res:
+        lines.append(f"  AdaPrune         {res['adaprune_acc']:.2f}%")
     for r in res.get("layers", []):
         lines.append(f"    {r['name']}: MSE magnitude {r['mse_magnitude']:.4g} -> absorbed {r['mse_init']:.4g}"
                      f" -> AdaPrune {r['mse_final']:.4g}")
     if res.get("out"):
-        lines.append(f"  saved {res['out']}")
+        what = "magnitude-pruned" if res.get("method") == "magnitude" else "AdaPrune"
+        lines.append(f"  saved the {what} model to {res['out']} (nmsparse eval / nmsparse compile read it)")
     return "\n".join(lines)
 
 
 def add_prune_arguments(parser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint.pt written by nmsparse train")
-    parser.add_argument("--pattern", required=True, help=f"one of {', '.join(PATTERNS)}")
-    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of blocks pruned (block patterns)")
+    parser.add_argument("--pattern", required=True,
+                        help=f"{', '.join(PATTERNS)}, or any N:M, N:M-T (transposable) or blockRxC")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="fraction of blocks zeroed, block patterns only (default 0.5)")
     parser.add_argument("--calib", type=int, default=None, help="calibration images (default: one per class)")
-    parser.add_argument("--iters", type=int, default=1000, help="Adam steps per layer")
-    parser.add_argument("--batch", type=int, default=50, help="cached samples per step")
-    parser.add_argument("--no-absorb-mean", dest="absorb_mean", action="store_false")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", required=True, help="where to save the pruned model's state_dict")
+    parser.add_argument("--iters", type=int, default=1000, help="Adam steps per layer (default 1000)")
+    parser.add_argument("--batch", type=int, default=50, help="cached samples per Adam step (default 50)")
+    parser.add_argument("--no-absorb-mean", dest="absorb_mean", action="store_false",
+                        help="do not fold the pruned weights' mean output into the bias before reconstructing")
+    parser.add_argument("--magnitude-only", action="store_true",
+                        help="skip AdaPrune: save the magnitude-pruned model (accuracies are still reported)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration sample and Adam batch order (default 0)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    parser.add_argument("--out", required=True, help="file for the pruned model (a checkpoint of plain modules)")
 
 
 def prune_command(args) -> int:
     try:
         prune_checkpoint(args.checkpoint, args.pattern, args.sparsity, args.calib, args.iters, args.out,
-                         batch=args.batch, absorb_mean=args.absorb_mean, device=args.device, seed=args.seed,
-                         log=print)
-    except (ValueError, FileNotFoundError) as e:
+                         batch=args.batch, absorb_mean=args.absorb_mean, magnitude_only=args.magnitude_only,
+                         device=args.device, seed=args.seed, log=print)
+    except (ValueError, OSError) as e:
         print(f"nmsparse prune: error: {e}", file=sys.stderr)
         return 2
     return 0

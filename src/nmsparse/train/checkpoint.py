@@ -36,11 +36,18 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        found = sorted(path.rglob("checkpoint.pt"))
+        hint = f", e.g. {found[0]}" if found else " (none found under it)"
+        raise ValueError(f"{path} is a directory: pass the checkpoint.pt file inside a run directory{hint}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
-        raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be loaded ({e}); "
-                         f"resume from an earlier checkpoint or start a new run in another --out") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError,
+            UnicodeDecodeError, AttributeError, IndexError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{path} cannot be loaded as a PyTorch checkpoint ({type(e).__name__}: {first[:200]}); "
+                         f"a training checkpoint that fails here is truncated or corrupt: resume from an earlier "
+                         f"one or start a new run in another --out") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise ValueError(f"{path} is not an nmsparse training checkpoint")
     if state["format_version"] != FORMAT_VERSION:

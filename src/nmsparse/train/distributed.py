@@ -30,7 +30,13 @@ def setup(device: str = "auto") -> tuple[DistInfo, torch.device]:
                     int(os.environ.get("LOCAL_RANK", 0)))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available here "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
     if dev.type == "cuda":
         dev = torch.device("cuda", info.local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
