@@ -16,11 +16,12 @@ then the per-layer fallback keeps the faster of dense and sparse, and the cpu pr
 (``compile/targets/cpu.yaml`` or ``profile=``) estimates the chosen path. Totals are sums over
 the conv/linear layers; the whole compiled model (fallbacks applied) is also run end to end
 against the dense model, outputs compared (float32 reassociation: rtol 1e-4 relative to the
-largest output), and for ResNet-50 it is loaded from its compact file first.
+largest output), after a round trip through its compact file (compile, save, load back).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import tempfile
@@ -65,6 +66,9 @@ def run_deploy_bench(quick: bool = False, *, networks=("resnet50", "vgg16"), spa
 
     calibrate=True measures a fresh cpu profile first (``calibrate_cpu``) instead of reading ``profile``.
     """
+    bad = [s for s in sparsities if not (isinstance(s, (int, float)) and 0 <= s < 1)]
+    if bad or not sparsities:
+        raise ValueError(f"sparsities must be fractions of 8x8 blocks zeroed, each 0 <= s < 1, got {list(sparsities)}")
     size = image_size or (112 if quick else 224)
     repeats = repeats or (5 if quick else 11)
     use = resolve_backend(backend)
@@ -84,7 +88,8 @@ def run_deploy_bench(quick: bool = False, *, networks=("resnet50", "vgg16"), spa
     g = torch.Generator().manual_seed(seed)
     t_start = time.perf_counter()
     layer_rows, total_rows, e2e_rows = [], [], []
-    info = (f"machine: {machine_info()}; {threads} thread(s); kernel backend {use}"
+    # machine_info reports torch's thread count, which is `threads` from here on
+    info = (f"machine: {machine_info()}; kernel backend {use}"
             + ("" if use == "native" else f" (native unavailable: {native_error()})")
             + f"; estimates from profile {tgt.source} (measured {tgt.params.get('measured', '?')}); "
               f"input 1x3x{size}x{size}; {'quick' if quick else 'full'} run")
@@ -152,20 +157,19 @@ def run_deploy_bench(quick: bool = False, *, networks=("resnet50", "vgg16"), spa
                     f"large layers sparse kernel {total['large_min_speedup']:.2f}-{total['large_max_speedup']:.2f}x")
                 if end_to_end:
                     x = torch.randn(shape, generator=g)
-                    if net == "resnet50":  # run the compact model: compile, save, load back, execute
-                        compiled = compile_model(model, tgt, shape, measure=False, source=f"{net} {sp:.0%}",
-                                                 with_subvolumes=False)
-                        with tempfile.TemporaryDirectory() as tmp:
-                            compiled.save(tmp, charts=False)
-                            state, _ = load_compact_state(Path(tmp) / "model.safetensors")
-                        fresh = NETWORKS[net](size).eval()
-                        fresh.load_state_dict(state)
-                        exe = build_executable(fresh, chosen, use)
-                        source = "compact file"
-                    else:
-                        exe = build_executable(model, chosen, use)
-                        source = "in memory"
-                    e2e = {"network": net, "sparsity": sp, "weights_from": source,
+                    # run the compact model: compile, save, load back, execute (a few seconds even for
+                    # VGG-16's 280 MB file at 50%, small next to the timing)
+                    compiled = compile_model(model, tgt, shape, measure=False, source=f"{net} {sp:.0%}",
+                                             with_subvolumes=False)
+                    with tempfile.TemporaryDirectory() as tmp:
+                        compiled.save(tmp, charts=False)
+                        state, _ = load_compact_state(Path(tmp) / "model.safetensors")
+                    del compiled
+                    fresh = NETWORKS[net](size).eval()
+                    fresh.load_state_dict(state)
+                    del state
+                    exe = build_executable(fresh, chosen, use)
+                    e2e = {"network": net, "sparsity": sp, "weights_from": "compact file",
                            **_end_to_end(model, exe, x, max(3, repeats // 2))}
                     e2e_rows.append(e2e)
                     log(f"  end to end: dense {fmt_time(e2e['dense_s'])}, compiled {fmt_time(e2e['compiled_s'])} "
@@ -232,17 +236,34 @@ def _tables(layers, totals, e2e) -> dict:
     return t
 
 
+def _sparsity(text: str) -> float:
+    """argparse type of --sparsity: a fraction of blocks zeroed, 0 <= s < 1."""
+    try:
+        s = float(text)
+    except ValueError:
+        s = float("nan")
+    if not 0 <= s < 1:  # also rejects nan
+        # argparse prefixes "argument --sparsity: "
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction of 8x8 blocks zeroed: use 0 <= s < 1 "
+                                         f"(e.g. 0.5 zeroes half the blocks)")
+    return s
+
+
 def add_deploy_arguments(p) -> None:
     """Options of `nmsparse bench deploy` on an argparse parser."""
     p.add_argument("--quick", action="store_true", help="112x112 inputs and fewer repeats (about a minute)")
     p.add_argument("--networks", nargs="+", default=["resnet50", "vgg16"], choices=sorted(NETWORKS))
-    p.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75], help="fractions of 8x8 blocks zeroed")
+    p.add_argument("--sparsity", type=_sparsity, nargs="+", default=[0.5, 0.75],
+                   help="fractions of 8x8 blocks zeroed, each 0 <= s < 1 (default 0.5 0.75)")
     p.add_argument("--image-size", type=int, help="input height and width (default 224, quick 112)")
     p.add_argument("--threads", type=int, default=1, help="PyTorch threads (default 1: stable on a shared machine)")
     p.add_argument("--profile", default="cpu", help="cpu profile for the estimates (name or YAML path)")
     p.add_argument("--calibrate", action="store_true", help="measure a fresh cpu profile first and estimate with it")
     p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
-    p.add_argument("--layers", action="store_true", help="also print the per-layer tables")
+    p.add_argument("--summary", action="store_true",
+                   help="print only the totals and end-to-end tables (default: the per-layer tables too)")
+    p.add_argument("--layers", action="store_true",
+                   help="accepted for compatibility and ignored: the per-layer tables print by default")
     p.add_argument("--out", help="write all tables (Markdown) here and a JSON copy beside it")
 
 
@@ -253,8 +274,9 @@ def deploy_main(args) -> int:
     res = run_deploy_bench(quick=args.quick, networks=tuple(args.networks), sparsities=tuple(args.sparsity),
                            image_size=args.image_size, threads=args.threads, profile=args.profile,
                            backend=args.backend, calibrate=args.calibrate)
-    keys = ["totals", "end_to_end"] + ([k for k in res["tables"] if k not in ("totals", "end_to_end")]
-                                       if args.layers else [])
+    # per layer by default (dense, sparse, estimate, error for each layer); --summary: totals only
+    keys = ["totals", "end_to_end"] + ([] if getattr(args, "summary", False) else
+                                       [k for k in res["tables"] if k not in ("totals", "end_to_end")])
     text = "\n\n".join([res["machine"]] + [f"## {k}\n\n{res['tables'][k]}" for k in keys if k in res["tables"]])
     print("\n" + text)
     if args.out:

@@ -38,8 +38,10 @@ def cpu_name() -> str:
 
 
 def machine_info() -> str:
+    """CPU, core count, torch version with the threads it uses now, Python version (one line)."""
+    n = torch.get_num_threads()
     return (f"{cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+            f"({n} thread{'' if n == 1 else 's'}), Python {platform.python_version()}")
 
 
 def fmt_time(seconds: float) -> str:

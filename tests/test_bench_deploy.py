@@ -1,0 +1,51 @@
+"""`nmsparse bench deploy`: argument checks, what it prints, and a tiny end-to-end run."""
+
+import argparse
+
+import pytest
+import torch
+
+from nmsparse.bench import deploy
+from nmsparse.bench.deploy import add_deploy_arguments, deploy_main, run_deploy_bench
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="nmsparse bench deploy")
+    add_deploy_arguments(p)
+    return p
+
+
+@pytest.mark.parametrize("bad", ["1.5", "1", "-0.1", "nan", "half"])
+def test_sparsity_out_of_range_names_the_option_and_range(bad, capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--sparsity", bad])
+    err = capsys.readouterr().err
+    assert "argument --sparsity" in err and "0 <= s < 1" in err and "prune sparsity" not in err
+
+
+def test_arguments_defaults_and_compat_alias():
+    a = parser().parse_args([])
+    assert a.sparsity == [0.5, 0.75] and a.summary is False
+    a = parser().parse_args(["--sparsity", "0", "0.9", "--layers", "--summary"])
+    assert a.sparsity == [0.0, 0.9] and a.layers and a.summary
+    with pytest.raises(ValueError, match=r"sparsities .* 0 <= s < 1, got \[1\.5\]"):
+        run_deploy_bench(sparsities=(1.5,))
+
+
+def test_tiny_run_prints_layers_by_default_and_summary_on_request(monkeypatch, capsys):
+    torch.manual_seed(0)
+    res = run_deploy_bench(quick=True, networks=("vgg16",), sparsities=(0.5,), image_size=32, repeats=1,
+                           log=lambda *a: None)
+    # the header states the thread count once, in words that agree with it
+    assert res["machine"].count("thread") == 1 and "(1 thread)" in res["machine"]
+    assert {r["weights_from"] for r in res["end_to_end"]} == {"compact file"}
+    assert all(r["close"] for r in res["end_to_end"])
+    rows = [r for r in res["layers"] if r["decision"] == "sparse"]
+    assert rows and all(r["est_s"] > 0 and r["sparse_s"] > 0 for r in rows)
+    monkeypatch.setattr(deploy, "run_deploy_bench", lambda **kw: res)
+    deploy_main(parser().parse_args([]))
+    full = capsys.readouterr().out
+    assert "## vgg16 50%" in full and "| `features.2` |" in full and "estimate ms | error" in full
+    deploy_main(parser().parse_args(["--summary"]))
+    short = capsys.readouterr().out
+    assert "## totals" in short and "## end_to_end" in short and "## vgg16 50%" not in short
