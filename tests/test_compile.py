@@ -353,7 +353,9 @@ def test_user_profile_and_profile_errors(tmp_path):
     assert load_target(good).label == "mine (2x2)"
     with pytest.raises(ProfileError, match=r"unknown target 'aie3'; did you mean 'aie2'\? Known targets: aie2, cpu, gpu"):
         load_target("aie3")
-    with pytest.raises(ProfileError, match=r"mine\.yaml: missing key 'ddr_load_gbps'"):
+    with pytest.raises(ProfileError, match=r"unknown target 'zzz'\. Known targets: aie2, cpu, gpu"):
+        load_target("zzz")
+    with pytest.raises(ProfileError, match=r"mine\.yaml: missing key 'ddr_load_gbps' \(an aie2 profile needs"):
         load_target(write_profile(tmp_path, ddr_load_gbps=None))
     with pytest.raises(ProfileError, match=r"mine\.yaml: key 'clock_ghz' must be a number > 0, got 'fast' \(str\)"):
         load_target(write_profile(tmp_path, clock_ghz="fast"))

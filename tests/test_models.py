@@ -194,7 +194,7 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="did you mean 'resnet18'") as err:
         build_model("resnet_18")
     assert all(name in str(err.value) for name in MODELS)
-    with pytest.raises(ValueError, match="Known models"):
+    with pytest.raises(ValueError, match=r"unknown model 'alexnet'\. Known models: resnet9, "):
         build_model("alexnet")
     with pytest.raises(TypeError, match="'resnet18'.*'widht'.*did you mean 'width'"):
         build_model("resnet18", widht=32)

@@ -144,6 +144,8 @@ def test_config_from_dict_and_errors():
     assert SparsityConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown key sparsity.grad.methd; did you mean 'method'"):
         SparsityConfig.from_dict({"grad": {"methd": "rescale"}})
+    with pytest.raises(ValueError, match=r"unknown key sparsity.grad.zzz\. Valid keys: "):
+        SparsityConfig.from_dict({"grad": {"zzz": 1}})
     with pytest.raises(ValueError, match="grad.method"):
         GradSparsity(method="max")
     with pytest.raises(ValueError, match="weight: n must be <= m"):

@@ -175,7 +175,7 @@ def _validate(params: dict, where: str) -> None:
     schema = SCHEMAS[kind]
     missing = [k for k, (_, required) in schema.items() if required and k not in params]
     if missing:
-        raise ProfileError(f"profile {where}: missing key {missing[0]!r} (a {kind} profile needs "
+        raise ProfileError(f"profile {where}: missing key {missing[0]!r} ({'an' if kind == 'aie2' else 'a'} {kind} profile needs "
                            f"{', '.join(k for k, (_, r) in schema.items() if r)})")
     for key, value in params.items():
         if key not in schema:
@@ -247,7 +247,7 @@ def load_target(target, **overrides) -> Target:
             known = list_targets()
             if text not in known:
                 close = difflib.get_close_matches(text, known, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = f"; did you mean {close[0]!r}?" if close else "."
                 raise ProfileError(f"unknown target {text!r}{hint} Known targets: {', '.join(known)} "
                                    f"(or pass the path of a YAML profile)")
             path = TARGET_DIR / f"{text}.yaml"

@@ -14,7 +14,7 @@ def _check_keys(cls, d: dict, where: str) -> None:
     for key in d:
         if key not in valid:
             close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {close[0]!r}?" if close else "."
             raise ValueError(f"unknown key {where}.{key}{hint} Valid keys: {', '.join(valid)}")
 
 

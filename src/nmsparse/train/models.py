@@ -68,7 +68,7 @@ def build_model(name: str, **kwargs) -> nn.Module:
     """Build a registered model; ValueError for an unknown name, TypeError (naming the model) for bad kwargs."""
     if name not in MODELS:
         close = difflib.get_close_matches(str(name), MODELS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f"; did you mean {close[0]!r}?" if close else "."
         raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(MODELS)}")
     factory = MODELS[name]
     params = [p for p in inspect.signature(factory).parameters if p != "self"]
