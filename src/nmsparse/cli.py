@@ -75,6 +75,15 @@ def _compare(args) -> int:
 def _eval(args) -> int:
     from .train.evaluate import evaluate_checkpoint
 
+    path = Path(args.checkpoint)
+    if path.suffix == ".safetensors" or (path.is_dir() and (path / "model.safetensors").exists()):
+        from .compile.load import evaluate_compiled
+
+        res = evaluate_compiled(path, backend=args.backend)
+        print(f"{path}: test top-1 {res['test_acc']:.2f}%, test loss {res['test_loss']:.4f} ({res['name']}; compact "
+              f"model for {res['target']}, {res['sparse_layers']} of {res['layers']} layers on the block-sparse CPU "
+              f"kernel)")
+        return 0
     res = evaluate_checkpoint(args.checkpoint, device=args.device)
     print(f"{args.checkpoint}: test top-1 {res['test_acc']:.2f}%, test loss {res['test_loss']:.4f} "
           f"({res['name']}, epoch {res['epoch']})")
@@ -114,9 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare")
     c.set_defaults(func=_compare)
 
-    e = sub.add_parser("eval", help="test accuracy of a training checkpoint")
-    e.add_argument("checkpoint")
-    e.add_argument("--device", default="auto")
+    e = sub.add_parser("eval", help="test accuracy of a checkpoint, or of a compiled model run block-sparse on the CPU")
+    e.add_argument("checkpoint", help="checkpoint.pt (nmsparse train / prune), or a compact model.safetensors or the "
+                                      "directory nmsparse compile wrote")
+    e.add_argument("--device", default="auto", help="for checkpoints: auto, cpu, cuda (compact models run on the CPU)")
+    e.add_argument("--backend", choices=["auto", "native", "torch"], default="auto",
+                   help="block-sparse CPU kernel for compact models")
     e.set_defaults(func=_eval)
 
     r = sub.add_parser("report", help="metrics, sparsity report and plots of a run directory")

@@ -23,6 +23,7 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
     p.add_argument("--prune", type=float, metavar="FRACTION",
                    help="first zero this fraction of the 8x8 blocks of every conv/linear but the first conv "
                         "(lowest L2 norm), e.g. 0.5")
+    p.add_argument("--seed", type=int, default=0, help="random weights of a model name (default 0)")
     p.add_argument("--array", metavar="RxC", help="aie2 core array, e.g. 4x4 (the profile's default otherwise)")
     p.add_argument("--allow-dense", action="store_true",
                    help="compile a model without sparse layers as a dense baseline instead of failing")
@@ -46,7 +47,7 @@ def compile_command(args) -> int:
     compiled, paths = compile_to_dir(args.model, args.target, args.out, input_shape=args.input_shape,
                                      prune=args.prune, array=args.array, allow_dense=args.allow_dense,
                                      on_incompatible=args.on_incompatible, charts=not args.no_charts,
-                                     measure=measure, backend=args.backend)
+                                     measure=measure, backend=args.backend, seed=args.seed)
     t = compiled.totals()
     print(f"{compiled.source} on {compiled.target.label}: {t['sparse_layers']} of {t['layers']} layers sparse")
     print(f"  estimated time {fmt_s(t['dense_time_s'])} dense -> {fmt_s(t['time_s'])} compiled "
@@ -54,6 +55,8 @@ def compile_command(args) -> int:
     print(f"  model file {fmt_bytes(t['file_bytes'])} ({t['file_ratio']:.2f} of dense {fmt_bytes(t['dense_file_bytes'])})")
     for key, path in paths.items():
         print(f"  {key}: {path}")
+    if compiled.arch and compiled.arch.get("kind") == "checkpoint":
+        print(f"  run it: nmsparse eval {args.out}   (test accuracy of the compact model, block-sparse on the CPU)")
     return 0
 
 
@@ -64,7 +67,7 @@ def compile_main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return compile_command(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"nmsparse compile: error: {e}", file=sys.stderr)
         return 2
 

@@ -100,9 +100,10 @@ class CompiledModel:
     """The compiler's result: per-layer plans, the compact tensors, totals; save() writes them."""
 
     def __init__(self, model: nn.Module, target: Target, input_shape, layers: list[LayerPlan], compact: dict,
-                 block, source: str = ""):
+                 block, source: str = "", arch: dict | None = None):
         self.model, self.target, self.input_shape = model, target, tuple(input_shape)
         self.layers, self.compact, self.block, self.source = layers, compact, tuple(block), source
+        self.arch = arch  # how to rebuild the architecture from the file alone (load.load_executable)
 
     # -- summaries ---------------------------------------------------------------------------
     @property
@@ -142,7 +143,7 @@ class CompiledModel:
     # -- files -------------------------------------------------------------------------------
     def _metadata(self) -> dict[str, str]:
         info = {"version": FORMAT_VERSION, "target": self.target.label, "input_shape": list(self.input_shape),
-                "block": list(self.block), "source": self.source,
+                "block": list(self.block), "source": self.source, "arch": self.arch,
                 "layers": {p.name: {"weight": p.weight_key, "format": p.format.kind, "decision": p.decision,
                                     "n": p.format.n, "m": p.format.m, "block_density": p.format.block_density}
                            for p in self.layers}}
@@ -193,7 +194,7 @@ def _no_sparse_message(plans: list[tuple[LayerSpec, LayerFormat]], block, where:
 
 def compile_model(model: nn.Module, target, example_input_shape, *, block=None, allow_dense: bool = False,
                   on_incompatible: str = "error", measure: bool | None = None, backend: str = "auto",
-                  timer=None, source: str = "", with_subvolumes: bool = True) -> CompiledModel:
+                  timer=None, source: str = "", with_subvolumes: bool = True, arch: dict | None = None) -> CompiledModel:
     """Compile a plain model with block / N:M sparse weights for a target (see module docstring).
 
     target: a shipped name ("aie2", "gpu", "cpu"), a YAML path, a dict or a profiles.Target.
@@ -203,6 +204,8 @@ def compile_model(model: nn.Module, target, example_input_shape, *, block=None, 
     channels the block does not divide; "dense" stores such layers dense.
     measure: time dense vs block-sparse per sparse layer on this CPU and fall back to dense when
     the sparse kernel is slower (default: True on the cpu target, False elsewhere).
+    arch: how to rebuild the architecture without this Python object, stored in the compact file
+    (set by ``compile_to_dir`` for checkpoints and model names; see ``load.load_executable``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -247,7 +250,7 @@ def compile_model(model: nn.Module, target, example_input_shape, *, block=None, 
                                key or "", None, notes, grid))
     if measure:
         _measure(plans, calls, tgt, backend, timer)
-    return CompiledModel(plain, tgt, example_input_shape, plans, compact, block, source)
+    return CompiledModel(plain, tgt, example_input_shape, plans, compact, block, source, arch)
 
 
 def _kernel_ok(mod) -> bool:
@@ -297,6 +300,12 @@ def _measure(plans, calls, tgt: Target, backend: str, timer) -> None:
 def load_compact(path) -> tuple[dict, dict]:
     """(stored objects by state-dict key, compile info) from a compact file; ValueError naming the file."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        inner = os.path.join(path, COMPACT_FILE)
+        if not os.path.isfile(inner):
+            raise ValueError(f"{path} is a directory without {COMPACT_FILE}: pass a compact model file or the "
+                             f"directory `nmsparse compile --out` wrote")
+        path = inner
     try:
         objs, meta = load(path, with_metadata=True)
     except FileNotFoundError:
@@ -363,13 +372,20 @@ def prune_blocks(model: nn.Module, sparsity: float, block=(8, 8), dense_first: b
     return pruned
 
 
-def resolve_model(model_or_path, input_shape=None, prune: float | None = None, block=(8, 8)):
-    """(model, input shape, description) from an nn.Module, a training checkpoint path or a model name.
+def resolve_model(model_or_path, input_shape=None, prune: float | None = None, block=(8, 8), seed: int = 0):
+    """(model, input shape, description) from an nn.Module, a checkpoint path or a model name.
 
     A name is one of train.models.MODELS or "vgg16", built with its default arguments and random
-    weights (useful with ``prune``). A checkpoint is one written by ``nmsparse train``.
+    weights drawn from ``seed`` (useful with ``prune``). A checkpoint is one written by
+    ``nmsparse train`` or ``nmsparse prune``.
     """
+    return _resolve(model_or_path, input_shape, prune, block, seed)[:3]
+
+
+def _resolve(model_or_path, input_shape=None, prune: float | None = None, block=(8, 8), seed: int = 0):
+    """resolve_model plus the architecture record stored in the compact file (None for a module)."""
     shape = _parse_shape(input_shape)
+    arch = None
     if isinstance(model_or_path, nn.Module):
         model, desc = model_or_path, type(model_or_path).__name__
     else:
@@ -377,59 +393,74 @@ def resolve_model(model_or_path, input_shape=None, prune: float | None = None, b
         from ..train.models import MODELS, build_model
 
         if os.path.exists(text):
-            model, ckpt_shape = _from_checkpoint(text)
+            model, ckpt_shape, cfg = _from_checkpoint(text)
             shape = shape or ckpt_shape
             desc = text
+            arch = {"kind": "checkpoint", "config": dict(cfg, sparsity=None), "sample_shape": list(shape[1:])}
         elif text == "vgg16" or text in MODELS:
             from .networks import vgg16
 
-            model = vgg16() if text == "vgg16" else build_model(text)
-            desc = f"{text} (random weights)"
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = vgg16() if text == "vgg16" else build_model(text)
+            desc = f"{text} (random weights, seed {seed})"
             shape = shape or DEFAULT_INPUT_SHAPES.get(text)
+            arch = {"kind": "name", "name": text}
         else:
             import difflib
 
             names = sorted(list(MODELS) + ["vgg16"])
             close = difflib.get_close_matches(text, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = f"; did you mean {close[0]!r}?" if close else "."
             raise ValueError(f"model {text!r} is neither an existing file nor a known model name{hint} "
-                             f"Known names: {', '.join(names)}")
+                             f"Known names: {', '.join(names)}.")
     if shape is None:
         raise ValueError(f"no input shape for {desc}: pass one (CLI: --input-shape 1,3,224,224)")
     if prune:
         names = prune_blocks(model, prune, block)
         desc += f", {prune:.0%} of {block[0]}x{block[1]} blocks pruned in {len(names)} layers"
-    return model, shape, desc
+    return model, shape, desc, arch
 
 
 def _from_checkpoint(path: str):
-    try:
-        from ..train.evaluate import load_trained
+    from ..train.evaluate import load_trained
 
-        _, model, loader, _, _ = load_trained(path, "cpu")
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError, TypeError) as e:
-        raise ValueError(f"cannot read model file {path}: {e} (expected a checkpoint written by `nmsparse train`, "
-                         f"or give a model name with --prune)") from None
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory: pass a checkpoint.pt (from nmsparse train or prune), or a model "
+                         f"name with --prune")
+    try:
+        cfg, model, loader, _, _ = load_trained(path, "cpu")
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{e} (nmsparse compile takes a checkpoint written by `nmsparse train` or `nmsparse "
+                         f"prune`, or a model name with --prune)") from None
     x = next(iter(loader))[0]
-    return model.cpu(), (1,) + tuple(x.shape[1:])
+    return model.cpu(), (1,) + tuple(x.shape[1:]), cfg.to_dict()
 
 
 def compile_to_dir(model_or_path, target_name_or_path, out_dir, *, input_shape=None, prune: float | None = None,
                    array=None, allow_dense: bool = False, on_incompatible: str = "error", charts: bool = True,
-                   measure: bool | None = None, backend: str = "auto") -> tuple[CompiledModel, dict]:
+                   measure: bool | None = None, backend: str = "auto", seed: int = 0) -> tuple[CompiledModel, dict]:
     """Compile and write ``out_dir``/{model.safetensors, plan.json, report.md, charts}; returns (compiled, paths).
 
-    array: "RxC" or (R, C) overriding an aie2 profile's core array.
+    array: "RxC" or (R, C) overriding an aie2 profile's core array; seed: random weights of a model name.
     """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file: give a directory (it is created if missing)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+            break
     tgt = load_target(target_name_or_path)
     if array is not None:
         if tgt.kind != "aie2":
             raise ValueError(f"array={array!r} (--array) applies to aie2 targets only; target {tgt.name!r} is "
                              f"{tgt.kind}")
         tgt = load_target(tgt, array=_parse_array(array))
-    model, shape, desc = resolve_model(model_or_path, input_shape, prune)
+    model, shape, desc, arch = _resolve(model_or_path, input_shape, prune, seed=seed)
     compiled = compile_model(model, tgt, shape, allow_dense=allow_dense, on_incompatible=on_incompatible,
-                             measure=measure, backend=backend, source=desc)
+                             measure=measure, backend=backend, source=desc, arch=arch)
     paths = compiled.save(out_dir, charts=charts)
     return compiled, paths
 

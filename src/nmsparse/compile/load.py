@@ -1,0 +1,77 @@
+"""Running a compact model file: rebuild the architecture, load the weights, make the kept layers block-sparse.
+
+``nmsparse compile`` stores, beside the weights, how to rebuild the architecture (the training
+config of a checkpoint, or a model name). ``load_executable`` reads that back; for a model
+compiled from a Python object, pass an instance of the same architecture as ``model``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .compiler import load_compact_state
+from .runtime import build_executable
+
+__all__ = ["load_executable", "rebuild_model", "evaluate_compiled"]
+
+
+def rebuild_model(info: dict, where: str = "the compact file") -> nn.Module:
+    """An untrained instance of the architecture recorded in a compact file's compile info."""
+    arch = info.get("arch")
+    if not arch:
+        raise ValueError(f"{where} was compiled from a Python model object and does not record its architecture: "
+                         f"pass model=<an instance of the same architecture> to load_executable")
+    if arch.get("kind") == "checkpoint":
+        from ..train.config import config_from_dict
+        from ..train.loop import model_for
+
+        return model_for(config_from_dict(arch["config"]), tuple(arch["sample_shape"]))
+    if arch.get("kind") == "name":
+        from ..train.models import build_model
+        from .networks import vgg16
+
+        return vgg16() if arch["name"] == "vgg16" else build_model(arch["name"])
+    raise ValueError(f"{where}: unknown architecture record {arch!r}")
+
+
+def load_executable(path, model: nn.Module | None = None, backend: str = "auto") -> tuple[nn.Module, dict]:
+    """(model in eval mode with the file's block-sparse layers on the CPU kernels, compile info).
+
+    ``path``: a compact model file or the directory `nmsparse compile --out` wrote. Weights are the
+    file's, bit-exact; layers the plan ran dense (format or measured fallback) stay dense modules.
+    """
+    state, info = load_compact_state(path)
+    where = os.fspath(path)
+    net = rebuild_model(info, where) if model is None else model
+    want = net.state_dict()
+    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(want[k].shape)}" for k in sorted(set(state) & set(want))
+              if state[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{where} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shapes (file vs model) {shapes[:5]} (was it compiled from another architecture?)")
+    net.load_state_dict(state)
+    sparse = [name for name, layer in info["layers"].items()
+              if layer["format"] == "block" and layer["decision"] == "sparse"]
+    return build_executable(net, sparse, backend), info
+
+
+@torch.no_grad()
+def evaluate_compiled(path, backend: str = "auto", device: str = "cpu") -> dict:
+    """Test accuracy of a compact model compiled from a checkpoint, on that checkpoint's test set."""
+    from ..train.config import config_from_dict
+    from ..train.loop import build_loaders, evaluate
+
+    net, info = load_executable(path, backend=backend)
+    arch = info.get("arch") or {}
+    if arch.get("kind") != "checkpoint":
+        raise ValueError(f"{os.fspath(path)} was not compiled from a training checkpoint: no test set to evaluate on")
+    cfg = config_from_dict(arch["config"])
+    dev = torch.device(device)
+    _, test_loader = build_loaders(cfg, dev)
+    res = evaluate(net, test_loader, dev, None, cfg.tta_flip)
+    sparse = sum(1 for layer in info["layers"].values() if layer["format"] == "block" and layer["decision"] == "sparse")
+    return {**res, "name": cfg.name, "sparse_layers": sparse, "layers": len(info["layers"]), "target": info["target"]}
