@@ -102,3 +102,22 @@ def test_compile_path_errors(digits_ckpt, tmp_path, capsys):
         assert msg in err and "Traceback" not in err, (argv, err)
     with pytest.raises(ValueError, match="directory without model.safetensors"):
         load_compact(tmp_path / "empty")
+
+
+def test_edited_compile_metadata_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 8))
+    prune_blocks(net, 0.5, dense_first=False)
+    compile_model(net, "aie2", (1, 8, 6, 6)).save(tmp_path, charts=False)
+    path = tmp_path / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    assert '"format": "block"' in meta["nmsparse.compiled"]
+    meta["nmsparse.compiled"] = meta["nmsparse.compiled"].replace('"format": "block"', '"format": "dense"')
+    edited = tmp_path / "edited.safetensors"
+    save_file(tensors, str(edited), metadata=meta)
+    with pytest.raises(ValueError, match=r"edited.safetensors: its 'nmsparse.compiled' metadata .* CRC-32"):
+        load_compact(edited)

@@ -53,6 +53,13 @@ def compile_command(args) -> int:
     print(f"  estimated time {fmt_s(t['dense_time_s'])} dense -> {fmt_s(t['time_s'])} compiled "
           f"({t['speedup']:.2f}x); bytes moved {fmt_bytes(t['dense_bytes_moved'])} -> {fmt_bytes(t['bytes_moved'])}")
     print(f"  model file {fmt_bytes(t['file_bytes'])} ({t['file_ratio']:.2f} of dense {fmt_bytes(t['dense_file_bytes'])})")
+    timed = [p for p in compiled.layers if p.measured]
+    if timed:  # the cpu target times its sparse layers: show measurement beside estimate
+        md = sum(p.measured["dense_s"] for p in timed)
+        ms = sum(min(p.measured["dense_s"], p.measured["sparse_s"]) for p in timed)
+        ed, es = sum(p.estimate.dense_time_s for p in timed), sum(p.estimate.time_s for p in timed)
+        print(f"  measured on this CPU, the {len(timed)} sparse layers: {fmt_s(md)} dense -> {fmt_s(ms)} compiled "
+              f"({md / ms:.2f}x); estimated for them {fmt_s(ed)} -> {fmt_s(es)}")
     for key, path in paths.items():
         print(f"  {key}: {path}")
     if compiled.arch and compiled.arch.get("kind") == "checkpoint":

@@ -24,6 +24,7 @@ import copy
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,7 +148,8 @@ class CompiledModel:
                 "layers": {p.name: {"weight": p.weight_key, "format": p.format.kind, "decision": p.decision,
                                     "n": p.format.n, "m": p.format.m, "block_density": p.format.block_density}
                            for p in self.layers}}
-        return {META_KEY: json.dumps(info)}
+        text = json.dumps(info)
+        return {META_KEY: text, META_KEY + ".crc32": str(zlib.crc32(text.encode()))}
 
     def save(self, out_dir, charts: bool = True) -> dict[str, str]:
         """Write the compact model, plan.json, report.md and (with matplotlib) the charts; returns the paths."""
@@ -314,6 +316,9 @@ def load_compact(path) -> tuple[dict, dict]:
         raise ValueError(f"compact model file {path} cannot be loaded: {e}") from None
     if META_KEY not in meta:
         raise ValueError(f"{path} is an nmsparse tensor file but not a compiled model (no {META_KEY!r} metadata)")
+    if meta.get(META_KEY + ".crc32") != str(zlib.crc32(meta[META_KEY].encode())):
+        raise ValueError(f"compact model file {path}: its {META_KEY!r} metadata (layer formats, architecture) fails "
+                         f"its CRC-32 check: edited or corrupted; compile the model again")
     try:
         info = json.loads(meta[META_KEY])
     except json.JSONDecodeError as e:
