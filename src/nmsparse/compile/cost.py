@@ -7,24 +7,31 @@ reduction over (kh, kw, Ci) is split into sub-volumes that fit the on-chip memor
 
 1. DDR <-> memory tiles (``memtile_kib`` per column, all columns together). The tile sizes are
    chosen by splitting W first, then Co, then Ci: the fewest Ci splits, then the fewest Co
-   splits, then the fewest W splits whose largest sub-volume fits (inputs, weights and outputs,
-   x2 when double-buffered; partial sums at ``acc_bytes`` when Ci is split). Co and Ci split on
-   block boundaries. Loop order: Co tiles, then W tiles, then Ci tiles. When Ci is not split the
-   weights of a Co tile stay resident and load once for all its W tiles; otherwise every
-   sub-volume loads its weights. Each sub-volume loads its input columns (with the kernel's halo)
-   and weights from DDR at ``ddr_load_gbps`` x channels and writes its outputs (after its last Ci
-   part) at ``ddr_write_gbps`` x channels. Only kept blocks move, plus their index
-   (min(bitmask, ``index_bytes`` per kept block) per sub-volume).
+   splits whose largest sub-volume fits with some W split (inputs, weights and outputs, x2 when
+   double-buffered; partial sums at ``acc_bytes`` when Ci is split); then, of the W split counts
+   that fit (the fewest and every larger one), the one with the lowest time series: the fewest
+   can spread unevenly over the cores (28 columns in 6 tiles of 5 on 4 cores, where 7 tiles of 4
+   give each core one column). Co and Ci split on block boundaries. Loop order: Co tiles, then
+   W tiles, then Ci tiles. When Ci is not split the weights of a Co tile stay resident and load
+   once for all its W tiles; otherwise every sub-volume loads its weights. Each sub-volume loads
+   its input columns (with the kernel's halo) and weights from DDR at ``ddr_load_gbps`` x
+   channels and writes its outputs (after its last Ci part) at ``ddr_write_gbps`` x channels.
+   Only kept blocks move, plus their index (min(bitmask, ``index_bytes`` per kept block) per
+   sub-volume).
 2. Memory tiles <-> cores: a sub-volume is shared by the rows x cols cores (split W, then Co,
    then output rows so every core works); each core's piece is tiled again to fit
    ``core_memory_kib`` (same W, Co, Ci rule; kept blocks spread evenly over the piece), loaded at
    ``core_load_gbps`` and written at ``core_write_gbps`` per core, and computed at
    ``macs_per_cycle`` x ``clock_ghz``. A sub-volume's compute time is its slowest core's time.
 
-With ``reuse_dense_tiling`` (default true) a sparse layer, at either level, also tries the split
-its dense version gets and keeps the faster: the W, Co, Ci rule applied to the smaller sparse
-weights can pick fewer Ci splits and then reload the inputs for many more Co tiles, which would
-make a sparse layer slower than dense. Set it false for the rule alone.
+With ``reuse_dense_tiling`` (default true) a sparse layer, at either level, also tries every
+(Ci, Co) split after its own pick, in the same order, through the one its dense version gets
+(which fits the sparse layer too), each with its W split counts, and keeps the fastest: the
+rule applied to the smaller sparse weights can pick fewer Ci splits and then reload the inputs
+for many more Co tiles, which would make a sparse layer slower than dense; and because a sparser
+layer then has every choice a denser one has, it is never estimated slower (for the same layout
+with blocks removed; another random layout can load the slowest core differently).
+Set it false for the rule alone (still with the fastest W split count).
 
 At each level the time is a time series over the steps (load, compute, write):
 ``sum(max(load_i, compute_i, write_i))``, which is ``max(load, compute, write) x iterations``
@@ -235,10 +242,18 @@ class _Geo:
         return out_positions * kept * self.p.bo * self.p.bi * self.k
 
 
-def _fit_search(units_w, units_co, units_ci, footprint, capacity):
-    """First (nci, nco, nw) in the W-first, then Co, then Ci order whose largest tile fits."""
+def _fit_splits(units_w, units_co, units_ci, footprint, capacity, until=None) -> list[tuple[int, int, int]]:
+    """(nci, nco, fewest nw) of the splits that fit, in the W-first, then Co, then Ci order.
+
+    Only the rule's pick (the first) unless ``until`` = (nci, nco) is given: then every split that
+    fits from the rule's pick through ``until`` in the same order (a sparse layer's candidates up to
+    the split of its dense version, which fits it too).
+    """
+    out = []
     for nci in _distinct_splits(units_ci):
         for nco in _distinct_splits(units_co):
+            if until is not None and out and (nci, nco) > tuple(until):
+                return out
             if footprint(units_w, nco, nci) > capacity:  # even one column per tile: split Co/Ci
                 continue
             lo, hi = 1, units_w
@@ -248,13 +263,43 @@ def _fit_search(units_w, units_co, units_ci, footprint, capacity):
                     hi = mid
                 else:
                     lo = mid + 1
-            return nci, nco, lo
-    return None
+            out.append((nci, nco, lo))
+            if until is None:
+                return out
+    return out
 
 
-def _core_tiling(g: _Geo, prof, rows, wt, co_units, ci_units, per_unit, partial):
-    """(nh, nci, nco, nw): the W-first, then Co, then Ci split of a core piece that fits core memory
-    (output rows are halved only when even the smallest tile does not fit)."""
+def _fit_search(units_w, units_co, units_ci, footprint, capacity):
+    """First (nci, nco, nw) in the W-first, then Co, then Ci order whose largest tile fits."""
+    found = _fit_splits(units_w, units_co, units_ci, footprint, capacity)
+    return found[0] if found else None
+
+
+def _w_options(units_w: int, nw_min: int) -> list[int]:
+    """W split counts to try: the fewest that fits, then every larger count giving a narrower tile.
+
+    All of them fit (the footprint falls as W is split further). The fewest is not always the
+    fastest: its tiles may not divide evenly over the cores (28 columns in 6 tiles of 5 on 4 cores
+    leaves one core two columns per step, where 7 tiles of 4 give each core one), so the planner
+    keeps the W, Co, Ci order and picks the W count whose time series is lowest.
+    """
+    return [n for n in _distinct_splits(units_w) if n >= nw_min]
+
+
+def _fastest(candidates, time_of):
+    """The candidate with the lowest time (the first one on a tie) and that time."""
+    best, best_t = None, math.inf
+    for cand in candidates:
+        t = time_of(cand)
+        if t < best_t * (1 - 1e-12):  # a near-tie keeps the earlier (fewer splits) candidate
+            best, best_t = cand, t
+    return best, best_t
+
+
+def _core_tiling(g: _Geo, prof, rows, wt, co_units, ci_units, per_unit, partial, until=None):
+    """[(nh, nci, nco, fewest nw)]: the W-first, then Co, then Ci split of a core piece that fits core
+    memory (output rows are halved only when even the smallest tile does not fit); with ``until``
+    = (nh, nci, nco), every split that fits from that one through ``until`` (same nh only)."""
     cap = prof["core_memory_kib"] * 1024
     buf = 2 if prof["double_buffer"] else 1
 
@@ -270,9 +315,10 @@ def _core_tiling(g: _Geo, prof, rows, wt, co_units, ci_units, per_unit, partial)
 
     nh = 1
     while True:
-        found = _fit_search(wt, co_units, ci_units, lambda a, b, c: foot(a, b, c, nh), cap)
-        if found is not None:
-            return (nh,) + found
+        found = _fit_splits(wt, co_units, ci_units, lambda a, b, c: foot(a, b, c, nh), cap,
+                            until=until[1:] if until is not None and until[0] == nh else None)
+        if found:
+            return [(nh,) + f for f in found]
         if nh >= rows:
             raise PlanError(f"layer {g.s.name!r} ({g.s.describe()}): one core piece of 1 row x 1 column x "
                             f"{g.p.bo} channels does not fit {prof['core_memory_kib']} KiB of core memory")
@@ -317,31 +363,43 @@ def _core_time(g: _Geo, prof, rows: int, wt: int, co_units: int, ci_units: int, 
                partial: bool) -> tuple[float, dict]:
     """Time of one core's piece (rows x wt outputs, co_units x ci_units, kept blocks) from its memtile.
 
-    The piece is tiled by the W, Co, Ci rule for its own (kept-block) size; for a sparse piece the
-    tiling a dense piece would get is tried too and the faster is used (kept blocks never make a
-    layer slower than its dense tiling would).
+    The piece is tiled by the W, Co, Ci rule for its own (kept-block) size, with the fastest of the
+    W split counts that fit (``_w_options``); for a sparse piece the tiling a dense piece would get
+    is tried too and the faster is used (kept blocks never make a layer slower than its dense
+    tiling would).
     """
     per_unit = kept / (co_units * ci_units) if co_units * ci_units else 0.0
-    tilings = [_core_tiling(g, prof, rows, wt, co_units, ci_units, per_unit, partial)]
+    args = (g, prof, rows, wt, co_units, ci_units)
+    rules = _core_tiling(*args, per_unit, partial)
     if not g.p.dense and per_unit < 1 and prof.get("reuse_dense_tiling", True):
-        dense_tiling = _core_tiling(g, prof, rows, wt, co_units, ci_units, 1.0, partial)
-        if dense_tiling != tilings[0]:
-            tilings.append(dense_tiling)
-    best = None
-    for tiling in tilings:
-        t, n = _core_series(g, prof, rows, wt, co_units, ci_units, per_unit, partial, tiling)
-        if best is None or t < best[0]:
-            best = (t, n, tiling)
-    t, n, (nh, nci, nco, nw) = best
+        dense_tiling = _core_tiling(*args, 1.0, partial)[0]
+        # every split from the piece's own through the dense piece's (it fits the sparse piece too),
+        # so that a sparser piece has at least the choices of a denser one
+        rules = _core_tiling(*args, per_unit, partial, until=dense_tiling[:3])
+        if dense_tiling[0] != rules[0][0]:  # the dense piece splits its rows: try that split as well
+            rules.append(dense_tiling)
+    tilings = list(dict.fromkeys((nh, nci, nco, nw) for nh, nci, nco, nw_min in rules
+                                 for nw in _w_options(wt, nw_min)))
+    series = {}
+
+    def time_of(tiling):
+        series[tiling] = _core_series(g, prof, rows, wt, co_units, ci_units, per_unit, partial, tiling)
+        return series[tiling][0]
+
+    (nh, nci, nco, nw), t = _fastest(tilings, time_of)
+    n = series[(nh, nci, nco, nw)][1]
     return t, {"core_tiles": {"rows": nh, "w": nw, "co": nco, "ci": nci}, "core_iterations": n,
                "core_rows": -(-rows // nh)}
 
 
 def plan_aie2(spec: LayerSpec, pat: WeightPattern, prof, with_subvolumes: bool = True,
-              tiles: tuple | None = None) -> tuple[float, dict]:
+              tiles: tuple | None = None, until: tuple | None = None) -> tuple[float, dict]:
     """(time, plan) of one layer on an AIE2 profile for the kept blocks in ``pat``.
 
-    ``tiles`` = (n_ci, n_co, n_w) forces the DDR-level split (it must fit); default: the W, Co, Ci rule.
+    ``tiles`` = (n_ci, n_co, n_w) forces the DDR-level split (it must fit); default: the W, Co, Ci
+    rule (fewest Ci, then Co splits that fit) with the fastest W split count that fits (``_w_options``).
+    ``until`` = (n_ci, n_co) also tries, in the same order, every split after the rule's pick
+    through that one (``_aie2_estimate`` passes the dense layer's) and keeps the fastest.
     """
     rows_a, cols_a = prof["array"]
     P = rows_a * cols_a
@@ -370,60 +428,71 @@ def plan_aie2(spec: LayerSpec, pat: WeightPattern, prof, with_subvolumes: bool =
         raise PlanError(f"layer {spec.name!r} ({spec.describe()}): even a sub-volume of one output column, "
                         f"{pat.bo} output and {pat.bi} input channels needs {foot(Wo, pat.R, pat.C)} bytes, more than "
                         f"the {cap} bytes of memory tiles of a {rows_a}x{cols_a} array")
-    nci, nco, nw = found
-    wb_, cob, cib = _bounds(Wo, nw), _bounds(pat.R, nco), _bounds(pat.C, nci)
-    subs, steps = [], []
-    core_cache: dict = {}
-    core_summary: dict = {}
-    totals = Counter()
-    idx = 0
-    for a in range(nco):
-        r0, r1 = cob[a], cob[a + 1]
-        cou = r1 - r0
-        # co groups over the cores (for the slowest core's kept count)
-        for b in range(nw):
-            w0, w1 = wb_[b], wb_[b + 1]
-            wt = w1 - w0
-            for c in range(nci):
-                c0, c1 = cib[c], cib[c + 1]
-                ciu = c1 - c0
-                kept = pat.nnz(r0, r1, c0, c1)
-                inb = in_rows * g.cols_in(wt) * g.ci_channels(ciu, cou) * g.db
-                wload = g.weight_bytes(kept, cou, ciu) if (nci > 1 or b == 0) else 0
-                last = c == nci - 1
-                outb = out_rows * wt * cou * pat.bo * g.db if last else 0
-                macs = g.macs(out_rows * wt, kept, cou)
-                # level 2: split W, then Co, then rows over the cores
-                p_w = min(P, wt)
-                p_co = min(P // p_w, cou)
-                p_h = min(P // (p_w * p_co), out_rows)
-                gb = [r0 + x for x in _bounds(cou, p_co)]
-                core_kept = pat.max_nnz(gb, [c0, c1]) if not pat.dense else -(-cou // p_co) * ciu
-                key = (-(-out_rows // p_h), -(-wt // p_w), -(-cou // p_co), ciu, core_kept, nci > 1)
-                if key not in core_cache:
-                    core_cache[key] = _core_time(g, prof, *key)
-                ct, core_info = core_cache[key]
-                if not core_summary:
-                    core_summary = {"cores_used": p_w * p_co * p_h, "split": {"w": p_w, "co": p_co, "rows": p_h},
-                                    "piece": {"rows": key[0], "cols": key[1], "co": key[2] * pat.bo,
-                                              "ci": key[3] * pat.bi}, **core_info}
-                mem = (buf * (inb + g.weight_bytes(kept, cou, ciu))
-                       + buf * out_rows * wt * cou * pat.bo * (g.acc if nci > 1 else g.db))
-                step = (inb + wload) / ld, ct, outb / wr
-                steps.append(step)
-                totals.update(load=inb + wload, write=outb, macs=macs)
-                if with_subvolumes:
-                    subs.append(SubVolume(idx, (w0, w1), (r0 * pat.bo, r1 * pat.bo), (c0 * pat.bi, c1 * pat.bi),
-                                          int(inb), int(round(wload)), int(outb), int(round(macs)), int(kept),
-                                          int(round(mem)), step[0], step[1], step[2]))
-                idx += 1
-    t = time_series(steps)
-    plan = {"tiles": {"w": nw, "co": nco, "ci": nci}, "iterations": len(steps),
-            "bytes_loaded": int(round(totals["load"])), "bytes_written": int(round(totals["write"])),
-            "macs": int(round(totals["macs"])), "memory_capacity": int(cap), "subvolumes": subs,
-            "cores": core_summary,
-            "load_s": sum(s[0] for s in steps), "compute_s": sum(s[1] for s in steps),
-            "write_s": sum(s[2] for s in steps)}
+    core_cache: dict = {}  # core-piece times, shared by the candidate splits
+
+    def build(nci, nco, nw, with_subs):
+        wb_, cob, cib = _bounds(Wo, nw), _bounds(pat.R, nco), _bounds(pat.C, nci)
+        subs, steps = [], []
+        core_summary: dict = {}
+        totals = Counter()
+        idx = 0
+        for a in range(nco):
+            r0, r1 = cob[a], cob[a + 1]
+            cou = r1 - r0
+            # co groups over the cores (for the slowest core's kept count)
+            for b in range(nw):
+                w0, w1 = wb_[b], wb_[b + 1]
+                wt = w1 - w0
+                for c in range(nci):
+                    c0, c1 = cib[c], cib[c + 1]
+                    ciu = c1 - c0
+                    kept = pat.nnz(r0, r1, c0, c1)
+                    inb = in_rows * g.cols_in(wt) * g.ci_channels(ciu, cou) * g.db
+                    wload = g.weight_bytes(kept, cou, ciu) if (nci > 1 or b == 0) else 0
+                    last = c == nci - 1
+                    outb = out_rows * wt * cou * pat.bo * g.db if last else 0
+                    macs = g.macs(out_rows * wt, kept, cou)
+                    # level 2: split W, then Co, then rows over the cores
+                    p_w = min(P, wt)
+                    p_co = min(P // p_w, cou)
+                    p_h = min(P // (p_w * p_co), out_rows)
+                    gb = [r0 + x for x in _bounds(cou, p_co)]
+                    core_kept = pat.max_nnz(gb, [c0, c1]) if not pat.dense else -(-cou // p_co) * ciu
+                    key = (-(-out_rows // p_h), -(-wt // p_w), -(-cou // p_co), ciu, core_kept, nci > 1)
+                    if key not in core_cache:
+                        core_cache[key] = _core_time(g, prof, *key)
+                    ct, core_info = core_cache[key]
+                    if not core_summary:
+                        core_summary = {"cores_used": p_w * p_co * p_h, "split": {"w": p_w, "co": p_co, "rows": p_h},
+                                        "piece": {"rows": key[0], "cols": key[1], "co": key[2] * pat.bo,
+                                                  "ci": key[3] * pat.bi}, **core_info}
+                    mem = (buf * (inb + g.weight_bytes(kept, cou, ciu))
+                           + buf * out_rows * wt * cou * pat.bo * (g.acc if nci > 1 else g.db))
+                    step = (inb + wload) / ld, ct, outb / wr
+                    steps.append(step)
+                    totals.update(load=inb + wload, write=outb, macs=macs)
+                    if with_subs:
+                        subs.append(SubVolume(idx, (w0, w1), (r0 * pat.bo, r1 * pat.bo), (c0 * pat.bi, c1 * pat.bi),
+                                              int(inb), int(round(wload)), int(outb), int(round(macs)), int(kept),
+                                              int(round(mem)), step[0], step[1], step[2]))
+                    idx += 1
+        t = time_series(steps)
+        plan = {"tiles": {"w": nw, "co": nco, "ci": nci}, "iterations": len(steps),
+                "bytes_loaded": int(round(totals["load"])), "bytes_written": int(round(totals["write"])),
+                "macs": int(round(totals["macs"])), "memory_capacity": int(cap), "subvolumes": subs,
+                "cores": core_summary,
+                "load_s": sum(s[0] for s in steps), "compute_s": sum(s[1] for s in steps),
+                "write_s": sum(s[2] for s in steps)}
+        return t, plan
+
+    if tiles is None:
+        splits = _fit_splits(Wo, pat.R, pat.C, foot, cap, until=until) if until is not None else [found]
+        candidates = [(nci, nco, nw) for nci, nco, nw_min in splits for nw in _w_options(Wo, nw_min)]
+        (nci, nco, nw), _ = _fastest(candidates, lambda tl: build(*tl, False)[0])
+    else:
+        nci, nco, nw = found
+    t, plan = build(nci, nco, nw, with_subvolumes)
+    plan["rule_tiles"] = {"w": found[2], "co": found[1], "ci": found[0]}
     return t, plan
 
 
@@ -440,14 +509,17 @@ def _aie2_estimate(spec, fmt, prof, grid, with_subvolumes=True) -> LayerEstimate
                              pd["macs"], pd["macs"], pd["iterations"], pd["tiles"], pd.pop("subvolumes"),
                              {**pd, "dense": {k: v for k, v in pd.items() if k != "subvolumes"}}, notes)
     sp = WeightPattern.for_layer(spec, block, grid)
-    ts, ps = plan_aie2(spec, sp, prof, with_subvolumes=with_subvolumes)
-    ps["tiling"] = "own (W, Co, Ci rule)"
-    dense_tiles = (pd["tiles"]["ci"], pd["tiles"]["co"], pd["tiles"]["w"])
-    if prof.get("reuse_dense_tiling", True) and dense_tiles != (ps["tiles"]["ci"], ps["tiles"]["co"], ps["tiles"]["w"]):
-        ts2, ps2 = plan_aie2(spec, sp, prof, with_subvolumes=with_subvolumes, tiles=dense_tiles)
-        if ts2 < ts:
-            ts, ps = ts2, ps2
-            ps["tiling"] = "the dense layer's (faster than its own)"
+    # With reuse_dense_tiling the sparse layer may take any split from its own rule's pick through
+    # the dense layer's (which fits it too): a sparser layer then has every choice a denser one has,
+    # so it is never estimated slower.
+    reuse = prof.get("reuse_dense_tiling", True)
+    dense_split = (pd["tiles"]["ci"], pd["tiles"]["co"])
+    ts, ps = plan_aie2(spec, sp, prof, with_subvolumes=with_subvolumes, until=dense_split if reuse else None)
+    chosen = (ps["tiles"]["ci"], ps["tiles"]["co"])
+    own = (ps["rule_tiles"]["ci"], ps["rule_tiles"]["co"])
+    ps["tiling"] = ("own (W, Co, Ci rule)" if chosen == own else
+                    "the dense layer's Co/Ci split (faster than its own)" if chosen == dense_split else
+                    "between its own and the dense layer's Co/Ci split (faster than its own)")
     subs = ps.pop("subvolumes")
     pd.pop("subvolumes", None)
     return LayerEstimate(ts, td, ps["bytes_loaded"] + ps["bytes_written"], pd["bytes_loaded"] + pd["bytes_written"],
