@@ -175,7 +175,8 @@ def _validate(params: dict, where: str) -> None:
     schema = SCHEMAS[kind]
     missing = [k for k, (_, required) in schema.items() if required and k not in params]
     if missing:
-        raise ProfileError(f"profile {where}: missing key {missing[0]!r} ({'an' if kind == 'aie2' else 'a'} {kind} profile needs "
+        article = "an" if kind == "aie2" else "a"
+        raise ProfileError(f"profile {where}: missing key {missing[0]!r} ({article} {kind} profile needs "
                            f"{', '.join(k for k, (_, r) in schema.items() if r)})")
     for key, value in params.items():
         if key not in schema:
