@@ -121,3 +121,26 @@ def test_edited_compile_metadata_is_refused(tmp_path):
     save_file(tensors, str(edited), metadata=meta)
     with pytest.raises(ValueError, match=r"edited.safetensors: its 'nmsparse.compiled' metadata .* CRC-32"):
         load_compact(edited)
+
+
+def test_save_links_charts_and_cpu_block_size(tmp_path):
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 8))
+    prune_blocks(net, 0.5, dense_first=False)
+    with pytest.raises(ValueError, match="cpu target's kernels and cost model run 8x8 blocks only"):
+        compile_model(net, "cpu", (1, 8, 6, 6), block=(16, 8), measure=False)
+    compiled = compile_model(net, "aie2", (1, 8, 6, 6))
+    pytest.importorskip("matplotlib")
+    paths = compiled.save(tmp_path, charts=True)
+    report = (tmp_path / "report.md").read_text()
+    assert "(layers.png)" in report and (tmp_path / "layers.png").exists(), paths
+    compiled.save(tmp_path, charts=False)  # charts of the earlier run go, the report no longer links them
+    assert not (tmp_path / "layers.png").exists() and "(layers.png)" not in (tmp_path / "report.md").read_text()
+
+
+def test_binary_profile_file_is_named(tmp_path):
+    from nmsparse.compile import ProfileError, load_target
+
+    img = tmp_path / "img.yaml"
+    img.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ProfileError, match=r"img.yaml is not a text file"):
+        load_target(str(img))

@@ -159,14 +159,9 @@ class CompiledModel:
         save(paths["compact"], self.compact, metadata=self._metadata())
         with open(paths["plan"], "w") as f:
             json.dump(self.plan_dict(), f, indent=1, default=_json_default)
-        if charts:
-            from .report import write_charts
+        from .report import write_report
 
-            paths.update(write_charts(self, out))
-        text = self.report()
-        if charts and "charts_note" in paths:
-            text += "\n\n" + paths.pop("charts_note")
-        Path(paths["report"]).write_text(text + "\n")
+        paths.update(write_report(self, out, charts=charts, name=REPORT_FILE))
         return paths
 
 
@@ -213,6 +208,9 @@ def compile_model(model: nn.Module, target, example_input_shape, *, block=None, 
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     tgt = target if isinstance(target, Target) else load_target(target)
     block = tuple(block or tgt.params["block"])
+    if tgt.kind == "cpu" and block != (8, 8):
+        raise ValueError(f"block={block}: the cpu target's kernels and cost model run 8x8 blocks only; use "
+                         f"block=(8, 8) or an aie2/gpu target")
     measure = (tgt.kind == "cpu") if measure is None else measure
     plain = _squash_copy(model)
     where = source or type(model).__name__

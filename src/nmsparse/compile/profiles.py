@@ -215,6 +215,9 @@ def _read(path: Path) -> dict:
         text = path.read_text()
     except OSError as e:
         raise ProfileError(f"profile {path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise ProfileError(f"profile {path} is not a text file (not UTF-8): expected a YAML profile such as "
+                           f"the shipped ones (nmsparse/compile/targets/*.yaml)") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
