@@ -40,6 +40,8 @@ class GradSparsity:
             raise ValueError(f"grad.method must be one of {SDGP_METHODS}, got {self.method!r}")
         if self.layers not in ("conv", "conv+linear"):
             raise ValueError(f"grad.layers must be 'conv' or 'conv+linear', got {self.layers!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"grad.seed must be an int, got {self.seed!r}")
         _check_nm(self.n, self.m, "grad")
 
 
@@ -57,6 +59,7 @@ class WeightNM:
 
     def __post_init__(self):
         _check_nm(self.n, self.m, "weight")
+        _check_by_building(self)
 
 
 @dataclass
@@ -73,7 +76,10 @@ class WeightBlock:
     power: float = 3
 
     def __post_init__(self):
+        if not isinstance(self.block, (tuple, list)):
+            raise TypeError(f"weight.block must be a pair such as [8, 8], got {self.block!r}")
         self.block = tuple(self.block)
+        _check_by_building(self)
 
 
 @dataclass
@@ -87,6 +93,29 @@ class SparsityConfig:
     on_incompatible: str = "error"  # "error" | "skip" (with a warning)
 
     def __post_init__(self):
+        # Plain dicts are accepted where the dataclasses are expected (as in from_dict).
+        if isinstance(self.weight, dict):
+            self.weight = SparsityConfig.from_dict({"weight": self.weight}).weight
+        if isinstance(self.grad, dict):
+            self.grad = _from_dict(GradSparsity, self.grad, "sparsity.grad")
+        if self.weight is not None and not isinstance(self.weight, (WeightNM, WeightBlock)):
+            raise TypeError(f"sparsity.weight must be a WeightNM, a WeightBlock or a dict, got "
+                            f"{type(self.weight).__name__}")
+        if self.grad is not None and not isinstance(self.grad, GradSparsity):
+            raise TypeError(f"sparsity.grad must be a GradSparsity or a dict, got {type(self.grad).__name__}")
+        # A single pattern string would otherwise be matched one character at a time.
+        if isinstance(self.include, str):
+            self.include = [self.include]
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+        for key in ("include", "exclude"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, (list, tuple))
+                                      or not all(isinstance(v, str) for v in value)):
+                raise TypeError(f"sparsity.{key} must be a module-name pattern or a list of them (fnmatch, e.g. "
+                                f"'features.*'), got {value!r}")
+            if value is not None:
+                setattr(self, key, list(value))
         if self.on_incompatible not in ("error", "skip"):
             raise ValueError(f"on_incompatible must be 'error' or 'skip', got {self.on_incompatible!r}")
         if self.weight is None and self.grad is None:
@@ -115,6 +144,16 @@ class SparsityConfig:
         elif self.weight is not None:
             d["weight"] = {"kind": "nm", **d["weight"]}
         return d
+
+
+def _check_by_building(cfg) -> None:
+    """Validate a weight setting when it is written, by building its parametrization once."""
+    from .sparsify import _weight_parametrization
+
+    try:
+        _weight_parametrization(cfg)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"sparsity.weight: {e}") from None
 
 
 def _check_nm(n, m, where: str) -> None:

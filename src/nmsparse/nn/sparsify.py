@@ -29,7 +29,8 @@ def final_classifier(model: nn.Module) -> str | None:
 
 def default_filter(model: nn.Module, include_linear: bool = True) -> FilterFn:
     """The references' choice: every Conv2d except a stem with <= 3 input channels, and (when
-    include_linear) every Linear except the final classifier."""
+    include_linear) every Linear except the final classifier (the last nn.Linear registered: pass
+    a filter_fn or config.include where that is not the classifier)."""
     head = final_classifier(model)
 
     def keep(name: str, mod: nn.Module) -> bool:
@@ -40,6 +41,16 @@ def default_filter(model: nn.Module, include_linear: bool = True) -> FilterFn:
         return False
 
     return keep
+
+
+def _mha_projections(model: nn.Module) -> set[str]:
+    """Linears owned by nn.MultiheadAttention: it reads their weight but never calls their forward."""
+    out = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            out |= {f"{name}.{child}" if name else child for child, sub in mod.named_children()
+                    if isinstance(sub, nn.Linear)}
+    return out
 
 
 def _name_filter(patterns: list[str]) -> FilterFn:
@@ -66,6 +77,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _plan(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | None, for_grad: bool):
+    explicit = filter_fn is not None or config.include is not None
     if filter_fn is not None:
         chosen = filter_fn
     elif config.include is not None:
@@ -73,8 +85,22 @@ def _plan(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | None, 
     else:
         chosen = default_filter(model, include_linear=not for_grad or config.grad.layers == "conv+linear")
     excluded = _name_filter(config.exclude)
-    return [(name, mod) for name, mod in model.named_modules()
-            if isinstance(mod, (nn.Conv2d, nn.Linear)) and chosen(name, mod) and not excluded(name, mod)]
+    mha = _mha_projections(model) if for_grad else set()
+    plan = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or not chosen(name, mod) or excluded(name, mod):
+            continue
+        if name in mha:  # SDGP replaces forward(), which nn.MultiheadAttention never calls
+            if explicit:
+                raise ValueError(f"layer {name!r} belongs to an nn.MultiheadAttention, which uses its weight without "
+                                 f"calling its forward, so SDGP cannot prune its gradient; exclude it (weight "
+                                 f"sparsity does work there) or build attention from nn.Linear layers")
+            continue
+        if not for_grad and not explicit and isinstance(mod, nn.Conv2d) and mod.groups > 1 \
+                and mod.groups == mod.in_channels:
+            continue  # depthwise: one input channel per filter leaves nothing to group or block
+        plan.append((name, mod))
+    return plan
 
 
 def _compatible(name: str, mod: nn.Module, check, config: SparsityConfig) -> bool:
@@ -89,13 +115,25 @@ def _compatible(name: str, mod: nn.Module, check, config: SparsityConfig) -> boo
         raise ValueError(msg + " (pass on_incompatible='skip' to leave such layers dense)") from None
 
 
+def _nothing_selected(model: nn.Module, config: SparsityConfig, filter_fn, what: str) -> ValueError:
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    how = ("filter_fn" if filter_fn is not None else f"include={config.include}" if config.include is not None
+           else "the default filter (convs with > 3 input channels" + (", Linears but the last" if what == "weight"
+                or (config.grad and config.grad.layers == "conv+linear") else "") + ")")
+    shown = ", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "") if layers else "none"
+    return ValueError(f"no layer selected for {what} sparsity: {how} with exclude={config.exclude} matched none of "
+                      f"the model's Conv2d/Linear layers ({shown})")
+
+
 def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterFn | None = None) -> nn.Module:
     """Convert `model` in place to the weight and/or data-gradient sparsity in `config`; returns it.
 
     filter_fn(name, module) -> bool picks the layers (default: the references' choice, see
     `default_filter`); config.include / config.exclude select by module-name patterns instead.
-    Call it before building the optimizer: parameters keep their identity, but a weight
-    parametrization moves the dense weight to `<layer>.parametrizations.weight.original`.
+    Every selected layer is checked before any is converted, so an error leaves the model as it
+    was; selecting no layer at all is an error. Call it before building the optimizer: parameters
+    keep their identity, but a weight parametrization moves the dense weight to
+    `<layer>.parametrizations.weight.original`.
     """
     if isinstance(config, dict):
         config = SparsityConfig.from_dict(config)
@@ -104,16 +142,27 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterF
     for name, mod in model.named_modules():
         if parametrize.is_parametrized(mod, "weight") or isinstance(mod, (SDGPConv2d, SDGPLinear)):
             raise ValueError(f"layer {name!r} is already sparsified; call squash(model) first to start over")
+    grad_plan, weight_plan = [], []
     if config.grad is not None:
-        for index, (name, mod) in enumerate(_plan(model, config, filter_fn, for_grad=True)):
+        planned = _plan(model, config, filter_fn, for_grad=True)
+        if not planned:
+            raise _nothing_selected(model, config, filter_fn, "gradient (SDGP)")
+        for index, (name, mod) in enumerate(planned):
             out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
             if _compatible(name, mod, lambda: _check_channels(out, config.grad.m), config):
-                _set_submodule(model, name, _to_sdgp(name, mod, config.grad, index))
+                grad_plan.append((name, mod, index))
     if config.weight is not None:
-        for name, mod in _plan(model, config, filter_fn, for_grad=False):
+        planned = _plan(model, config, filter_fn, for_grad=False)
+        if not planned:
+            raise _nothing_selected(model, config, filter_fn, "weight")
+        for name, mod in planned:
             p = _weight_parametrization(config.weight)
             if _compatible(name, mod, lambda: p.check_weight(mod.weight.shape), config):
-                parametrize.register_parametrization(mod, "weight", p)
+                weight_plan.append((name, p))
+    for name, mod, index in grad_plan:
+        _set_submodule(model, name, _to_sdgp(name, mod, config.grad, index))
+    for name, p in weight_plan:  # by name: the module may have just become its SDGP version
+        parametrize.register_parametrization(model.get_submodule(name), "weight", p)
     return model
 
 
@@ -170,6 +219,10 @@ def squash(model: nn.Module) -> nn.Module:
     """Back to plain nn.Conv2d / nn.Linear with the masked weights baked in (dense with zeros), in place."""
     for name, mod, p, is_sdgp in list(sparse_layers(model)):
         if p is not None:
+            # torch removes the weight property from the module's injected class, which a deepcopy of
+            # the model shares: give this module a class of its own first, so the copy keeps working.
+            cls = mod.__class__
+            mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
         if is_sdgp:
             _set_submodule(model, name, mod.to_dense())
