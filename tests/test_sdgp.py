@@ -16,6 +16,9 @@ from conftest import FLOAT_DTYPES
 from nmsparse.nn.sdgp import (SDGP_METHODS, SDGPConv2d, SDGPLinear, prune_grad, sdgp_conv2d,
                               sdgp_linear)
 
+# the methods for any n:m ("tile24" is 2:4 only and has its own tests below)
+NM_METHODS = tuple(m for m in SDGP_METHODS if m != "tile24")
+
 EPS = 1e-4
 
 
@@ -84,7 +87,7 @@ def grad_cases(draw):
     return x.to(dtype), n, m, dim
 
 
-@given(grad_cases(), st.sampled_from(SDGP_METHODS))
+@given(grad_cases(), st.sampled_from(NM_METHODS))
 def test_prune_grad_matches_reference(case, method):
     g, n, m, dim = case
     seed = 123
@@ -108,7 +111,7 @@ def test_prune_grad_matches_reference(case, method):
 
 
 @given(st.sampled_from([2, 4, 8, 16, 32]), st.integers(1, 3), st.integers(1, 3),
-       st.sampled_from(SDGP_METHODS), st.sampled_from(FLOAT_DTYPES), st.integers(0, 2**31 - 1))
+       st.sampled_from(NM_METHODS), st.sampled_from(FLOAT_DTYPES), st.integers(0, 2**31 - 1))
 def test_channels_last_equals_nchw(m, h, w, method, dtype, seed):
     n = max(1, m // 4)
     g = torch.randn(2, 2 * m, h, w, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -138,7 +141,7 @@ def test_rescale_keeps_l1_norm(shape, dim):
         assert (kept == 0).any() and live.any()
 
 
-@given(grad_cases(), st.sampled_from(SDGP_METHODS), st.integers(0, 2**31 - 1))
+@given(grad_cases(), st.sampled_from(NM_METHODS), st.integers(0, 2**31 - 1))
 def test_nonfinite_survives_pruning(case, method, seed):
     g, n, m, dim = case
     r = torch.Generator().manual_seed(seed)
@@ -207,7 +210,7 @@ def conv_cases(draw):
     size = [dl * (kk - 1) + 1 + draw(st.integers(0, 3)) for dl, kk in zip(dilation, k)]
     return dict(cin=cin, cout=cout, k=k, stride=stride, padding=padding, dilation=dilation,
                 groups=groups, bias=draw(st.booleans()), n=n, m=m, size=size,
-                method=draw(st.sampled_from(SDGP_METHODS)), seed=draw(st.integers(0, 2**20)))
+                method=draw(st.sampled_from(NM_METHODS)), seed=draw(st.integers(0, 2**20)))
 
 
 @given(conv_cases())
@@ -243,7 +246,7 @@ def test_conv_gradients_match_float64_reference(c):
 
 
 @given(st.sampled_from([2, 4, 8, 16, 32]), st.integers(1, 5), st.sampled_from([(5,), (3, 4), (2,), ()]),
-       st.booleans(), st.sampled_from(SDGP_METHODS), st.integers(0, 2**20))
+       st.booleans(), st.sampled_from(NM_METHODS), st.integers(0, 2**20))
 def test_linear_gradients_match_float64_reference(m, fin, lead, bias, method, seed):
     n = max(1, m // 2 - 1)
     torch.manual_seed(seed)
@@ -449,7 +452,7 @@ def test_module_bad_input():
 # ----------------------------------------------------------------------------- AMP, compile
 
 
-@pytest.mark.parametrize("method", SDGP_METHODS)
+@pytest.mark.parametrize("method", NM_METHODS)
 def test_grad_scaler_sees_overflow_through_pruning(method):
     torch.manual_seed(0)
     pre = nn.Conv2d(4, 8, 1)
@@ -515,3 +518,69 @@ def test_torch_compile_random_matches_eager():
     for ga, gb in zip(train(model, 2), train(compiled, 2)):
         for p, q in zip(ga, gb):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# --- "tile24": the 2:4 pattern of the fused tensor-core route ---------------------------------
+
+def test_tile24_method_matches_the_reference_and_its_invariants():
+    from nmsparse.kernels.reference import tile24_prune_grad
+    from nmsparse.nn.sdgp import prune_grad
+
+    g = torch.randn(3, 8, 5, 4, dtype=torch.float64)  # NCHW: positions N*H*W = 60, padded to 64 inside
+    out = prune_grad(g, 2, 4, "tile24", dim=1)
+    torch.testing.assert_close(out, tile24_prune_grad(g, 1), rtol=0, atol=0)
+    keep = (out != 0).movedim(1, -1).reshape(-1, 8)
+    assert int(keep.view(-1, 2, 4).sum(-1).max()) <= 2  # <= 2 of every 4 channels at each position
+    full = keep[:60 - 60 % 4].view(-1, 4, 2, 4)  # 4 consecutive positions x 4 channels tiles
+    assert int(full.sum(1).max()) <= 2  # <= 2 per channel column of a tile: transposable
+    assert torch.equal(out[out != 0], g[out != 0])
+    with pytest.raises(ValueError, match="'tile24' is the 2:4 tensor-core pattern"):
+        prune_grad(g, 1, 4, "tile24", dim=1)
+    bad = g.clone()
+    bad[0, 3, 1, 1], bad[2, 6, 0, 3] = float("nan"), float("inf")
+    kept = prune_grad(bad, 2, 4, "tile24", dim=1)
+    assert kept[0, 3, 1, 1].isnan() and kept[2, 6, 0, 3].isinf()
+
+
+def test_tile24_layers_and_config():
+    from nmsparse.nn.config import GradSparsity
+    from nmsparse.nn.sdgp import SDGPConv2d, SDGPLinear, prune_grad
+
+    torch.manual_seed(0)
+    lin = SDGPLinear(16, 8, method="tile24").double()
+    x = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(12, 8, dtype=torch.float64)
+    lin(x).backward(gy)
+    torch.testing.assert_close(x.grad, prune_grad(gy, 2, 4, "tile24", dim=-1) @ lin.weight.detach())
+    conv = SDGPConv2d(4, 8, 3, padding=1, method="tile24").double()
+    xc = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    gc = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    conv(xc).backward(gc)
+    ref = torch.nn.grad.conv2d_input(xc.shape, conv.weight.detach(), prune_grad(gc, 2, 4, "tile24", dim=1), padding=1)
+    torch.testing.assert_close(xc.grad, ref)
+    with pytest.raises(ValueError, match="needs n=2, m=4"):
+        GradSparsity(4, 8, "tile24")
+    with pytest.raises(ValueError, match="needs n=2, m=4"):
+        SDGPLinear(16, 8, n=1, m=4, method="tile24")
+
+
+def test_linear_input_gradient_takes_the_sparse_core_route_when_it_answers(monkeypatch):
+    """The dispatcher boundary: a tensor from ops.sdgp_linear_dx is used as is; None means dense."""
+    from nmsparse.kernels import ops
+    from nmsparse.nn.sdgp import SDGPLinear, prune_grad
+
+    lin = SDGPLinear(16, 8, method="magnitude")
+    x = torch.randn(4, 16, requires_grad=True)
+    calls = []
+
+    def fake(gy, weight, n, m, method, generator=None):
+        calls.append((tuple(gy.shape), tuple(weight.shape), n, m, method))
+        return torch.full((4, 16), 7.0)
+
+    monkeypatch.setattr(ops, "sdgp_linear_dx", fake)
+    lin(x).sum().backward()
+    assert calls == [((4, 8), (8, 16), 2, 4, "magnitude")] and torch.equal(x.grad, torch.full((4, 16), 7.0))
+    monkeypatch.setattr(ops, "sdgp_linear_dx", lambda *a, **k: None)
+    x.grad = None
+    lin(x).sum().backward()
+    torch.testing.assert_close(x.grad, prune_grad(torch.ones(4, 8), 2, 4, "magnitude", -1) @ lin.weight.detach())

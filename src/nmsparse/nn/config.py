@@ -29,7 +29,7 @@ class GradSparsity:
 
     n: int = 2
     m: int = 4
-    method: str = "rescale"  # "magnitude" | "random" | "rescale"
+    method: str = "rescale"  # "magnitude" | "random" | "rescale" | "tile24" (2:4 only)
     layers: str = "conv"  # "conv" (the reference: convs with > 3 input channels) | "conv+linear"
     seed: int = 0
 
@@ -43,6 +43,9 @@ class GradSparsity:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"grad.seed must be an int, got {self.seed!r}")
         _check_nm(self.n, self.m, "grad")
+        if self.method == "tile24" and (self.n, self.m) != (2, 4):
+            raise ValueError(f"grad.method 'tile24' is the 2:4 tensor-core pattern: it needs n=2, m=4, got "
+                             f"{self.n}:{self.m}")
 
 
 @dataclass

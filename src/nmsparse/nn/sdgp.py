@@ -12,11 +12,14 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 from torch.nn.utils import parametrize
 
+from ..kernels import ops
 from ..kernels.ops import prune_grad_fast
 from ..kernels.reference import PRUNE_METHODS, prune_checked
 from ..patterns._checks import check_dim, check_divisible, check_float_tensor, check_nm
 
-SDGP_METHODS = PRUNE_METHODS
+# "tile24": 2:4 chosen by the fused prune-and-compress route of 2:4 sparse tensor cores (greedy in
+# 4 positions x 4 channels tiles; a transposable pattern), which can differ from "magnitude".
+SDGP_METHODS = PRUNE_METHODS + ("tile24",)
 # Generator seed for a layer's backward number `step`: seed * _SEED_STRIDE + step.
 _SEED_STRIDE = 1_000_003
 
@@ -28,10 +31,12 @@ def _check_method(method) -> None:
         raise ValueError(f"method must be one of {SDGP_METHODS}, got {method!r}")
 
 
-def _check_nm(n, m) -> tuple[int, int]:
+def _check_nm(n, m, method: str | None = None) -> tuple[int, int]:
     n, m = check_nm(n, m)
     if n < 1:  # nothing kept: no input gradient, and an overflow would go unseen
         raise ValueError(f"n must be >= 1 for SDGP, got n={n}")
+    if method == "tile24" and (n, m) != (2, 4):
+        raise ValueError(f"method 'tile24' is the 2:4 tensor-core pattern: it needs n=2, m=4, got {n}:{m}")
     return n, m
 
 
@@ -48,12 +53,19 @@ def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: 
     holds inf or NaN still holds a non-finite value afterwards, so a gradient scaler sees it.
     On CUDA with triton installed a Triton kernel does it (nmsparse.kernels; same values, except
     that "random" draws from the kernel's own stream, seeded by the generator's initial seed).
+    "tile24" (2:4 only) keeps what the fused route of 2:4 sparse tensor cores keeps: g as
+    (positions, channels) in tiles of 4 x 4, at most 2 per row and per column, greedily by |g|
+    (``kernels.reference.tile24_prune_grad``; PyTorch's tile kernel on an sm80+ GPU).
     """
     check_float_tensor(g, "g")
-    n, m = _check_nm(n, m)
-    d = check_dim(g, dim)
     _check_method(method)
+    n, m = _check_nm(n, m, method)
+    d = check_dim(g, dim)
     check_divisible(g.shape[d], m, f"g's channel dim {dim}", g.shape)
+    if method == "tile24":
+        out = ops.tile24_prune_grad(g, d)
+        # The tile's greedy choice may drop a NaN; keep non-finite entries so a scaler still sees them.
+        return torch.where(torch.isfinite(g), out, g)
     fast = prune_grad_fast(g, n, m, method, d, generator, eps)
     if fast is not None:
         return fast
@@ -127,7 +139,10 @@ class _SDGPLinearFn(torch.autograd.Function):
             db = g2.sum(0)
         if need_x:
             n, m, method, generator = ctx.prune
-            dx = prune_grad(gy, n, m, method, -1, generator).matmul(weight)
+            # 2:4 sparse tensor cores where they apply and were measured faster for this shape (else None)
+            dx = ops.sdgp_linear_dx(gy, weight, n, m, method, generator)
+            if dx is None:
+                dx = prune_grad(gy, n, m, method, -1, generator).matmul(weight)
         return (dx, dw, db) + (None,) * 4
 
 
@@ -172,8 +187,8 @@ class _SDGPMixin:
     _out_name: str
 
     def _init_sdgp(self, out: int, n, m, method, seed, device) -> None:
-        n, m = _check_nm(n, m)
         _check_method(method)
+        n, m = _check_nm(n, m, method)
         if out % m:
             raise ValueError(f"{self._dense_cls.__name__} with {self._out_name}={out} cannot be "
                              f"grouped by m={m}: {out} is not divisible by {m}")
