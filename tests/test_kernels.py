@@ -498,3 +498,20 @@ def test_sdgp_prune_grad_uses_the_kernel_on_cuda(method):
     else:
         torch.testing.assert_close(out.cpu(), ref.prune_reference(g.cpu(), 2, 4, method, 1), rtol=8e-3,
                                    atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("method", ["tile24", "magnitude"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not SPARSE_CORES, reason="needs an sm80+ NVIDIA GPU for 2:4 sparse tensor cores")
+def test_sdgp_linear_layer_on_sparse_cores(method):
+    """An SDGPLinear's input gradient on the GPU (sparse cores where the dispatcher picks them)
+    equals its pruning rule applied to dY, times W, within bf16 rounding."""
+    from nmsparse.nn.sdgp import SDGPLinear, prune_grad
+
+    torch.manual_seed(0)
+    lin = SDGPLinear(512, 1024, method=method).cuda().to(torch.bfloat16)
+    x = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gy = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    lin(x).backward(gy)
+    want = prune_grad(gy.float().cpu(), 2, 4, method, dim=-1) @ lin.weight.detach().float().cpu()
+    assert _rel(x.grad.float().cpu(), want) < 2e-2
