@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .schedule import LENGTH_INDEPENDENT_SCHEDULES
+
 FORMAT_VERSION = 1
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
 RESUMABLE_DIFFERENCES = {"epochs", "progress", "device", "eval_every", "name", "data.root", "data.workers"}
@@ -21,6 +23,7 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the run's other files follow the umask
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
@@ -29,6 +32,12 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -42,12 +51,15 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise ValueError(f"{path} is a directory: pass the checkpoint.pt file inside a run directory{hint}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except (PermissionError, IsADirectoryError, FileNotFoundError):
+        raise
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError,
-            UnicodeDecodeError, AttributeError, IndexError, TypeError) as e:
+            UnicodeDecodeError, AttributeError, IndexError, TypeError, OSError) as e:
+        # A truncated zip archive can surface as OSError [Errno 22] from the reader's seek.
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"{path} cannot be loaded as a PyTorch checkpoint ({type(e).__name__}: {first[:200]}); "
                          f"a training checkpoint that fails here is truncated or corrupt: resume from an earlier "
-                         f"one or start a new run in another --out") from None
+                         f"one, or start over with --restart or in another --out") from None
     if not isinstance(state, dict) or "format_version" not in state:
         raise ValueError(f"{path} is not an nmsparse training checkpoint")
     if state["format_version"] != FORMAT_VERSION:
@@ -79,7 +91,35 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def check_config(path: str | Path, state: dict, current: dict) -> None:
+    """ValueError listing the keys (other than RESUMABLE_DIFFERENCES) where `current` differs from the saved config."""
     diffs = config_differences(state.get("config", {}), current)
     if diffs:
         raise ValueError(f"checkpoint {path} was written by a different config ({'; '.join(diffs)}); "
-                         f"use the same config to resume, or another --out to start a new run")
+                         f"use the same config to resume, or another --out (or --restart) to start a new run")
+
+
+def check_resume(path: str | Path, state: dict, current: dict) -> str | None:
+    """Refuse a resume that would not continue the saved run as the `current` config describes it.
+
+    The config must match (check_config). A changed `epochs` must not be fewer than the run already has, and may
+    only grow under a schedule whose learning rate does not depend on the run's length (otherwise the steps taken
+    followed another curve than a fresh run of the new length). Returns a note when epochs grew, else None.
+    """
+    check_config(path, state, current)
+    saved = state.get("config", {})
+    old, new = saved.get("epochs"), current.get("epochs")
+    if old is None or new is None or old == new:
+        return None
+    done = min(state.get("epoch", 0), old)  # a fractional run's last epoch counts as the fraction
+    if new < done:
+        raise ValueError(f"checkpoint {path} holds a run that already has {done:g} epochs (its config says epochs: "
+                         f"{old:g}), so it cannot become a {new:g}-epoch run: use another --out for a {new:g}-epoch "
+                         f"run, or --restart to replace this one")
+    schedule = (current.get("schedule") or {}).get("name")
+    if schedule not in LENGTH_INDEPENDENT_SCHEDULES:
+        raise ValueError(f"checkpoint {path} was trained for epochs: {old:g} (done: {done:g}) under the {schedule} "
+                         f"schedule, whose learning rate depends on the run's length: resuming it with epochs: "
+                         f"{new:g} would not match a fresh {new:g}-epoch run. Keep epochs: {old:g} to resume it; "
+                         f"for {new:g} epochs use another --out, or --restart to replace this run")
+    return (f"extending the run in {Path(path).parent} from {old:g} to {new:g} epochs (the {schedule} schedule does "
+            f"not depend on the run's length, so this equals a fresh {new:g}-epoch run)")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..nn.sparsify import sparsify, sparsity_report
 from . import distributed
-from .checkpoint import check_config, load_checkpoint, save_checkpoint
+from .checkpoint import check_resume, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import NUM_CLASSES, STATS, TensorLoader, load_dataset
 from .data_imagefolder import imagefolder_loader
@@ -43,6 +43,10 @@ def build_loaders(cfg: TrainConfig, device: torch.device, rank: int = 0, world: 
     common = dict(device=device, channels_last=cfg.channels_last)
     xtr, ytr = load_dataset(d.name, d.root, "train")
     xte, yte = load_dataset(d.name, d.root, "test")
+    side = min(xtr.shape[-2:])
+    if d.translate >= side:  # reflect padding needs a pad smaller than the image
+        raise ValueError(f"config.data.translate must be less than the image side ({side} pixels for {d.name}), "
+                         f"got {d.translate}")
     train = TensorLoader(xtr, ytr, d.batch_size, mean, std, shuffle=True, drop_last=False, flip=d.flip,
                          translate=d.translate, cutout=d.cutout, seed=cfg.seed, rank=rank, world_size=world, **common)
     test = TensorLoader(xte, yte, d.test_batch_size, mean, std, shuffle=False, **common)
@@ -128,18 +132,22 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
 
     epoch, step, history = 0, 0, []
     ckpt = out / CHECKPOINT if out is not None else None
+    # With resume=False over an existing run, its files describe it until the new run's first checkpoint.
+    replacing = not resume and ckpt is not None and ckpt.exists()
     if resume and ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt, map_location=device)
-        check_config(ckpt, state, cfg.to_dict())
+        note = check_resume(ckpt, state, cfg.to_dict())
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         epoch, step, history = state["epoch"], state["step"], state["history"]
-        log(f"resumed from {ckpt} at epoch {epoch} (step {step})")
+        if info.is_main:
+            if note:
+                log(f"note: {note}")
+            log(f"resumed from {ckpt} at epoch {epoch} (step {step})")
     metrics = MetricsLog(out, enabled=main)
-    metrics.truncate(len(history))
-    if main:
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if main and not replacing:
+        _describe_run(out, cfg, metrics, history)
 
     n_epochs = math.ceil(cfg.epochs)
     t_start = time.perf_counter()
@@ -182,10 +190,13 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
             row.update(evaluate(model, test_loader, device, amp_dtype, cfg.tta_flip))
         history.append(row)
         if main:
-            metrics.log(row)
             save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                    "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
                                    "history": history, "config": cfg.to_dict()})
+            if replacing:  # the old checkpoint is gone now: its config, metrics and summary go too
+                _describe_run(out, cfg, metrics, history[:-1])
+                replacing = False
+            metrics.log(row)  # after the checkpoint: a resume rewrites the metrics from its history
         if info.is_main:
             acc = f", test acc {row['test_acc']:.2f}%" if "test_acc" in row else ""
             log(f"{cfg.name}: epoch {epoch}/{n_epochs}, train loss {row['train_loss']:.4f}{acc} "
@@ -194,6 +205,13 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
     if main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _describe_run(out: Path, cfg: TrainConfig, metrics: MetricsLog, history: list[dict]) -> None:
+    """Make config.yaml and the metrics files say what the checkpoint holds; drop a summary of an earlier state."""
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    metrics.rewrite(history)
+    (out / "summary.json").unlink(missing_ok=True)
 
 
 def _summary(cfg: TrainConfig, model: nn.Module, history: list[dict], seconds: float) -> dict:

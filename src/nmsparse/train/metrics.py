@@ -21,11 +21,10 @@ class MetricsLog:
             except (ImportError, ModuleNotFoundError):
                 self.tb = None
 
-    def truncate(self, epochs_kept: int) -> None:
-        """Drop rows past `epochs_kept` (left by a run interrupted after its last checkpoint)."""
+    def rewrite(self, rows: list[dict]) -> None:
+        """Replace both files with `rows` (a checkpoint's history: the record of what the run has done)."""
         if self.out_dir is None:
             return
-        rows = read_metrics(self.out_dir)[:epochs_kept]
         (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         self._write_csv(rows)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 SCHEDULES = ("triangular", "onecycle", "cosine", "constant")
+# Schedules whose lr at a step does not depend on the total steps: only these let a run be extended on resume.
+LENGTH_INDEPENDENT_SCHEDULES = ("constant",)
 
 
 def lr_factor(name: str, step: int, total: int, warmup: int, start: float = 0.0, end: float = 0.0) -> float:
