@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,12 +89,22 @@ def _coerce(value, annotation, where: str):
             return None
         if h is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if h is float and isinstance(value, str) and _is_number(value):  # YAML 1.1 reads 1e-3 as a string
+            return float(value)
         if h is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if h in (str, bool, dict) and isinstance(value, h):
             return value
     names = " or ".join(getattr(h, "__name__", str(h)) for h in hints)
     raise ValueError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return any(c.isdigit() for c in text)
 
 
 def _build(cls, d, where: str):
@@ -111,13 +122,87 @@ def _build(cls, d, where: str):
             kwargs[key] = _build(_SECTIONS[key], value or {}, f"{where}.{key}")
         elif key == "sparsity" and cls is TrainConfig:
             kwargs[key] = SparsityConfig.from_dict(value) if value else None
+        elif key == "amp" and cls is TrainConfig and value is False:  # YAML 1.1 reads a bare `off` as false
+            kwargs[key] = "off"
         else:
             kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
 
 
 def config_from_dict(d: dict) -> TrainConfig:
-    return _build(TrainConfig, d, "config")
+    """A validated TrainConfig; ValueError naming the key for unknown keys, wrong types and bad values."""
+    try:
+        return validate(_build(TrainConfig, d, "config"))
+    except TypeError as e:  # from SparsityConfig.from_dict and the dataclasses: still a user mistake
+        raise ValueError(str(e)) from None
+
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+OPTIMIZERS = ("sgd", "adamw")
+# Common spellings of the dataset names, offered as "did you mean" (not accepted: one name per dataset).
+DATASET_ALIASES = {"fmnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist",
+                   "cifar": "cifar10", "cifar-10": "cifar10", "cifar_10": "cifar10", "imagenet": "imagefolder",
+                   "image_folder": "imagefolder", "image-folder": "imagefolder", "sklearn-digits": "digits"}
+
+
+def _choice(where: str, value, choices, aliases: dict | None = None) -> None:
+    if value in choices:
+        return
+    close = (aliases or {}).get(str(value).lower())
+    close = close or next(iter(difflib.get_close_matches(str(value), choices, n=1)), None)
+    hint = f"; did you mean {close!r}?" if close else ""
+    raise ValueError(f"{where} must be one of {', '.join(choices)}, got {value!r}{hint}")
+
+
+def _at_least(where: str, value, low, what: str = "") -> None:
+    if not value >= low:  # also catches NaN
+        raise ValueError(f"{where} must be at least {low}{what}, got {value!r}")
+
+
+def _in_range(where: str, value, low, high, high_open: bool = False, what: str = "") -> None:
+    ok = low <= value < high if high_open else low <= value <= high
+    if not ok:
+        raise ValueError(f"{where} must be in [{low}, {high}{')' if high_open else ']'}{what}, got {value!r}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check choices and numeric ranges the types alone allow, so a bad value fails before any training."""
+    from .data import DATASETS
+    from .models import model_argument_error
+    from .schedule import SCHEDULES
+
+    _choice("config.data.name", cfg.data.name, DATASETS, DATASET_ALIASES)
+    _choice("config.amp", cfg.amp, AMP_CHOICES)
+    _choice("config.optim.name", cfg.optim.name, OPTIMIZERS)
+    _choice("config.schedule.name", cfg.schedule.name, SCHEDULES)
+    problem = model_argument_error(cfg.model.name, cfg.model.kwargs)
+    if problem:
+        raise ValueError(f"config.model: {problem}")
+    if not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise ValueError(f"config.epochs must be a number > 0 (fractions train part of the last epoch), "
+                         f"got {cfg.epochs!r}")
+    _at_least("config.seed", cfg.seed, 0)
+    _at_least("config.eval_every", cfg.eval_every, 1, " (evaluate every k epochs; the last epoch always is)")
+    d = cfg.data
+    _at_least("config.data.batch_size", d.batch_size, 1)
+    _at_least("config.data.test_batch_size", d.test_batch_size, 1)
+    _at_least("config.data.translate", d.translate, 0, " (random shift in pixels; 0 is off)")
+    _at_least("config.data.cutout", d.cutout, 0, " (side of the zeroed square in pixels; 0 is off)")
+    _at_least("config.data.workers", d.workers, 0, " (0 loads in the main process)")
+    _at_least("config.data.image_size", d.image_size, 1)
+    o = cfg.optim
+    if not (math.isfinite(o.lr) and o.lr > 0):
+        raise ValueError(f"config.optim.lr must be a finite number > 0, got {o.lr!r}")
+    _in_range("config.optim.momentum", o.momentum, 0, 1, high_open=True)
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        raise ValueError(f"config.optim.weight_decay must be a finite number >= 0, got {o.weight_decay!r}")
+    _in_range("config.optim.label_smoothing", o.label_smoothing, 0, 1, high_open=True)
+    s = cfg.schedule
+    if not (math.isfinite(s.warmup_epochs) and s.warmup_epochs >= 0):
+        raise ValueError(f"config.schedule.warmup_epochs must be a finite number >= 0, got {s.warmup_epochs!r}")
+    _in_range("config.schedule.start_factor", s.start_factor, 0, 1, what=" (a fraction of the peak lr)")
+    _in_range("config.schedule.end_factor", s.end_factor, 0, 1, what=" (a fraction of the peak lr)")
+    return cfg
 
 
 def _parse_value(text: str):
@@ -133,11 +218,28 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         key, text = item.split("=", 1)
         node = d
         parts = key.strip().split(".")
-        for p in parts[:-1]:
+        if not all(parts):
+            raise ValueError(f"--set {item!r}: the key must be dotted names like optim.lr, got {key!r}")
+        for i, p in enumerate(parts[:-1]):
+            if node.get(p) is not None and not isinstance(node[p], dict):
+                raise ValueError(f"--set {item}: {'.'.join(parts[:i + 1])} is a value ({node[p]!r}), "
+                                 f"not a section with keys")
             node[p] = dict(node.get(p) or {})
             node = node[p]
         node[parts[-1]] = _parse_value(text)
     return d
+
+
+def name_sparsity_overrides(d: dict, overrides: list[str]) -> dict:
+    """Append the --set sparsity... overrides to the run name (unless --set name= was given), so a run made
+    sparse from a dense config is not listed under the dense name, e.g. 'digits dense [sparsity.grad.n=1]'."""
+    keys = [item.split("=", 1)[0].strip() for item in overrides]
+    if "name" in keys:
+        return d
+    notes = [item.strip() for item, key in zip(overrides, keys) if key == "sparsity" or key.startswith("sparsity.")]
+    if not notes:
+        return d
+    return {**d, "name": f"{d.get('name', 'run')} [{', '.join(notes)}]"}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -154,7 +256,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         if not isinstance(d, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
     try:
-        return config_from_dict(apply_overrides(d, list(overrides)))
+        return config_from_dict(name_sparsity_overrides(apply_overrides(d, list(overrides)), list(overrides)))
     except (ValueError, TypeError) as e:
         where = f" in {path}" if path is not None else ""
         raise ValueError(f"{e}{where}") from None

@@ -64,18 +64,24 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model; ValueError for an unknown name, TypeError (naming the model) for bad kwargs."""
+def model_argument_error(name: str, kwargs: dict) -> str | None:
+    """Why `name` with `kwargs` cannot be built (unknown model or argument, with a suggestion), or None."""
     if name not in MODELS:
         close = difflib.get_close_matches(str(name), MODELS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else "."
-        raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(MODELS)}")
-    factory = MODELS[name]
-    params = [p for p in inspect.signature(factory).parameters if p != "self"]
+        return f"unknown model {name!r}{hint} Known models: {', '.join(MODELS)}"
+    params = [p for p in inspect.signature(MODELS[name]).parameters if p != "self"]
     for key in kwargs:
         if key not in params:
             close = difflib.get_close_matches(key, params, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"model {name!r} got an unexpected argument {key!r}{hint} "
-                            f"Valid arguments: {', '.join(params)}")
-    return factory(**kwargs)
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            return f"model {name!r} got an unexpected argument {key!r}{hint} Valid arguments: {', '.join(params)}"
+    return None
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model; ValueError for an unknown name, TypeError (naming the model) for bad kwargs."""
+    problem = model_argument_error(name, kwargs)
+    if problem:
+        raise (ValueError if name not in MODELS else TypeError)(problem)
+    return MODELS[name](**kwargs)
