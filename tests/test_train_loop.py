@@ -167,3 +167,5 @@ def test_torchrun_ddp_training(tmp_path):
     # Each rank sees half an epoch per epoch: 1437 images / 2 ranks / 64 per batch = 12 steps.
     # Half the steps of one process at twice the batch: it learns, a little slower.
     assert rows[-1]["step"] == 24 and rows[-1]["test_acc"] > 60
+    finals = [line for line in res.stdout.splitlines() if "final test top-1" in line]
+    assert len(finals) == 1 and f"final test top-1 {rows[-1]['test_acc']:.2f}%" in finals[0]  # rank 0 alone prints

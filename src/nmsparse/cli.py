@@ -36,6 +36,24 @@ def _demo(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _is_main_process() -> bool:
+    """False on the ranks other than 0 under torchrun: one process prints the result."""
+    from .train.distributed import is_main_process
+
+    return is_main_process()
+
+
 def _train(args) -> int:
     from .train.compare import format_table, run_compare
     from .train.config import load_config
@@ -43,32 +61,36 @@ def _train(args) -> int:
     from .train.loop import train
 
     if args.config is None:
-        from .train.config import apply_overrides
+        from .train.config import apply_overrides, name_sparsity_overrides
 
         out = Path(args.out or "runs/default")
-        configs = [apply_overrides(d, args.set) for d in default_configs()]
-        print(f"No --config: the embedded default, {len(configs)} runs on scikit-learn's digits -> {out}/")
-        rows = run_compare(configs, 1, out)
-        print("\n" + format_table(rows))
-        print(f"\nTable, CSV and accuracy plot: {out}/compare.md, compare.csv, compare.png")
+        configs = [name_sparsity_overrides(apply_overrides(d, args.set), args.set) for d in default_configs()]
+        if _is_main_process():
+            print(f"No --config: the embedded default, {len(configs)} runs on scikit-learn's digits -> {out}/")
+        rows = run_compare(configs, 1, out, resume=not args.restart)
+        if _is_main_process():
+            print("\n" + format_table(rows))
+            print(f"\nTable, CSV and accuracy plot: {out}/compare.md, compare.csv, compare.png")
         return 0
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     summary = train(cfg, out, resume=not args.restart)
-    print(f"\n{cfg.name}: final test top-1 {summary['final_test_acc']:.2f}% "
-          f"(best {summary['best_test_acc']:.2f}%); run directory {out}/")
+    if _is_main_process():
+        print(f"\n{cfg.name}: final test top-1 {summary['final_test_acc']:.2f}% "
+              f"(best {summary['best_test_acc']:.2f}%); run directory {out}/")
     return 0
 
 
 def _compare(args) -> int:
-    from .train.compare import expand_sweeps, format_table, load_config_dicts, run_compare
+    from .train.compare import distinct_names, expand_sweeps, format_table, load_config_dicts, run_compare
 
     configs = []
-    for d in load_config_dicts(args.configs, args.set):
+    for d in distinct_names(load_config_dicts(args.configs, args.set), args.configs):
         configs += expand_sweeps(d, args.sweep)
-    rows = run_compare(configs, args.seeds, args.out)
-    print("\n" + format_table(rows))
-    print(f"\nSaved {args.out}/compare.md, compare.csv, compare.png")
+    rows = run_compare(configs, args.seeds, args.out, resume=not args.restart)
+    if _is_main_process():
+        print("\n" + format_table(rows))
+        print(f"\nSaved {args.out}/compare.md, compare.csv, compare.png")
     return 0
 
 
@@ -116,11 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="several configs (or a sweep) x seeds: mean +- std table and a plot")
     c.add_argument("configs", nargs="+")
-    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..k-1 per config (default 3)")
     c.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="e.g. --sweep sparsity.grad.nm=1:4,2:4,4:8 (repeatable: cross product)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--out", default="runs/compare")
+    c.add_argument("--restart", action="store_true",
+                   help="ignore existing checkpoints under --out (each is replaced only at its run's next epoch end)")
     c.set_defaults(func=_compare)
 
     e = sub.add_parser("eval", help="test accuracy of a checkpoint, or of a compiled model run block-sparse on the CPU")

@@ -7,8 +7,10 @@ import csv
 import statistics
 from pathlib import Path
 
+from .checkpoint import check_resume, load_checkpoint
 from .config import apply_overrides, config_from_dict, load_config
-from .loop import pattern_label, read_run, train
+from .distributed import is_main_process
+from .loop import CHECKPOINT, pattern_label, read_run, train
 from .plots import plot_curves
 
 
@@ -36,36 +38,107 @@ def expand_sweeps(base: dict, sweeps: list[str]) -> list[dict]:
 
 
 def slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-").lower()
+    """A directory name for a run name: letters, digits and -_. only, lower case ('run' when nothing is left)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-").lower() or "run"
 
 
-def run_compare(configs: list[dict], seeds: int, out_dir: str | Path, log=print) -> list[dict]:
-    """Train every config with seeds 0..seeds-1 into out_dir/<name>/seed<k>; returns one row per config."""
+def distinct_names(configs: list[dict], paths: list[str]) -> list[dict]:
+    """Configs whose names would share a run directory get their file's stem appended, e.g. 'digits dense (lr05)'.
+
+    ValueError when that does not separate them (the same file twice, or equal names and equal file names).
+    """
+    out = [dict(d) for d in configs]
+    groups: dict[str, list[int]] = {}
+    for i, d in enumerate(configs):
+        groups.setdefault(slug(str(d.get("name", "run"))), []).append(i)
+    for idx in groups.values():
+        if len(idx) > 1:
+            for i in idx:
+                out[i]["name"] = f"{configs[i].get('name', 'run')} ({Path(paths[i]).stem})"
+    seen: dict[str, int] = {}
+    for i, d in enumerate(out):
+        j = seen.setdefault(slug(d["name"]), i)
+        if j != i:
+            what = "are the same file" if Path(paths[i]).resolve() == Path(paths[j]).resolve() else \
+                "have the same name and the same file name"
+            raise ValueError(f"{paths[j]} and {paths[i]} {what}, so their runs would share one directory "
+                             f"({slug(d['name'])}/): give each config its own `name:` (or compare each once)")
+    return out
+
+
+def plan_runs(configs: list[dict], seeds: int, out_dir: str | Path, resume: bool = True) -> list[list[tuple]]:
+    """Validate every config and seed before any training: per config, its (TrainConfig, run directory) per seed.
+
+    Refuses two configs that would share a run directory, and existing checkpoints that cannot be resumed.
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"--seeds must be a whole number >= 1 (seeds 0..k-1 are trained), got {seeds!r}")
+    out_dir = Path(out_dir)
+    plan, owner = [], {}
+    for i, d in enumerate(configs):
+        runs = []
+        for seed in range(seeds):
+            try:
+                cfg = config_from_dict({**d, "seed": d.get("seed", 0) + seed})
+            except ValueError as e:
+                raise ValueError(f"{e} (config {i + 1}, {d.get('name', 'run')!r})") from None
+            runs.append((cfg, out_dir / slug(cfg.name) / f"seed{seed}"))
+        key = slug(runs[0][0].name)
+        if key in owner:
+            raise ValueError(f"configs {owner[key][0] + 1} ({owner[key][1]!r}) and {i + 1} ({runs[0][0].name!r}) "
+                             f"would both train in {out_dir / key}/: give each its own `name`")
+        owner[key] = (i, runs[0][0].name)
+        plan.append(runs)
+    if resume:
+        for runs in plan:
+            for cfg, run_dir in runs:
+                ckpt = run_dir / CHECKPOINT
+                if ckpt.exists():
+                    check_resume(ckpt, load_checkpoint(ckpt), cfg.to_dict())
+    return plan
+
+
+def nm_columns(cfg) -> tuple[str, str]:
+    """('weight N:M', 'SDGP grad N:M') cells: '2:4', '4:8-T', 'block' for block weights, '-' for none."""
+    s = cfg.sparsity
+    w = g = "-"
+    if s is not None and s.weight is not None:
+        w = s.weight
+        w = "block" if hasattr(w, "block") else f"{w.n}:{w.m}{'-T' if w.transposable else ''}"
+    if s is not None and s.grad is not None:
+        g = f"{s.grad.n}:{s.grad.m}"
+    return w, g
+
+
+def run_compare(configs: list[dict], seeds: int, out_dir: str | Path, log=print, resume: bool = True) -> list[dict]:
+    """Train every config with seeds 0..seeds-1 into out_dir/<name>/seed<k>; returns one row per config.
+
+    Everything is checked first (configs, run directories, existing checkpoints), so a mistake in the last
+    config fails before the first one trains.
+    """
     out_dir = Path(out_dir)
     rows, curves = [], {}
-    for d in configs:
+    for runs in plan_runs(configs, seeds, out_dir, resume):
         accs, histories = [], []
-        for seed in range(seeds):
-            cfg = config_from_dict({**d, "seed": d.get("seed", 0) + seed})
-            run_dir = out_dir / slug(cfg.name) / f"seed{seed}"
-            summary = train(cfg, run_dir, log=log)
+        for cfg, run_dir in runs:
+            summary = train(cfg, run_dir, resume=resume, log=log)
             accs.append(summary["final_test_acc"])
             histories.append(read_run(run_dir)["metrics"])
-        s = cfg.sparsity
-        nm = (s.grad or s.weight) if s is not None else None
-        rows.append({"name": cfg.name, "pattern": pattern_label(cfg),
-                     "N": getattr(nm, "n", "-"), "M": getattr(nm, "m", "-"),
+        weight_nm, grad_nm = nm_columns(cfg)
+        rows.append({"name": cfg.name, "pattern": pattern_label(cfg), "weight_nm": weight_nm, "grad_nm": grad_nm,
                      "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "seeds": len(accs), "accs": accs})
         curves[cfg.name] = histories
-    write_outputs(rows, curves, out_dir)
+    if is_main_process():
+        write_outputs(rows, curves, out_dir)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| run | pattern | N | M | top-1 (%) mean +- std | seeds |", "|---|---|---|---|---|---|"]
+    lines = ["| run | pattern | weight N:M | SDGP grad N:M | top-1 (%) mean +- std | seeds |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['pattern']} | {r['N']} | {r['M']} | "
+        lines.append(f"| {r['name']} | {r['pattern']} | {r['weight_nm']} | {r['grad_nm']} | "
                      f"{r['mean']:.2f} +- {r['std']:.2f} | {r['seeds']} |")
     return "\n".join(lines)
 
@@ -75,9 +148,9 @@ def write_outputs(rows: list[dict], curves: dict, out_dir: Path) -> None:
     (out_dir / "compare.md").write_text(format_table(rows) + "\n")
     with open(out_dir / "compare.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "pattern", "N", "M", "mean", "std", "seeds", "accuracies"])
+        w.writerow(["run", "pattern", "weight_nm", "grad_nm", "mean", "std", "seeds", "accuracies"])
         for r in rows:
-            w.writerow([r["name"], r["pattern"], r["N"], r["M"], f"{r['mean']:.3f}", f"{r['std']:.3f}",
+            w.writerow([r["name"], r["pattern"], r["weight_nm"], r["grad_nm"], f"{r['mean']:.3f}", f"{r['std']:.3f}",
                         r["seeds"], " ".join(f"{a:.2f}" for a in r["accs"])])
     plot_curves(curves, out_dir / "compare.png", title="nmsparse compare")
 

@@ -24,6 +24,11 @@ class DistInfo:
         return self.world_size > 1
 
 
+def is_main_process() -> bool:
+    """True outside torchrun and on its rank 0: the process that prints results and writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def setup(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes (gloo on CPU, NCCL on GPU) and pick this rank's device."""
     info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+MARKERS_UP_TO = 30  # curves with at most this many epochs get a marker per point
 
 def _pyplot():
     import matplotlib
@@ -24,10 +25,12 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str | Path, title: str 
         color = f"C{i % 10}"
         for j, rows in enumerate(seeds):
             ev = [r for r in rows if "test_acc" in r]
-            ax_acc.plot([r["epoch"] for r in ev], [r["test_acc"] for r in ev], color=color, alpha=0.8,
-                        label=label if j == 0 else None)
-            ax_loss.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows], color=color, alpha=0.8,
-                         label=label if j == 0 else None)
+            # Markers when points are few: a one-epoch run is a single point, invisible as a bare line.
+            style = dict(color=color, alpha=0.8, marker="o" if len(rows) <= MARKERS_UP_TO else None, markersize=4)
+            ax_acc.plot([r["epoch"] for r in ev], [r["test_acc"] for r in ev], label=label if j == 0 else None,
+                        **style)
+            ax_loss.plot([r["epoch"] for r in rows], [r["train_loss"] for r in rows],
+                         label=label if j == 0 else None, **style)
     ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="train loss", yscale="log")
     for ax in (ax_acc, ax_loss):
