@@ -43,6 +43,8 @@ class GradSparsity:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"grad.seed must be an int, got {self.seed!r}")
         _check_nm(self.n, self.m, "grad")
+        if self.n < 1:
+            raise ValueError(f"grad.n must be >= 1 (n=0 would zero the whole input gradient), got n={self.n}")
         if self.method == "tile24" and (self.n, self.m) != (2, 4):
             raise ValueError(f"grad.method 'tile24' is the 2:4 tensor-core pattern: it needs n=2, m=4, got "
                              f"{self.n}:{self.m}")
