@@ -93,6 +93,10 @@ def run_deploy_bench(quick: bool = False, *, networks=("resnet50", "vgg16"), spa
             + ("" if use == "native" else f" (native unavailable: {native_error()})")
             + f"; estimates from profile {tgt.source} (measured {tgt.params.get('measured', '?')}); "
               f"input 1x3x{size}x{size}; {'quick' if quick else 'full'} run")
+    prof_threads = tgt.params.get("threads")
+    if prof_threads is not None and prof_threads != threads:
+        info += (f"; NOTE the profile was measured with {prof_threads} thread(s), this run uses {threads}: its "
+                 f"estimates are for {prof_threads} (add --calibrate to measure one for {threads})")
     log(info)
 
     def timer(fns):
