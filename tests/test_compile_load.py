@@ -144,3 +144,19 @@ def test_binary_profile_file_is_named(tmp_path):
     img.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     with pytest.raises(ProfileError, match=r"img.yaml is not a text file"):
         load_target(str(img))
+
+
+def test_compile_summary_says_when_sparse_layers_run_dense(tmp_path, capsys):
+    import json
+
+    assert main(["compile", "small_cnn", "--prune", "0.5", "--target", "gpu", "--out", str(tmp_path),
+                 "--no-charts"]) == 0
+    out = capsys.readouterr().out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    stored = [p for p in plan["layers"] if p["format"]["kind"] in ("block", "nm")]
+    dense = [p for p in stored if p["decision"] != "sparse"]
+    assert stored
+    if dense:
+        assert f"{len(dense)} of the {len(stored)} sparse layers run dense on" in out
+    else:
+        assert "run dense on" not in out

@@ -53,6 +53,14 @@ def compile_command(args) -> int:
     print(f"  estimated time {fmt_s(t['dense_time_s'])} dense -> {fmt_s(t['time_s'])} compiled "
           f"({t['speedup']:.2f}x); bytes moved {fmt_bytes(t['dense_bytes_moved'])} -> {fmt_bytes(t['bytes_moved'])}")
     print(f"  model file {fmt_bytes(t['file_bytes'])} ({t['file_ratio']:.2f} of dense {fmt_bytes(t['dense_file_bytes'])})")
+    stored = [p for p in compiled.layers if p.format.sparse]
+    dense_run = [p for p in stored if p.decision != "sparse"]
+    if dense_run:  # stored compactly but estimated (or measured) faster dense on this target: say why
+        from collections import Counter
+
+        why = Counter(n for p in dense_run for n in p.notes).most_common(1)
+        print(f"  {len(dense_run)} of the {len(stored)} sparse layers run dense on {compiled.target.label}"
+              + (f", e.g. {why[0][0]!r} ({why[0][1]} layers)" if why else "") + "; per layer: report.md")
     timed = [p for p in compiled.layers if p.measured]
     if timed:  # the cpu target times its sparse layers: show measurement beside estimate
         md = sum(p.measured["dense_s"] for p in timed)
