@@ -73,6 +73,14 @@ def parse_pattern(pattern: str | Pattern, sparsity: float | None = None) -> Patt
                      "(or any N:M, N:M-T with 0 < N < M, blockRxC)")
 
 
+def check_settings(iters, batch, prefix: str = "") -> None:
+    """ValueError unless iters is an int >= 0 and batch an int >= 1 (prefix: "--" for CLI flags)."""
+    for key, value, low, what in (("iters", iters, 0, "Adam steps per layer"),
+                                  ("batch", batch, 1, "cached samples per Adam step")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{prefix}{key} ({what}) must be an int >= {low}, got {value!r}")
+
+
 def _check_layer(name: str, mod: nn.Module, p: Pattern) -> None:
     w = mod.weight
     if p.kind == "nm":
@@ -243,10 +251,7 @@ def adaprune(model: nn.Module, calib_x: torch.Tensor, pattern: str | Pattern, *,
     _check_pattern_fits(layers, p)
     if calib_x is None or len(calib_x) == 0:
         raise ValueError("adaprune needs at least one calibration sample")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"iters (Adam steps per layer) must be an int >= 0, got {iters!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch (cached samples per Adam step) must be an int >= 1, got {batch!r}")
+    check_settings(iters, batch)
     was_training = model.training
     model.eval()
     dense = copy.deepcopy(model).eval()

@@ -393,7 +393,7 @@ def _resolve(model_or_path, input_shape=None, prune: float | None = None, block=
         model, desc = model_or_path, type(model_or_path).__name__
     else:
         text = os.fspath(model_or_path)
-        from ..train.models import MODELS, build_model
+        from ..train.models import MODELS
 
         if os.path.exists(text):
             model, ckpt_shape, cfg = _from_checkpoint(text)
@@ -401,11 +401,9 @@ def _resolve(model_or_path, input_shape=None, prune: float | None = None, block=
             desc = text
             arch = {"kind": "checkpoint", "config": dict(cfg, sparsity=None), "sample_shape": list(shape[1:])}
         elif text == "vgg16" or text in MODELS:
-            from .networks import vgg16
-
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                model = vgg16() if text == "vgg16" else build_model(text)
+                model = build_named(text)
             desc = f"{text} (random weights, seed {seed})"
             shape = shape or DEFAULT_INPUT_SHAPES.get(text)
             arch = {"kind": "name", "name": text}
@@ -450,11 +448,7 @@ def compile_to_dir(model_or_path, target_name_or_path, out_dir, *, input_shape=N
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is an existing file: give a directory (it is created if missing)")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} is a file, not a directory")
-            break
+    check_parent_dirs(out)
     tgt = load_target(target_name_or_path)
     if array is not None:
         if tgt.kind != "aie2":
@@ -466,6 +460,23 @@ def compile_to_dir(model_or_path, target_name_or_path, out_dir, *, input_shape=N
                              measure=measure, backend=backend, source=desc, arch=arch)
     paths = compiled.save(out_dir, charts=charts)
     return compiled, paths
+
+
+def check_parent_dirs(out: Path) -> None:
+    """Refuse an output path under an existing file, before any work (`--out` of compile and prune)."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+            return
+
+
+def build_named(name: str) -> nn.Module:
+    """A registered model (train.models.MODELS) or "vgg16", with default arguments."""
+    from ..train.models import build_model
+    from .networks import vgg16
+
+    return vgg16() if name == "vgg16" else build_model(name)
 
 
 def _parse_array(array) -> list[int]:

@@ -12,7 +12,7 @@ import os
 import torch
 from torch import nn
 
-from .compiler import load_compact_state
+from .compiler import build_named, load_compact_state
 from .runtime import build_executable
 
 __all__ = ["load_executable", "rebuild_model", "evaluate_compiled"]
@@ -30,10 +30,7 @@ def rebuild_model(info: dict, where: str = "the compact file") -> nn.Module:
 
         return model_for(config_from_dict(arch["config"]), tuple(arch["sample_shape"]))
     if arch.get("kind") == "name":
-        from ..train.models import build_model
-        from .networks import vgg16
-
-        return vgg16() if arch["name"] == "vgg16" else build_model(arch["name"])
+        return build_named(arch["name"])
     raise ValueError(f"{where}: unknown architecture record {arch!r}")
 
 
@@ -54,9 +51,12 @@ def load_executable(path, model: nn.Module | None = None, backend: str = "auto")
         raise ValueError(f"{where} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"shapes (file vs model) {shapes[:5]} (was it compiled from another architecture?)")
     net.load_state_dict(state)
-    sparse = [name for name, layer in info["layers"].items()
-              if layer["format"] == "block" and layer["decision"] == "sparse"]
-    return build_executable(net, sparse, backend), info
+    return build_executable(net, _runs_sparse(info), backend), info
+
+
+def _runs_sparse(info: dict) -> list[str]:
+    """Layers the plan runs on the block-sparse kernel."""
+    return [name for name, layer in info["layers"].items() if layer["format"] == "block" and layer["decision"] == "sparse"]
 
 
 @torch.no_grad()
@@ -73,5 +73,4 @@ def evaluate_compiled(path, backend: str = "auto", device: str = "cpu") -> dict:
     dev = torch.device(device)
     _, test_loader = build_loaders(cfg, dev)
     res = evaluate(net, test_loader, dev, None, cfg.tta_flip)
-    sparse = sum(1 for layer in info["layers"].values() if layer["format"] == "block" and layer["decision"] == "sparse")
-    return {**res, "name": cfg.name, "sparse_layers": sparse, "layers": len(info["layers"]), "target": info["target"]}
+    return {**res, "name": cfg.name, "sparse_layers": len(_runs_sparse(info)), "layers": len(info["layers"]), "target": info["target"]}

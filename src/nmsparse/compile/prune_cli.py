@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .adaprune import (PATTERNS, _check_pattern_fits, adaprune, magnitude_prune, parse_pattern, prunable_layers,
-                       recalibrate_bn)
+from .adaprune import (PATTERNS, _check_pattern_fits, adaprune, check_settings, magnitude_prune, parse_pattern,
+                       prunable_layers, recalibrate_bn)
+from .compiler import check_parent_dirs
 
 
 def calibration_set(cfg, dev, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,11 +58,7 @@ def _check_out(out: str | Path) -> Path:
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory: give a file name, e.g. {out / 'pruned.pt'}")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} is a file, not a directory")
-            break
+    check_parent_dirs(out)
     return out
 
 
@@ -84,10 +81,7 @@ def prune_checkpoint(checkpoint: str | Path, pattern: str, sparsity: float | Non
 
     # Everything that can be refused is refused before the model is loaded and pruned.
     p = parse_pattern(pattern, sparsity)
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-        raise ValueError(f"--iters (Adam steps per layer) must be >= 0, got {iters!r}")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"--batch (cached samples per Adam step) must be >= 1, got {batch!r}")
+    check_settings(iters, batch, "--")
     if calib is not None and calib < 1:
         raise ValueError(f"--calib must be >= 1 (calibration images), got {calib}; for no reconstruction "
                          f"use --magnitude-only")

@@ -37,6 +37,21 @@ def _tile(pid_s, b, cb, S, C, BLOCK_S: tl.constexpr, GROUPS: tl.constexpr, M: tl
 
 
 @triton.jit
+def _load_tile(x_ptr, S, C, n_sb, n_cb, sxb, sxs, sxc, BLOCK_S: tl.constexpr, GROUPS: tl.constexpr,
+               M: tl.constexpr):
+    """This program's tile: (pid_s, cb, b, s3, c3, valid, x as float32, 0 outside the tensor)."""
+    pid = tl.program_id(0)
+    pid_s = pid % n_sb
+    rest = pid // n_sb
+    cb = rest % n_cb
+    b = (rest // n_cb).to(tl.int64)
+    s3, c3 = _tile(pid_s, b, cb, S, C, BLOCK_S, GROUPS, M)
+    valid = (s3 < S) & (c3 < C)
+    x = tl.load(x_ptr + (b * sxb + s3 * sxs + c3 * sxc), mask=valid, other=0.0).to(tl.float32)
+    return pid_s, cb, b, s3, c3, valid, x
+
+
+@triton.jit
 def _keys(x, b, s3, c3, S, C, seed, rng_offset, RANDOM: tl.constexpr):
     """Ranking keys of a float32 tile: |x| with NaN -> inf, or (RANDOM) tl.rand at the element's
     channels-last index with non-finite entries forced above every draw (2.0)."""
@@ -65,14 +80,7 @@ def prune_kernel(x_ptr, out_ptr, mask_ptr, scale_ptr,
     to nearest even by hand (the Triton interpreter truncates float32 -> bfloat16; compiled code
     rounds the same way as this).
     """
-    pid = tl.program_id(0)
-    pid_s = pid % n_sb
-    rest = pid // n_sb
-    cb = rest % n_cb
-    b = (rest // n_cb).to(tl.int64)
-    s3, c3 = _tile(pid_s, b, cb, S, C, BLOCK_S, GROUPS, M)
-    valid = (s3 < S) & (c3 < C)
-    x = tl.load(x_ptr + (b * sxb + s3 * sxs + c3 * sxc), mask=valid, other=0.0).to(tl.float32)
+    pid_s, cb, b, s3, c3, valid, x = _load_tile(x_ptr, S, C, n_sb, n_cb, sxb, sxs, sxc, BLOCK_S, GROUPS, M)
     keep = _rank_keep(_keys(x, b, s3, c3, S, C, seed, rng_offset, RANDOM), n_keep, M)
     ooff = b * sob + s3 * sos + c3 * soc
     if STORE_OUT:
@@ -103,14 +111,7 @@ def partial_sums_kernel(x_ptr, full_ptr, kept_ptr, S, C, n_sb, n_cb, sxb, sxs, s
     ROW=True: summed over the tile's channels, stored at [s, cb] of (S, n_cb) buffers.
     No loops: the tile grid is the same as prune_kernel's.
     """
-    pid = tl.program_id(0)
-    pid_s = pid % n_sb
-    rest = pid // n_sb
-    cb = rest % n_cb
-    b = (rest // n_cb).to(tl.int64)
-    s3, c3 = _tile(pid_s, b, cb, S, C, BLOCK_S, GROUPS, M)
-    valid = (s3 < S) & (c3 < C)
-    x = tl.load(x_ptr + (b * sxb + s3 * sxs + c3 * sxc), mask=valid, other=0.0).to(tl.float32)
+    pid_s, cb, b, s3, c3, valid, x = _load_tile(x_ptr, S, C, n_sb, n_cb, sxb, sxs, sxc, BLOCK_S, GROUPS, M)
     keep = _rank_keep(_keys(x, b, s3, c3, S, C, 0, 0, False), n_keep, M)
     ax = tl.abs(x)
     kx = tl.where(keep, ax, 0.0)

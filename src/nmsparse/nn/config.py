@@ -42,12 +42,7 @@ class GradSparsity:
             raise ValueError(f"grad.layers must be 'conv' or 'conv+linear', got {self.layers!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"grad.seed must be an int, got {self.seed!r}")
-        _check_nm(self.n, self.m, "grad")
-        if self.n < 1:
-            raise ValueError(f"grad.n must be >= 1 (n=0 would zero the whole input gradient), got n={self.n}")
-        if self.method == "tile24" and (self.n, self.m) != (2, 4):
-            raise ValueError(f"grad.method 'tile24' is the 2:4 tensor-core pattern: it needs n=2, m=4, got "
-                             f"{self.n}:{self.m}")
+        _check_nm(self.n, self.m, "grad", sdgp_method=self.method)
 
 
 @dataclass
@@ -161,10 +156,16 @@ def _check_by_building(cfg) -> None:
         raise type(e)(f"sparsity.weight: {e}") from None
 
 
-def _check_nm(n, m, where: str) -> None:
+def _check_nm(n, m, where: str, sdgp_method: str | None = None) -> None:
+    """check_nm with `where` in the message; with sdgp_method, also SDGP's own rules (n >= 1, tile24 is 2:4)."""
     from ..patterns._checks import check_nm
 
     try:
-        check_nm(n, m)
+        if sdgp_method is None:
+            check_nm(n, m)
+        else:
+            from .sdgp import _check_nm as check_sdgp_nm
+
+            check_sdgp_nm(n, m, sdgp_method)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from None

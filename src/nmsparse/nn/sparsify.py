@@ -115,12 +115,16 @@ def _compatible(name: str, mod: nn.Module, check, config: SparsityConfig) -> boo
         raise ValueError(msg + " (pass on_incompatible='skip' to leave such layers dense)") from None
 
 
-def _nothing_selected(model: nn.Module, config: SparsityConfig, filter_fn, what: str) -> ValueError:
+def _nothing_selected(model: nn.Module, config: SparsityConfig, filter_fn, what: str, for_grad: bool) -> ValueError:
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    how = ("filter_fn" if filter_fn is not None else f"include={config.include}" if config.include is not None
-           else "the default filter (convs with > 3 input channels" + (", Linears but the last" if what == "weight"
-                or (config.grad and config.grad.layers == "conv+linear") else "") + ")")
-    shown = ", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "") if layers else "none"
+    if filter_fn is not None:
+        how = "filter_fn"
+    elif config.include is not None:
+        how = f"include={config.include}"
+    else:
+        linears = not for_grad or config.grad.layers == "conv+linear"
+        how = "the default filter (convs with > 3 input channels" + (", Linears but the last)" if linears else ")")
+    shown = (", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "")) if layers else "none"
     return ValueError(f"no layer selected for {what} sparsity: {how} with exclude={config.exclude} matched none of "
                       f"the model's Conv2d/Linear layers ({shown})")
 
@@ -146,7 +150,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterF
     if config.grad is not None:
         planned = _plan(model, config, filter_fn, for_grad=True)
         if not planned:
-            raise _nothing_selected(model, config, filter_fn, "gradient (SDGP)")
+            raise _nothing_selected(model, config, filter_fn, "gradient (SDGP)", for_grad=True)
         for index, (name, mod) in enumerate(planned):
             out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
             if _compatible(name, mod, lambda: _check_channels(out, config.grad.m), config):
@@ -154,7 +158,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterF
     if config.weight is not None:
         planned = _plan(model, config, filter_fn, for_grad=False)
         if not planned:
-            raise _nothing_selected(model, config, filter_fn, "weight")
+            raise _nothing_selected(model, config, filter_fn, "weight", for_grad=False)
         for name, mod in planned:
             p = _weight_parametrization(config.weight)
             if _compatible(name, mod, lambda: p.check_weight(mod.weight.shape), config):

@@ -115,7 +115,19 @@ def _init(model: nn.Module, zero_init_residual: bool) -> None:
                 nn.init.zeros_(last[1].weight)
 
 
-class ResNet(nn.Module):
+class _StagedNet(nn.Module):
+    """stem -> stages (self.layers) -> average pool -> Linear: what ResNet and RegNet share."""
+
+    def _head(self, cin: int, num_classes: int, zero_init_residual: bool) -> None:
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(cin, num_classes)
+        _init(self, zero_init_residual)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.layers(self.stem(x))))
+
+
+class ResNet(_StagedNet):
     """ResNet v1.5 with an ImageNet stem (7x7/2 conv + 3x3/2 max-pool) or a CIFAR stem (3x3/1 conv)."""
 
     def __init__(self, block: type, depths: list[int], num_classes: int = 1000, in_channels: int = 3,
@@ -132,12 +144,7 @@ class ResNet(nn.Module):
                 cin = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layers = nn.Sequential(*stages)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(cin, num_classes)
-        _init(self, zero_init_residual)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.layers(self.stem(x))))
+        self._head(cin, num_classes, zero_init_residual)
 
 
 def resnet18(num_classes: int = 1000, in_channels: int = 3, width: int = 64, stem: str = "imagenet",
@@ -168,7 +175,7 @@ class XBlock(nn.Module):
         return self.relu(self.conv3(self.conv2(self.conv1(x))) + self.shortcut(x))
 
 
-class RegNet(nn.Module):
+class RegNet(_StagedNet):
     """RegNetX: 3x3/2 stem, stages of XBlocks (first block of each stage strided), avg-pool, Linear."""
 
     def __init__(self, depths: list[int], widths: list[int], group_width: int, bottleneck_ratio: float = 1.0,
@@ -182,12 +189,7 @@ class RegNet(nn.Module):
                                                  bottleneck_ratio) for j in range(depth))))
             cin = w
         self.layers = nn.Sequential(*stages)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.fc = nn.Linear(cin, num_classes)
-        _init(self, zero_init_residual)
-
-    def forward(self, x):
-        return self.fc(self.pool(self.layers(self.stem(x))))
+        self._head(cin, num_classes, zero_init_residual)
 
 
 def regnetx_400mf(num_classes: int = 1000, in_channels: int = 3, stem: str = "imagenet",
