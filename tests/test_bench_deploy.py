@@ -49,3 +49,13 @@ def test_tiny_run_prints_layers_by_default_and_summary_on_request(monkeypatch, c
     deploy_main(parser().parse_args(["--summary"]))
     short = capsys.readouterr().out
     assert "## totals" in short and "## end_to_end" in short and "## vgg16 50%" not in short
+
+
+def test_profile_thread_count_mismatch_is_said():
+    from nmsparse.compile import load_target
+
+    prof = dict(load_target("cpu").params, name="cpu2", kind="cpu", threads=2)
+    torch.manual_seed(0)
+    res = run_deploy_bench(quick=True, networks=("vgg16",), sparsities=(0.5,), image_size=32, repeats=1,
+                           profile=prof, log=lambda *a: None)
+    assert "NOTE the profile was measured with 2 thread(s), this run uses 1" in res["machine"]
