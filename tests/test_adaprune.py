@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmsparse.compile.adaprune import (absorb_mean_, adaprune, magnitude_prune, parse_pattern,
-                                       prunable_layers, recalibrate_bn, weight_mask)
-from nmsparse.compile.prune_cli import (add_prune_arguments, calibration_set, format_result, prune_checkpoint,
-                                       prune_command)
+from nmsparse.prune import (absorb_mean_, adaprune, magnitude_prune, parse_pattern,
+                            prunable_layers, recalibrate_bn, weight_mask)
+from nmsparse.prune.command import (add_prune_arguments, calibration_set, format_result, prune_checkpoint,
+                                    prune_command)
 from nmsparse.train.checkpoint import load_checkpoint
 from nmsparse.patterns import conv_to_2d, is_nm, is_transposable
 
@@ -199,10 +199,10 @@ def test_calibration_set_one_per_class(digits_ckpt):
     from nmsparse.train.evaluate import load_trained
 
     cfg, _, _, dev, _ = load_trained(digits_ckpt, "cpu")
-    x, y = calibration_set(cfg, dev, 10)
+    x, y = calibration_set(cfg.data, dev, 10)
     assert x.shape == (10, 1, 8, 8) and x.dtype == torch.float32
     assert sorted(y.tolist()) == list(range(10))
-    x2, _ = calibration_set(cfg, dev, 10)
+    x2, _ = calibration_set(cfg.data, dev, 10)
     assert torch.equal(x, x2)
 
 

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
-from nmsparse.compile import compile_model, prune_blocks
+from nmsparse.compile import compile_model
+from nmsparse.prune import prune_blocks
 from nmsparse.compile.runtime import BlockSparseConv2d, BlockSparseLinear, alternating_timer, build_executable
 from nmsparse.kernels import block_cpu as bc
 

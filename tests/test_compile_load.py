@@ -6,7 +6,8 @@ from torch import nn
 
 from nmsparse.cli import main
 from nmsparse.compile import (compile_model, compile_to_dir, evaluate_compiled, load_compact, load_compact_state,
-                              load_executable, prune_blocks)
+                              load_executable)
+from nmsparse.prune import prune_blocks
 from nmsparse.compile.runtime import BlockSparseConv2d, BlockSparseLinear
 
 

@@ -16,7 +16,8 @@ from nmsparse.nn.sdgp import SDGPConv2d, SDGPLinear
 from nmsparse.nn.sparsify import sparse_layers, sparsify
 from nmsparse.nn.weight import BlockWeightSparsity, NMWeightSparsity
 from nmsparse.train.config import load_config
-from nmsparse.train.loop import model_for
+from nmsparse.data import NUM_CLASSES
+from nmsparse.models import build_for_data
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -74,11 +75,12 @@ _MODELS = {}
 
 
 def built(path: str):
-    """(config, a fresh copy of its model via model_for): each distinct model is built once."""
+    """(config, a fresh copy of its model via build_for_data): each distinct model is built once."""
     cfg = load_config(CONFIGS / path)
     key = (cfg.model.name, repr(sorted(cfg.model.kwargs.items())), cfg.data.name)
     if key not in _MODELS:
-        _MODELS[key] = model_for(cfg, SAMPLE_SHAPES[cfg.data.name])
+        _MODELS[key] = build_for_data(cfg.model.name, cfg.model.kwargs, SAMPLE_SHAPES[cfg.data.name],
+                                      NUM_CLASSES[cfg.data.name])
     return cfg, copy.deepcopy(_MODELS[key])
 
 

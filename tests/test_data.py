@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from nmsparse.train.data import (STATS, ImageFolder, TensorLoader, cutout_images, default_data_root, flip_images,
-                                 imagefolder_loader, load_dataset, make_loader, normalize, shard_indices,
-                                 translate_images)
+from nmsparse.data import (STATS, ImageFolder, TensorLoader, cutout_images, default_data_root, flip_images,
+                           imagefolder_loader, load_dataset, make_loader, normalize, shard_indices, translate_images)
 
 IDX_NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
@@ -176,7 +175,7 @@ def test_missing_files_name_the_file(tmp_path, monkeypatch):
     # No data folder at all: the message says where it looked and what the files are.
     monkeypatch.delenv("NMSPARSE_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
-    import nmsparse.train.data as data
+    import nmsparse.data.datasets as data
     monkeypatch.setattr(data, "_root_candidates", lambda: [tmp_path / "nowhere"])
     with pytest.raises(FileNotFoundError, match="nowhere.*train-images-idx3-ubyte.gz"):
         load_dataset("mnist")

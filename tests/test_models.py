@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from nmsparse.nn.sparsify import default_filter, final_classifier
-from nmsparse.train.models import (MLP, MODELS, ResNet9, SmallCNN, ViT, build_model, regnetx_400mf,
-                                   resnet18, resnet50, vit_tiny)
-from nmsparse.train.models_resnet import BasicBlock
+from nmsparse.models import (MLP, MODELS, ResNet9, SmallCNN, ViT, build_model, regnetx_400mf, resnet18, resnet50,
+                             vit_tiny)
+from nmsparse.models.resnet import BasicBlock
 
 
 def n_params(model):
@@ -190,7 +190,7 @@ def test_vit_argument_checks():
 
 def test_registry_errors():
     assert set(MODELS) == {"resnet9", "resnet18", "resnet50", "regnetx_400mf", "small_cnn", "mlp",
-                           "vit_tiny", "vit"}
+                           "vit_tiny", "vit", "vgg16"}
     with pytest.raises(ValueError, match="did you mean 'resnet18'") as err:
         build_model("resnet_18")
     assert all(name in str(err.value) for name in MODELS)

@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compile_arguments(cp)
     cp.set_defaults(func=compile_command)
 
-    from .compile.prune_cli import add_prune_arguments, prune_command
+    from .prune.command import add_prune_arguments, prune_command
 
     pr = sub.add_parser("prune", help="one-shot N:M / 4:8-T / block pruning of a trained checkpoint, with AdaPrune")
     add_prune_arguments(pr)

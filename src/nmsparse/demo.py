@@ -7,7 +7,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .bench.timing import markdown_table
+from .common.text import markdown_table
 from .formats import compress_block, compress_nm
 from .patterns import (block_mask, is_transposable, mask_diversity, nm_mask, transposable_mask)
 

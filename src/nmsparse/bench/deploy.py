@@ -30,15 +30,17 @@ from pathlib import Path
 
 import torch
 
-from ..compile.compiler import compile_model, load_compact_state, prune_blocks
+from ..compile.compiler import compile_model, load_compact_state
 from ..compile.cost import cpu_dense_time, cpu_sparse_time
 from ..compile.layers import extract_layers
-from ..compile.networks import vgg16
 from ..compile.profiles import load_target
 from ..compile.runtime import alternating_timer, build_executable, layer_input, supports_sparse, to_block_sparse
 from ..kernels.block_cpu import BlockSparseMatrix, native_error, resolve_backend
-from ..train.models import resnet50
-from .timing import fmt_time, machine_info, markdown_table
+from ..models import resnet50, vgg16
+from ..prune.magnitude import prune_blocks
+from ..common.system import machine_info
+from ..common.text import markdown_table
+from .timing import fmt_time
 
 __all__ = ["run_deploy_bench", "add_deploy_arguments", "deploy_main", "LARGE_MACS"]
 

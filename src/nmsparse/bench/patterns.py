@@ -9,7 +9,9 @@ import torch
 
 from ..patterns import block_mask, nm_mask, transposable_mask
 from ..patterns.transposable import to_tiles
-from .timing import fmt_time, machine_info, markdown_table, median_time
+from ..common.system import machine_info
+from ..common.text import markdown_table
+from .timing import fmt_time, median_time
 
 TRANSPOSABLE_NM = [(2, 4), (4, 8), (8, 16)]
 

@@ -1,13 +1,14 @@
-"""Median timing with a time budget, and a one-line description of the machine."""
+"""Median timing with a time budget."""
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import time
 
 import torch
+
+from ..common.system import cpu_name, machine_info  # noqa: F401  (re-exported for the suites)
+from ..common.text import markdown_table  # noqa: F401
 
 
 def median_time(fn, *, min_repeats: int = 3, max_repeats: int = 15, budget_s: float = 5.0,
@@ -26,33 +27,9 @@ def median_time(fn, *, min_repeats: int = 3, max_repeats: int = 15, budget_s: fl
     return statistics.median(times), len(times)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> str:
-    """CPU, core count, torch version with the threads it uses now, Python version (one line)."""
-    n = torch.get_num_threads()
-    return (f"{cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__} "
-            f"({n} thread{'' if n == 1 else 's'}), Python {platform.python_version()}")
-
-
 def fmt_time(seconds: float) -> str:
     if seconds < 1e-3:
         return f"{seconds * 1e6:.0f} us"
     if seconds < 1:
         return f"{seconds * 1e3:.1f} ms"
     return f"{seconds:.2f} s"
-
-
-def markdown_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)

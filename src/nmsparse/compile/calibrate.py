@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import statistics
 
 import numpy as np
@@ -31,11 +30,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from ..common.system import machine_info
 from ..kernels.block_cpu import BlockSparseMatrix, block_sparse_conv2d, block_sparse_linear, resolve_backend
 from .layers import LayerSpec
 from .runtime import alternating_timer
 
-__all__ = ["calibrate_cpu", "write_profile", "machine_info", "cache_sizes", "CONV_CASES", "LINEAR_CASES"]
+__all__ = ["calibrate_cpu", "write_profile", "cache_sizes", "CONV_CASES", "LINEAR_CASES"]
 
 # (ci, co, k, hw, stride)
 CONV_CASES = [(64, 64, 3, 56, 1), (128, 128, 3, 28, 1), (256, 256, 3, 14, 1), (512, 512, 3, 7, 1), (512, 512, 3, 4, 1),
@@ -199,7 +199,7 @@ def calibrate_cpu(path=None, *, threads: int = 1, quick: bool = False, backend: 
         profile = {
             "name": "cpu", "kind": "cpu",
             "description": "this machine's CPU running nmsparse's block-sparse kernels (calibrate_cpu)",
-            "machine": machine_info(), "threads": threads,
+            "machine": machine_info(threads=False), "threads": threads,
             "measured": datetime.datetime.now().strftime("%Y-%m-%d %H:%M") + (" (quick)" if quick else ""),
             "block": [8, 8],
             "memory_gbps": round(bw, 2),
@@ -287,16 +287,3 @@ def cache_sizes() -> dict:
         out["llc_kib"] = levels[max(levels)]
     return out
 
-
-def machine_info() -> str:
-    """CPU model, logical cores, torch version."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} logical cores, torch {torch.__version__}"

@@ -1,7 +1,7 @@
 """`nmsparse compile MODEL --target T --out DIR`: argument parsing and the command body.
 
-Wire it into a parent parser with ``add_compile_arguments(sub.add_parser("compile"))`` and
-``set_defaults(func=compile_command)``, or call ``compile_main(argv)`` with a list of strings.
+``nmsparse.cli`` wires it in with ``add_compile_arguments(sub.add_parser("compile"))`` and
+``set_defaults(func=compile_command)``; call ``nmsparse.cli.main(["compile", ...])`` from Python.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["add_compile_arguments", "compile_command", "compile_main"]
+__all__ = ["add_compile_arguments", "compile_command"]
 
 
 def add_compile_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -73,19 +73,3 @@ def compile_command(args) -> int:
     if compiled.arch and compiled.arch.get("kind") == "checkpoint":
         print(f"  run it: nmsparse eval {args.out}   (test accuracy of the compact model, block-sparse on the CPU)")
     return 0
-
-
-def compile_main(argv=None) -> int:
-    """Standalone entry: parse ``argv`` (list of strings) and run; errors print one line and return 2."""
-    p = add_compile_arguments(argparse.ArgumentParser(prog="nmsparse compile",
-                                                      description="compile a block/N:M sparse model for a target"))
-    args = p.parse_args(argv)
-    try:
-        return compile_command(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"nmsparse compile: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(compile_main())

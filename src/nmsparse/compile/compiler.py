@@ -31,15 +31,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..common.system import check_parent_dirs
 from ..formats import compress_block, compress_nm, load, save
 from ..formats.block import BlockCompressed
 from ..formats.nm import NMCompressed
 from .cost import LayerEstimate, estimate_layer
 from .layers import LayerFormat, LayerSpec, NoSparseLayers, block_grid, detect_format, extract_layers
 from .profiles import Target, load_target
+from .source import resolve_source
 
 __all__ = ["compile_model", "compile_to_dir", "CompiledModel", "LayerPlan", "load_compact", "load_compact_state",
-           "COMPACT_FILE", "PLAN_FILE", "REPORT_FILE", "META_KEY", "resolve_model", "DEFAULT_INPUT_SHAPES"]
+           "COMPACT_FILE", "PLAN_FILE", "REPORT_FILE", "META_KEY"]
 
 COMPACT_FILE = "model.safetensors"
 PLAN_FILE = "plan.json"
@@ -47,10 +49,6 @@ REPORT_FILE = "report.md"
 META_KEY = "nmsparse.compiled"
 FORMAT_VERSION = 1
 
-# Example input shapes for the registered model names (CLI: MODEL given by name).
-DEFAULT_INPUT_SHAPES = {"resnet50": (1, 3, 224, 224), "resnet18": (1, 3, 224, 224), "regnetx_400mf": (1, 3, 224, 224),
-                        "vgg16": (1, 3, 224, 224), "resnet9": (1, 3, 32, 32), "small_cnn": (1, 1, 28, 28),
-                        "mlp": (1, 784), "vit_tiny": (1, 3, 32, 32)}
 
 
 @dataclass
@@ -333,111 +331,6 @@ def load_compact_state(path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, info
 
 
-# ------------------------------------------------------------------------------------------------
-# Model resolution and the directory entry point
-# ------------------------------------------------------------------------------------------------
-
-def _parse_shape(shape) -> tuple[int, ...] | None:
-    if shape is None:
-        return None
-    if isinstance(shape, str):
-        try:
-            shape = tuple(int(s) for s in shape.replace("x", ",").split(",") if s.strip())
-        except ValueError:
-            raise ValueError(f"input shape must be comma-separated integers such as 1,3,224,224, got {shape!r}") from None
-    shape = tuple(int(s) for s in shape)
-    if not shape or any(s <= 0 for s in shape):
-        raise ValueError(f"input shape must be positive integers such as 1,3,224,224, got {shape!r}")
-    return shape
-
-
-def prune_blocks(model: nn.Module, sparsity: float, block=(8, 8), dense_first: bool = True) -> list[str]:
-    """Zero the lowest-L2 ``sparsity`` of the blocks of every Conv2d/Linear whose channels the block divides
-    (all but the first conv when dense_first, as in the paper), in place. Returns the pruned layer names."""
-    from ..patterns.block import block_mask
-
-    if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
-        raise ValueError(f"prune sparsity must be in [0, 1), got {sparsity!r}")
-    pruned, first = [], True
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if not isinstance(mod, (nn.Conv2d, nn.Linear)):
-                continue
-            if isinstance(mod, nn.Conv2d) and first:
-                first = False
-                if dense_first:
-                    continue
-            w = mod.weight
-            if getattr(mod, "groups", 1) != 1 or w.shape[0] % block[0] or w.shape[1] % block[1]:
-                continue
-            mod.weight.mul_(block_mask(w, block, sparsity))
-            pruned.append(name)
-    return pruned
-
-
-def resolve_model(model_or_path, input_shape=None, prune: float | None = None, block=(8, 8), seed: int = 0):
-    """(model, input shape, description) from an nn.Module, a checkpoint path or a model name.
-
-    A name is one of train.models.MODELS or "vgg16", built with its default arguments and random
-    weights drawn from ``seed`` (useful with ``prune``). A checkpoint is one written by
-    ``nmsparse train`` or ``nmsparse prune``.
-    """
-    return _resolve(model_or_path, input_shape, prune, block, seed)[:3]
-
-
-def _resolve(model_or_path, input_shape=None, prune: float | None = None, block=(8, 8), seed: int = 0):
-    """resolve_model plus the architecture record stored in the compact file (None for a module)."""
-    shape = _parse_shape(input_shape)
-    arch = None
-    if isinstance(model_or_path, nn.Module):
-        model, desc = model_or_path, type(model_or_path).__name__
-    else:
-        text = os.fspath(model_or_path)
-        from ..train.models import MODELS
-
-        if os.path.exists(text):
-            model, ckpt_shape, cfg = _from_checkpoint(text)
-            shape = shape or ckpt_shape
-            desc = text
-            arch = {"kind": "checkpoint", "config": dict(cfg, sparsity=None), "sample_shape": list(shape[1:])}
-        elif text == "vgg16" or text in MODELS:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = build_named(text)
-            desc = f"{text} (random weights, seed {seed})"
-            shape = shape or DEFAULT_INPUT_SHAPES.get(text)
-            arch = {"kind": "name", "name": text}
-        else:
-            import difflib
-
-            names = sorted(list(MODELS) + ["vgg16"])
-            close = difflib.get_close_matches(text, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "."
-            raise ValueError(f"model {text!r} is neither an existing file nor a known model name{hint} "
-                             f"Known names: {', '.join(names)}.")
-    if shape is None:
-        raise ValueError(f"no input shape for {desc}: pass one (CLI: --input-shape 1,3,224,224)")
-    if prune:
-        names = prune_blocks(model, prune, block)
-        desc += f", {prune:.0%} of {block[0]}x{block[1]} blocks pruned in {len(names)} layers"
-    return model, shape, desc, arch
-
-
-def _from_checkpoint(path: str):
-    from ..train.evaluate import load_trained
-
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a directory: pass a checkpoint.pt (from nmsparse train or prune), or a model "
-                         f"name with --prune")
-    try:
-        cfg, model, loader, _, _ = load_trained(path, "cpu")
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"{e} (nmsparse compile takes a checkpoint written by `nmsparse train` or `nmsparse "
-                         f"prune`, or a model name with --prune)") from None
-    x = next(iter(loader))[0]
-    return model.cpu(), (1,) + tuple(x.shape[1:]), cfg.to_dict()
-
-
 def compile_to_dir(model_or_path, target_name_or_path, out_dir, *, input_shape=None, prune: float | None = None,
                    array=None, allow_dense: bool = False, on_incompatible: str = "error", charts: bool = True,
                    measure: bool | None = None, backend: str = "auto", seed: int = 0) -> tuple[CompiledModel, dict]:
@@ -455,28 +348,11 @@ def compile_to_dir(model_or_path, target_name_or_path, out_dir, *, input_shape=N
             raise ValueError(f"array={array!r} (--array) applies to aie2 targets only; target {tgt.name!r} is "
                              f"{tgt.kind}")
         tgt = load_target(tgt, array=_parse_array(array))
-    model, shape, desc, arch = _resolve(model_or_path, input_shape, prune, seed=seed)
+    model, shape, desc, arch = resolve_source(model_or_path, input_shape, prune, seed=seed)
     compiled = compile_model(model, tgt, shape, allow_dense=allow_dense, on_incompatible=on_incompatible,
                              measure=measure, backend=backend, source=desc, arch=arch)
     paths = compiled.save(out_dir, charts=charts)
     return compiled, paths
-
-
-def check_parent_dirs(out: Path) -> None:
-    """Refuse an output path under an existing file, before any work (`--out` of compile and prune)."""
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} is a file, not a directory")
-            return
-
-
-def build_named(name: str) -> nn.Module:
-    """A registered model (train.models.MODELS) or "vgg16", with default arguments."""
-    from ..train.models import build_model
-    from .networks import vgg16
-
-    return vgg16() if name == "vgg16" else build_model(name)
 
 
 def _parse_array(array) -> list[int]:

@@ -12,7 +12,9 @@ import os
 import torch
 from torch import nn
 
-from .compiler import build_named, load_compact_state
+from ..data import DataConfig, build_loaders
+from ..models import build_from_record, build_model, evaluate, record_from_config
+from .compiler import load_compact_state
 from .runtime import build_executable
 
 __all__ = ["load_executable", "rebuild_model", "evaluate_compiled"]
@@ -25,12 +27,12 @@ def rebuild_model(info: dict, where: str = "the compact file") -> nn.Module:
         raise ValueError(f"{where} was compiled from a Python model object and does not record its architecture: "
                          f"pass model=<an instance of the same architecture> to load_executable")
     if arch.get("kind") == "checkpoint":
-        from ..train.config import config_from_dict
-        from ..train.loop import model_for
-
-        return model_for(config_from_dict(arch["config"]), tuple(arch["sample_shape"]))
+        # Files compiled before model records existed rebuild from the config and the stored sample shape.
+        record = arch.get("model_record") or dict(record_from_config(arch["config"]),
+                                                  sample_shape=list(arch["sample_shape"]))
+        return build_from_record(record)
     if arch.get("kind") == "name":
-        return build_named(arch["name"])
+        return build_model(arch["name"])
     raise ValueError(f"{where}: unknown architecture record {arch!r}")
 
 
@@ -62,15 +64,12 @@ def _runs_sparse(info: dict) -> list[str]:
 @torch.no_grad()
 def evaluate_compiled(path, backend: str = "auto", device: str = "cpu") -> dict:
     """Test accuracy of a compact model compiled from a checkpoint, on that checkpoint's test set."""
-    from ..train.config import config_from_dict
-    from ..train.loop import build_loaders, evaluate
-
     net, info = load_executable(path, backend=backend)
     arch = info.get("arch") or {}
     if arch.get("kind") != "checkpoint":
         raise ValueError(f"{os.fspath(path)} was not compiled from a training checkpoint: no test set to evaluate on")
-    cfg = config_from_dict(arch["config"])
+    cfg = arch["config"]
     dev = torch.device(device)
-    _, test_loader = build_loaders(cfg, dev)
-    res = evaluate(net, test_loader, dev, None, cfg.tta_flip)
-    return {**res, "name": cfg.name, "sparse_layers": len(_runs_sparse(info)), "layers": len(info["layers"]), "target": info["target"]}
+    _, test_loader = build_loaders(DataConfig(**cfg["data"]), dev)
+    res = evaluate(net, test_loader, dev, None, cfg.get("tta_flip", False))
+    return {**res, "name": cfg["name"], "sparse_layers": len(_runs_sparse(info)), "layers": len(info["layers"]), "target": info["target"]}

@@ -1,9 +1,7 @@
 """Layer shapes of the paper's networks (ResNet-50, Inception-v3, VGG-16) and the AIE2 table.
 
 ``network_specs(name)`` gives the Conv2d/Linear calls of one 224x224 (Inception: 299x299) image:
-ResNet-50 from ``train.models.resnet50`` traced on the meta device, VGG-16 from ``vgg16()``
-(configuration D of Simonyan & Zisserman: thirteen 3x3 convs in five stages of 64, 128, 256,
-512, 512 channels, 2x2 max-pools, then fc 25088-4096-4096-1000), Inception-v3 from the layer
+ResNet-50 and VGG-16 from ``nmsparse.models`` traced on the meta device, Inception-v3 from the layer
 list in ``inception_v3_specs`` (Szegedy et al. 2016, the torchvision layout without the
 auxiliary head; written out by hand, so "Inception-v3-like").
 
@@ -16,11 +14,11 @@ time = sum of the conv/linear layer times, set beside the published whole-networ
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from ..models import resnet50, vgg16
 from .layers import LayerSpec, extract_layers
 
-__all__ = ["vgg16", "network_specs", "inception_v3_specs", "random_block_grid", "sparse_grids",
+__all__ = ["network_specs", "inception_v3_specs", "random_block_grid", "sparse_grids",
            "aie2_table", "format_aie2_table", "PUBLISHED", "NETWORKS"]
 
 NETWORKS = ("resnet50", "inception_v3", "vgg16")
@@ -31,35 +29,6 @@ PUBLISHED = {
     "inception_v3": {"speedup": (1.60, 1.76), "note": ""},
     "vgg16": {"speedup": (1.41, 1.72), "note": ""},
 }
-
-VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
-
-class VGG16(nn.Module):
-    """VGG-16 (configuration D, no batch-norm): 13 convs 3x3 + ReLU, 5 max-pools, 3 fully connected."""
-
-    def __init__(self, num_classes: int = 1000, in_channels: int = 3, image_size: int = 224):
-        super().__init__()
-        layers, cin = [], in_channels
-        for v in VGG16_CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=True)]
-                cin = v
-        self.features = nn.Sequential(*layers)
-        side = image_size // 32
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(512 * side * side, 4096), nn.ReLU(inplace=True),
-            nn.Linear(4096, 4096), nn.ReLU(inplace=True), nn.Linear(4096, num_classes))
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
-def vgg16(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224) -> VGG16:
-    return VGG16(num_classes, in_channels, image_size)
-
 
 def _inception_a(p, cin, pool):
     c = LayerSpec.conv
@@ -116,7 +85,6 @@ def network_specs(name: str, image_size: int | None = None, batch: int = 1) -> l
     size = image_size or 224
     with torch.device("meta"):
         if name == "resnet50":
-            from ..train.models import resnet50
             model = resnet50()
         elif name == "vgg16":
             model = vgg16(image_size=size)

@@ -1,71 +1,14 @@
-"""Checkpoints that resume exactly: atomic writes, weights_only loads, and a config check."""
+"""Resuming a run: the saved config must describe the run being continued."""
 
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
-import zipfile
 from pathlib import Path
 
-import torch
-
+from ..models.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401  (the run's checkpoint I/O)
 from .schedule import LENGTH_INDEPENDENT_SCHEDULES
 
-FORMAT_VERSION = 1
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
 RESUMABLE_DIFFERENCES = {"epochs", "progress", "device", "eval_every", "name", "data.root", "data.workers"}
-
-
-def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the run's other files follow the umask
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load with weights_only=True; a missing, truncated or foreign file gets a message naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        found = sorted(path.rglob("checkpoint.pt"))
-        hint = f", e.g. {found[0]}" if found else " (none found under it)"
-        raise ValueError(f"{path} is a directory: pass the checkpoint.pt file inside a run directory{hint}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (PermissionError, IsADirectoryError, FileNotFoundError):
-        raise
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, KeyError,
-            UnicodeDecodeError, AttributeError, IndexError, TypeError, OSError) as e:
-        # A truncated zip archive can surface as OSError [Errno 22] from the reader's seek.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{path} cannot be loaded as a PyTorch checkpoint ({type(e).__name__}: {first[:200]}); "
-                         f"a training checkpoint that fails here is truncated or corrupt: resume from an earlier "
-                         f"one, or start over with --restart or in another --out") from None
-    if not isinstance(state, dict) or "format_version" not in state:
-        raise ValueError(f"{path} is not an nmsparse training checkpoint")
-    if state["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format version {state['format_version']}, "
-                         f"this nmsparse reads version {FORMAT_VERSION}")
-    return state
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -12,20 +11,11 @@ from pathlib import Path
 
 import yaml
 
+from ..common.text import check_keys, did_you_mean
+from ..data import DATASETS, DataConfig
+from ..models import model_argument_error
 from ..nn.config import SparsityConfig
-
-
-@dataclass
-class DataConfig:
-    name: str = "digits"  # digits | mnist | fashion-mnist | cifar10 | imagefolder
-    root: str | None = None  # None: the default data directory (../shared/data when present)
-    batch_size: int = 128
-    test_batch_size: int = 1024
-    flip: bool = False
-    translate: int = 0
-    cutout: int = 0
-    workers: int = 4  # imagefolder only
-    image_size: int = 224  # imagefolder only
+from .schedule import SCHEDULES
 
 
 @dataclass
@@ -111,13 +101,9 @@ def _build(cls, d, where: str):
     if not isinstance(d, dict):
         raise ValueError(f"{where} must be a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
+    check_keys(d, [f.name for f in dataclasses.fields(cls)], where)
     kwargs = {}
     for key, value in d.items():
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown config key {where}.{key}{hint} (valid: {', '.join(valid)})")
         if key in _SECTIONS and cls is TrainConfig:
             kwargs[key] = _build(_SECTIONS[key], value or {}, f"{where}.{key}")
         elif key == "sparsity" and cls is TrainConfig:
@@ -149,8 +135,7 @@ def _choice(where: str, value, choices, aliases: dict | None = None) -> None:
     if value in choices:
         return
     close = (aliases or {}).get(str(value).lower())
-    close = close or next(iter(difflib.get_close_matches(str(value), choices, n=1)), None)
-    hint = f"; did you mean {close!r}?" if close else ""
+    hint = f"; did you mean {close!r}?" if close else did_you_mean(value, choices)
     raise ValueError(f"{where} must be one of {', '.join(choices)}, got {value!r}{hint}")
 
 
@@ -167,10 +152,6 @@ def _in_range(where: str, value, low, high, high_open: bool = False, what: str =
 
 def validate(cfg: TrainConfig) -> TrainConfig:
     """Check choices and numeric ranges the types alone allow, so a bad value fails before any training."""
-    from .data import DATASETS
-    from .models import model_argument_error
-    from .schedule import SCHEDULES
-
     _choice("config.data.name", cfg.data.name, DATASETS, DATASET_ALIASES)
     _choice("config.amp", cfg.amp, AMP_CHOICES)
     _choice("config.optim.name", cfg.optim.name, OPTIMIZERS)

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..common.system import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -33,18 +35,7 @@ def setup(device: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes (gloo on CPU, NCCL on GPU) and pick this rank's device."""
     info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
                     int(os.environ.get("LOCAL_RANK", 0)))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device {device!r} is not a device name: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available here "
-                         f"(torch {torch.__version__}); use --device cpu or auto")
-    if dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank if dev.index is None else dev.index)
-        torch.cuda.set_device(dev)
+    dev = resolve_device(device, info.local_rank)
     if info.enabled and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return info, dev

@@ -4,34 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..bench.timing import markdown_table
-from ..nn.sparsify import format_report, sparsify, sparsity_report, weight_masks
+from ..common.text import markdown_table
+from ..models import autocast_dtype, evaluate, load_model
+from ..nn.sparsify import format_report, sparsity_report, weight_masks
 from . import distributed
-from .checkpoint import load_checkpoint
 from .config import config_from_dict
-from .loop import autocast_dtype, build_loaders, evaluate, model_for, read_run
+from .loop import loaders_for, read_run
 from .plots import plot_curves, plot_masks
 
 
 def load_trained(checkpoint: str | Path, device: str = "auto"):
     """(config, model with the checkpoint's weights and masks, test loader, device, state)."""
-    state = load_checkpoint(checkpoint)
-    if "config" not in state or "model" not in state:
-        raise ValueError(f"{checkpoint} holds no config/model: not written by nmsparse train")
+    model, state = load_model(checkpoint)
     cfg = config_from_dict(state["config"])
     cfg.device = device
     _, dev = distributed.setup(device)
-    _, test_loader = build_loaders(cfg, dev)
-    model = model_for(cfg, tuple(next(iter(test_loader))[0].shape[1:]))
-    if cfg.sparsity is not None:
-        sparsify(model, cfg.sparsity)
-    model.load_state_dict(state["model"])
+    _, test_loader = loaders_for(cfg, dev)
     return cfg, model.to(dev), test_loader, dev, state
 
 
 def evaluate_checkpoint(checkpoint: str | Path, device: str = "auto") -> dict:
     cfg, model, test_loader, dev, state = load_trained(checkpoint, device)
-    res = evaluate(model, test_loader, dev, autocast_dtype(cfg, dev), cfg.tta_flip)
+    res = evaluate(model, test_loader, dev, autocast_dtype(cfg.amp, dev), cfg.tta_flip)
     return {**res, "name": cfg.name, "epoch": state["epoch"]}
 
 

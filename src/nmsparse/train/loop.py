@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import json
 import math
 import os
@@ -16,89 +14,28 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from ..data import NUM_CLASSES, build_loaders, normalize_uint8
+from ..models import autocast_dtype, build_from_record, evaluate, model_record
+from ..models.evaluate import autocast
 from ..nn.sparsify import sparsify, sparsity_report
 from . import distributed
 from .checkpoint import check_resume, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import NUM_CLASSES, STATS, TensorLoader, load_dataset
-from .data_imagefolder import imagefolder_loader
 from .metrics import MetricsLog, read_metrics
-from .models import MODELS, build_model
 from .optim import build_optimizer
 from .schedule import lr_factor
 
 CHECKPOINT = "checkpoint.pt"
 
 
-def build_loaders(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1):
-    """Train and test loaders; small datasets live on the device as uint8 tensors."""
-    d = cfg.data
-    if d.name == "imagefolder":
-        from .data_imagefolder import ImageFolder
-        train = ImageFolder(load_dataset("imagefolder", d.root, "train").root, "train", d.image_size)
-        test = ImageFolder(train.root, "val", d.image_size)
-        return (imagefolder_loader(train, d.batch_size, workers=d.workers, seed=cfg.seed, rank=rank, world_size=world),
-                imagefolder_loader(test, d.test_batch_size, workers=d.workers, shuffle=False))
-    mean, std = STATS[d.name]
-    common = dict(device=device, channels_last=cfg.channels_last)
-    xtr, ytr = load_dataset(d.name, d.root, "train")
-    xte, yte = load_dataset(d.name, d.root, "test")
-    side = min(xtr.shape[-2:])
-    if d.translate >= side:  # reflect padding needs a pad smaller than the image
-        raise ValueError(f"config.data.translate must be less than the image side ({side} pixels for {d.name}), "
-                         f"got {d.translate}")
-    train = TensorLoader(xtr, ytr, d.batch_size, mean, std, shuffle=True, drop_last=False, flip=d.flip,
-                         translate=d.translate, cutout=d.cutout, seed=cfg.seed, rank=rank, world_size=world, **common)
-    test = TensorLoader(xte, yte, d.test_batch_size, mean, std, shuffle=False, **common)
-    return train, test
+def loaders_for(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1):
+    """The config's train and test loaders (see data.build_loaders)."""
+    return build_loaders(cfg.data, device, seed=cfg.seed, channels_last=cfg.channels_last, rank=rank, world=world)
 
 
-def model_for(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> nn.Module:
-    """Build cfg.model, filling in classes, input channels and image size from the data unless given."""
-    c, h, w = sample_shape
-    accepted = inspect.signature(MODELS.get(cfg.model.name, build_model)).parameters
-    derived = {"num_classes": NUM_CLASSES[cfg.data.name], "in_channels": c, "image_size": h,
-               "in_features": c * h * w}
-    kwargs = {k: v for k, v in derived.items() if k in accepted}
-    kwargs.update(cfg.model.kwargs)
-    return build_model(cfg.model.name, **kwargs)
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device):
-    choice = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device, amp_dtype=None, tta_flip: bool = False) -> dict:
-    """Test loss and top-1 accuracy (%), with left-right flip averaging when tta_flip."""
-    model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    count = 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if x.dtype == torch.uint8:  # imagefolder batches
-            x = _normalize_uint8(x, device)
-        with _autocast(device, amp_dtype):
-            logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(x.flip(-1)).float()) / 2
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-        correct += (logits.argmax(1) == y).sum()
-        count += len(y)
-    return {"test_loss": float(loss_sum) / max(count, 1), "test_acc": 100.0 * float(correct) / max(count, 1)}
-
-
-def _normalize_uint8(x, device):
-    mean, std = STATS["imagefolder"]
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    return (x.float() / 255 - m) / s
-
-
-def _autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+def record_for(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> dict:
+    """The checkpoint's model record: cfg.model for samples of this shape and the dataset's classes."""
+    return model_record(cfg.model.name, cfg.model.kwargs, sample_shape, NUM_CLASSES[cfg.data.name])
 
 
 def _set_determinism(cfg: TrainConfig) -> None:
@@ -115,15 +52,15 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
     _set_determinism(cfg)
     out = Path(out_dir) if out_dir is not None else None
     main = info.is_main and out is not None
-    train_loader, test_loader = build_loaders(cfg, device, info.rank, info.world_size)
-    sample = next(iter(test_loader))[0]
-    model = model_for(cfg, tuple(sample.shape[1:]))
+    train_loader, test_loader = loaders_for(cfg, device, info.rank, info.world_size)
+    record = record_for(cfg, tuple(next(iter(test_loader))[0].shape[1:]))
+    model = build_from_record(record)
     if cfg.sparsity is not None:
         sparsify(model, cfg.sparsity)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     opt = build_optimizer(model, cfg.optim)
     net = nn.parallel.DistributedDataParallel(model) if info.enabled else model
-    amp_dtype = autocast_dtype(cfg, device)
+    amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     steps_per_epoch = len(train_loader)
     total = math.ceil(cfg.epochs * steps_per_epoch)
@@ -167,12 +104,12 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if x.dtype == torch.uint8:
-                x = _normalize_uint8(x, device)
+                x = normalize_uint8(x, device)
             lr = peak * lr_factor(cfg.schedule.name, step, total, warmup, cfg.schedule.start_factor,
                                   cfg.schedule.end_factor)
             for g in opt.param_groups:
                 g["lr"] = lr
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 loss = F.cross_entropy(net(x), y, label_smoothing=cfg.optim.label_smoothing)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -192,7 +129,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
         if main:
             save_checkpoint(ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                    "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                                   "history": history, "config": cfg.to_dict()})
+                                   "history": history, "config": cfg.to_dict(), "model_record": record})
             if replacing:  # the old checkpoint is gone now: its config, metrics and summary go too
                 _describe_run(out, cfg, metrics, history[:-1])
                 replacing = False

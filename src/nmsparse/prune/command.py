@@ -9,21 +9,20 @@ from pathlib import Path
 
 import torch
 
-from .adaprune import (PATTERNS, _check_pattern_fits, adaprune, check_settings, magnitude_prune, parse_pattern,
-                       prunable_layers, recalibrate_bn)
-from .compiler import check_parent_dirs
+from ..common.system import check_parent_dirs, resolve_device
+from ..data import NUM_CLASSES, STATS, DataConfig, TensorLoader, build_loaders, load_dataset, normalize_uint8
+from ..models import autocast_dtype, evaluate, load_model, save_checkpoint
+from ..nn.sparsify import squash
+from .adaprune import adaprune, check_settings, recalibrate_bn
+from .magnitude import PATTERNS, check_pattern_fits, magnitude_prune, parse_pattern, prunable_layers
 
 
-def calibration_set(cfg, dev, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n normalised, un-augmented training images: the first n of a seeded shuffle, at most
+def calibration_set(d: DataConfig, dev, n: int, seed: int = 0, channels_last: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """n normalised, un-augmented training images of data config `d`: the first n of a seeded shuffle, at most
     ceil(n / classes) per class (so n = classes gives one image per class)."""
-    from ..train.data import NUM_CLASSES, STATS, TensorLoader, load_dataset
-
-    d = cfg.data
     if d.name == "imagefolder":
-        from ..train.loop import _normalize_uint8, build_loaders
-
-        train_loader, _ = build_loaders(cfg, dev)
+        train_loader, _ = build_loaders(d, dev, seed=seed)
         xs, ys, got = [], [], 0
         for x, y in train_loader:
             xs.append(x), ys.append(y)
@@ -31,7 +30,7 @@ def calibration_set(cfg, dev, n: int, seed: int = 0) -> tuple[torch.Tensor, torc
             if got >= n:
                 break
         x, y = torch.cat(xs)[:n].to(dev), torch.cat(ys)[:n].to(dev)
-        return (_normalize_uint8(x, dev) if x.dtype == torch.uint8 else x), y
+        return (normalize_uint8(x, dev) if x.dtype == torch.uint8 else x), y
     xtr, ytr = load_dataset(d.name, d.root, "train")
     classes = NUM_CLASSES[d.name]
     quota = -(-n // classes)
@@ -48,7 +47,7 @@ def calibration_set(cfg, dev, n: int, seed: int = 0) -> tuple[torch.Tensor, torc
     idx = torch.tensor(picked, dtype=torch.long)
     mean, std = STATS[d.name]
     loader = TensorLoader(xtr[idx], ytr[idx], max(len(idx), 1), mean, std, shuffle=False, device=dev,
-                          channels_last=cfg.channels_last)
+                          channels_last=channels_last)
     x, y = next(iter(loader))
     return x, y
 
@@ -73,12 +72,6 @@ def prune_checkpoint(checkpoint: str | Path, pattern: str, sparsity: float | Non
     read like any other. Also returns magnitude_bn_acc (magnitude masks plus the same batch-norm
     recalibration), timing and per-layer reconstruction MSEs.
     """
-    from ..nn.sparsify import squash
-    from ..train.checkpoint import save_checkpoint
-    from ..train.data import NUM_CLASSES
-    from ..train.evaluate import load_trained
-    from ..train.loop import autocast_dtype, evaluate
-
     # Everything that can be refused is refused before the model is loaded and pruned.
     p = parse_pattern(pattern, sparsity)
     check_settings(iters, batch, "--")
@@ -86,16 +79,19 @@ def prune_checkpoint(checkpoint: str | Path, pattern: str, sparsity: float | Non
         raise ValueError(f"--calib must be >= 1 (calibration images), got {calib}; for no reconstruction "
                          f"use --magnitude-only")
     out = _check_out(out) if out is not None else None
-    cfg, model, test_loader, dev, state = load_trained(checkpoint, device)
-    squash(model)
-    model.eval()
-    _check_pattern_fits(prunable_layers(model), p)
-    n = calib if calib is not None else NUM_CLASSES[cfg.data.name]
-    calib_x, _ = calibration_set(cfg, dev, n, seed)
-    amp = autocast_dtype(cfg, dev)
+    model, state = load_model(checkpoint)
+    cfg = state["config"]
+    dev = resolve_device(device)
+    data = DataConfig(**cfg["data"])
+    _, test_loader = build_loaders(data, dev, channels_last=cfg.get("channels_last", False))
+    model = squash(model).to(dev).eval()
+    check_pattern_fits(prunable_layers(model), p)
+    n = calib if calib is not None else NUM_CLASSES[data.name]
+    calib_x, _ = calibration_set(data, dev, n, seed, cfg.get("channels_last", False))
+    amp = autocast_dtype(cfg.get("amp", "auto"), dev)
 
     def acc(m):
-        return evaluate(m, test_loader, dev, amp, cfg.tta_flip)["test_acc"]
+        return evaluate(m, test_loader, dev, amp, cfg.get("tta_flip", False))["test_acc"]
 
     res = {"pattern": str(p), "calib": len(calib_x), "calib_asked": n, "iters": iters, "dense_acc": acc(model),
            "method": "magnitude" if magnitude_only else "adaprune"}
@@ -116,8 +112,9 @@ def prune_checkpoint(checkpoint: str | Path, pattern: str, sparsity: float | Non
         res["layers"] = report
         final = model
     if out is not None:
-        saved_cfg = dict(cfg.to_dict(), sparsity=None, device="auto", name=f"{cfg.name} pruned {p} ({res['method']})")
+        saved_cfg = dict(cfg, sparsity=None, device="auto", name=f"{cfg['name']} pruned {p} ({res['method']})")
         save_checkpoint(out, {"config": saved_cfg, "model": {k: v.detach().cpu() for k, v in final.state_dict().items()},
+                              "model_record": state.get("model_record"),
                               "epoch": state.get("epoch"), "pruned": {k: v for k, v in res.items() if k != "layers"},
                               "source": str(checkpoint)})
         res["out"] = str(out)

@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data_imagefolder import HOW_TO_IMAGEFOLDER, ImageFolder, imagefolder_loader
-from .data_loader import TensorLoader, cutout_images, flip_images, normalize, shard_indices, translate_images
+from .imagefolder import HOW_TO_IMAGEFOLDER, ImageFolder
+from .loader import TensorLoader
 
-__all__ = ["DATASETS", "STATS", "NUM_CLASSES", "default_data_root", "load_dataset", "make_loader", "TensorLoader",
-           "ImageFolder", "imagefolder_loader", "normalize", "flip_images", "translate_images", "cutout_images",
-           "shard_indices"]
+__all__ = ["DATASETS", "STATS", "NUM_CLASSES", "SAMPLE_SHAPES", "sample_shape", "default_data_root", "load_dataset",
+           "make_loader"]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 # Per-channel mean and std of the training images in [0, 1] units (imagefolder: ImageNet's).
@@ -35,6 +34,13 @@ STATS = {
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion-mnist": 10, "cifar10": 10, "imagefolder": 1000}
+# (channels, height, width) of one sample; imagefolder's side is its config's image_size.
+SAMPLE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def sample_shape(name: str, image_size: int = 224) -> tuple[int, int, int]:
+    """(C, H, W) of one sample of dataset `name` as the loaders deliver it."""
+    return (3, image_size, image_size) if name == "imagefolder" else SAMPLE_SHAPES[name]
 
 IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -71,7 +77,7 @@ HOW_TO = {
 
 def _root_candidates() -> list[Path]:
     env = os.environ.get("NMSPARSE_DATA")
-    repo = Path(__file__).resolve().parents[3]  # <repo>/src/nmsparse/train/data.py
+    repo = Path(__file__).resolve().parents[3]  # <repo>/src/nmsparse/data/datasets.py
     return ([Path(env)] if env else []) + [Path.cwd() / ".." / "shared" / "data", repo.parent / "shared" / "data"]
 
 

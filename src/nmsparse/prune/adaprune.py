@@ -18,60 +18,13 @@ one forward in train mode without gradients).
 from __future__ import annotations
 
 import copy
-import re
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.sparsify import default_filter
-from ..patterns import block_mask, conv_from_2d, conv_to_2d, nm_mask, transposable_mask
-
-FilterFn = Callable[[str, nn.Module], bool]
-PATTERNS = ("2:4", "4:8", "4:8-T", "block8x8")
-_NM = re.compile(r"^(\d+):(\d+)(-T)?$")
-_BLOCK = re.compile(r"^block(\d+)x(\d+)$")
-
-
-@dataclass(frozen=True)
-class Pattern:
-    kind: str  # "nm", "nmt" (transposable) or "block"
-    n: int = 0
-    m: int = 0
-    block: tuple[int, int] = (8, 8)
-    sparsity: float = 0.5
-
-    def __str__(self) -> str:
-        if self.kind == "block":
-            return f"block{self.block[0]}x{self.block[1]} {self.sparsity:.0%}"
-        return f"{self.n}:{self.m}" + ("-T" if self.kind == "nmt" else "")
-
-
-def parse_pattern(pattern: str | Pattern, sparsity: float | None = None) -> Pattern:
-    """'2:4', '4:8', '4:8-T' (any N:M or N:M-T with 0 < N < M) or 'block8x8' (any blockRxC, with
-    ``sparsity``, the fraction of blocks zeroed: default 0.5). Case does not matter. An N:M pattern
-    fixes its own sparsity (1 - N/M), so a sparsity other than None or 1 - N/M is an error."""
-    if isinstance(pattern, Pattern):
-        return pattern
-    text = str(pattern).strip()
-    mt, mb = _NM.match(text.upper()), _BLOCK.match(text.lower())
-    if mt:
-        n, m = int(mt.group(1)), int(mt.group(2))
-        if 0 < n < m:
-            if sparsity is not None and abs(float(sparsity) - (1 - n / m)) > 1e-9:
-                raise ValueError(f"sparsity {sparsity} does not apply to pattern {text}: an N:M pattern keeps N of "
-                                 f"every M ({1 - n / m:.0%} zeros); sparsity is for block patterns (blockRxC)")
-            return Pattern("nmt" if mt.group(3) else "nm", n, m)
-    elif mb and int(mb.group(1)) > 0 and int(mb.group(2)) > 0:
-        sparsity = 0.5 if sparsity is None else sparsity
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1) (the fraction of blocks zeroed), got {sparsity}")
-        return Pattern("block", block=(int(mb.group(1)), int(mb.group(2))), sparsity=float(sparsity))
-    raise ValueError(f"unknown pattern {pattern!r}: valid patterns are {', '.join(PATTERNS)} "
-                     "(or any N:M, N:M-T with 0 < N < M, blockRxC)")
-
+from .magnitude import (FilterFn, Pattern, absorb_mean_, check_pattern_fits, parse_pattern, prunable_layers,
+                        weight_mask)
 
 def check_settings(iters, batch, prefix: str = "") -> None:
     """ValueError unless iters is an int >= 0 and batch an int >= 1 (prefix: "--" for CLI flags)."""
@@ -79,83 +32,6 @@ def check_settings(iters, batch, prefix: str = "") -> None:
                                   ("batch", batch, 1, "cached samples per Adam step")):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{prefix}{key} ({what}) must be an int >= {low}, got {value!r}")
-
-
-def _check_layer(name: str, mod: nn.Module, p: Pattern) -> None:
-    w = mod.weight
-    if p.kind == "nm":
-        sizes, what = [(1, w.shape[1])], "input channels"
-        divisor = (p.m,)
-    elif p.kind == "nmt":
-        w2 = conv_to_2d(w) if w.dim() == 4 else w
-        sizes, what = [(0, w2.shape[0]), (1, w2.shape[1])], "2-D (out, kh*kw*in) view"
-        divisor = (p.m, p.m)
-    else:
-        sizes, what = [(0, w.shape[0]), (1, w.shape[1])], "output/input channels"
-        divisor = p.block
-    for (d, size), div in zip(sizes, divisor):
-        if size % div:
-            raise ValueError(f"layer {name!r} (weight {tuple(w.shape)}) cannot take pattern {p}: "
-                             f"{what} dim {d} has size {size}, not divisible by {div}; "
-                             "exclude it with filter_fn or choose another pattern")
-
-
-def weight_mask(w: torch.Tensor, pattern: str | Pattern, sparsity: float | None = None) -> torch.Tensor:
-    """Bool magnitude mask of a Linear (out, in) or Conv2d (Co, Ci, kh, kw) weight for the pattern."""
-    p = parse_pattern(pattern, sparsity)
-    w = w.detach()
-    if p.kind == "nm":
-        return nm_mask(w, p.n, p.m, dim=1)
-    if p.kind == "nmt":
-        if w.dim() == 4:
-            return conv_from_2d(transposable_mask(conv_to_2d(w), p.n, p.m), w.shape).contiguous()
-        return transposable_mask(w, p.n, p.m)
-    return block_mask(w, p.block, p.sparsity)
-
-
-def _groups(t: torch.Tensor, p: Pattern) -> torch.Tensor:
-    """(G, m) view of the N:M groups: m consecutive input channels (N:M), or m consecutive entries along
-    the input axis of the (out, kh*kw*in) view, i.e. one row of one m x m tile (N:M-T). A copy."""
-    if p.kind == "nmt":
-        t2 = conv_to_2d(t) if t.dim() == 4 else t
-        return t2.reshape(-1, p.m)
-    return t.movedim(1, -1).reshape(-1, p.m)
-
-
-def _ungroup(g: torch.Tensor, like: torch.Tensor, p: Pattern) -> torch.Tensor:
-    if p.kind == "nmt":
-        if like.dim() == 4:
-            return conv_from_2d(g.reshape(like.shape[0], -1), like.shape)
-        return g.reshape(like.shape)
-    moved = like.movedim(1, -1)
-    return g.reshape(moved.shape).movedim(-1, 1)
-
-
-@torch.no_grad()
-def absorb_mean_(w: torch.Tensor, mask: torch.Tensor, pattern: str | Pattern) -> torch.Tensor:
-    """Mean absorption, in place on w, which is returned masked.
-
-    For each N:M group g (see ``_groups``) with kept set K (|K| = n) and pruned set P (|P| = m - n):
-    w[k] += sum(w[P]) / |K| for every k in K, then w[P] = 0. The group's sum is preserved exactly;
-    at 50% (n = m - n, the 2:4, 4:8 and 4:8-T cases) the added value is the mean of the pruned weights.
-    A group with no kept entry (possible only for inexact masks) just loses its pruned weights.
-    Blocks: no absorption (the pruned weights are in other rows/columns), w is only masked.
-    """
-    p = parse_pattern(pattern)
-    if p.kind == "block":
-        return w.mul_(mask)
-    g, k = _groups(w, p), _groups(mask, p).to(w.dtype)
-    pruned_sum = (g * (1 - k)).sum(-1, keepdim=True)
-    kept = k.sum(-1, keepdim=True)
-    g = (g + pruned_sum / kept.clamp(min=1)) * k
-    w.copy_(_ungroup(g, w, p))
-    return w
-
-
-def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> list[tuple[str, nn.Module]]:
-    """Conv2d / Linear layers the filter selects (default: convs with in_channels > 3, Linears but the classifier)."""
-    keep = filter_fn or default_filter(model)
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and keep(n, m)]
 
 
 @torch.no_grad()
@@ -192,23 +68,6 @@ def _capture(model: nn.Module, mod: nn.Module, x: torch.Tensor, chunk: int, want
     finally:
         h.remove()
     return torch.cat(got)
-
-
-def _check_pattern_fits(layers, p: Pattern) -> None:
-    for name, mod in layers:
-        _check_layer(name, mod, p)
-
-
-@torch.no_grad()
-def magnitude_prune(model: nn.Module, pattern: str | Pattern, filter_fn: FilterFn | None = None,
-                    sparsity: float | None = None) -> nn.Module:
-    """Baseline: zero the weights of every selected layer by the magnitude mask, in place (no reconstruction)."""
-    p = parse_pattern(pattern, sparsity)
-    layers = prunable_layers(model, filter_fn)
-    _check_pattern_fits(layers, p)
-    for _, mod in layers:
-        mod.weight.mul_(weight_mask(mod.weight, p))
-    return model
 
 
 @torch.no_grad()
@@ -248,7 +107,7 @@ def adaprune(model: nn.Module, calib_x: torch.Tensor, pattern: str | Pattern, *,
     """
     p = parse_pattern(pattern, sparsity)
     layers = prunable_layers(model, filter_fn)
-    _check_pattern_fits(layers, p)
+    check_pattern_fits(layers, p)
     if calib_x is None or len(calib_x) == 0:
         raise ValueError("adaprune needs at least one calibration sample")
     check_settings(iters, batch)

@@ -1,0 +1,40 @@
+"""Train and test loaders for a data config: in-memory tensors on the device, or an image folder."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import DataConfig
+from .datasets import STATS, load_dataset
+from .imagefolder import ImageFolder, imagefolder_loader
+from .loader import TensorLoader
+
+
+def build_loaders(d: DataConfig, device: torch.device, *, seed: int = 0, channels_last: bool = False,
+                  rank: int = 0, world: int = 1):
+    """(train, test) loaders; small datasets live on the device as uint8 tensors, normalised per batch."""
+    if d.name == "imagefolder":
+        train = ImageFolder(load_dataset("imagefolder", d.root, "train").root, "train", d.image_size)
+        test = ImageFolder(train.root, "val", d.image_size)
+        return (imagefolder_loader(train, d.batch_size, workers=d.workers, seed=seed, rank=rank, world_size=world),
+                imagefolder_loader(test, d.test_batch_size, workers=d.workers, shuffle=False))
+    mean, std = STATS[d.name]
+    common = dict(device=device, channels_last=channels_last)
+    xtr, ytr = load_dataset(d.name, d.root, "train")
+    xte, yte = load_dataset(d.name, d.root, "test")
+    side = min(xtr.shape[-2:])
+    if d.translate >= side:  # reflect padding needs a pad smaller than the image
+        raise ValueError(f"config.data.translate must be less than the image side ({side} pixels for {d.name}), "
+                         f"got {d.translate}")
+    train = TensorLoader(xtr, ytr, d.batch_size, mean, std, shuffle=True, drop_last=False, flip=d.flip,
+                         translate=d.translate, cutout=d.cutout, seed=seed, rank=rank, world_size=world, **common)
+    test = TensorLoader(xte, yte, d.test_batch_size, mean, std, shuffle=False, **common)
+    return train, test
+
+
+def normalize_uint8(x: torch.Tensor, device, name: str = "imagefolder") -> torch.Tensor:
+    """A uint8 image batch (as the image-folder loader yields it) in float, normalised by dataset `name`'s stats."""
+    mean, std = STATS[name]
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    return (x.float() / 255 - m) / s
