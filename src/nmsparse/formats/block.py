@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patterns._checks import check_float_tensor
+from ..patterns.checks import check_float_tensor
 
 __all__ = ["BlockCompressed", "compress_block"]
 

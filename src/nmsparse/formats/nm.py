@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patterns._checks import check_dim, check_divisible, check_float_tensor, check_nm
+from ..patterns.checks import check_dim, check_divisible, check_float_tensor, check_nm
 from ..patterns.nm import nm_mask
 from .bits import MAX_BITS, index_bits, pack_bits, packed_nbytes, unpack_bits
 

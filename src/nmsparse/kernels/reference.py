@@ -21,7 +21,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..patterns._checks import check_dim, check_divisible, check_float_tensor, check_nm
+from ..patterns.checks import check_dim, check_divisible, check_float_tensor, check_nm
 from ..patterns.nm import magnitude_key, nm_mask, topn_in_groups
 
 __all__ = [

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from ..patterns._checks import check_dim, check_divisible, check_float_tensor, check_nm
+from ..patterns.checks import check_dim, check_divisible, check_float_tensor, check_nm
 from .reference import PRUNE_METHODS, _check_seed
 
 __all__ = ["SUPPORTED_M", "SUPPORTED_DTYPES", "triton_available", "interpreting", "prune", "prune_lastdim",

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field, fields
 
-
-def _check_keys(cls, d: dict, where: str) -> None:
-    if not isinstance(d, dict):
-        raise TypeError(f"{where} must be a mapping, got {type(d).__name__}")
-    valid = [f.name for f in fields(cls)]
-    for key in d:
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else "."
-            raise ValueError(f"unknown key {where}.{key}{hint} Valid keys: {', '.join(valid)}")
+from ..common.text import check_keys
+from .sdgp import SDGP_METHODS, check_sdgp_settings
+from .weight import check_block_settings, check_nm_settings
 
 
 def _from_dict(cls, d: dict, where: str):
-    _check_keys(cls, d, where)
+    check_keys(d, [f.name for f in fields(cls)], where)
     return cls(**d)
+
+
+def _checked(where: str, check, *args):
+    """check(*args) with `where` (e.g. "sparsity.weight") leading any error message."""
+    try:
+        return check(*args)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{where}: {e}") from None
 
 
 @dataclass
@@ -34,15 +34,13 @@ class GradSparsity:
     seed: int = 0
 
     def __post_init__(self):
-        from .sdgp import SDGP_METHODS
-
         if self.method not in SDGP_METHODS:
             raise ValueError(f"grad.method must be one of {SDGP_METHODS}, got {self.method!r}")
         if self.layers not in ("conv", "conv+linear"):
             raise ValueError(f"grad.layers must be 'conv' or 'conv+linear', got {self.layers!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"grad.seed must be an int, got {self.seed!r}")
-        _check_nm(self.n, self.m, "grad", sdgp_method=self.method)
+        _checked("grad", check_sdgp_settings, self.n, self.m, self.method)
 
 
 @dataclass
@@ -58,8 +56,8 @@ class WeightNM:
     recompute_every: int = 40
 
     def __post_init__(self):
-        _check_nm(self.n, self.m, "weight")
-        _check_by_building(self)
+        _checked("sparsity.weight", check_nm_settings, self.n, self.m, self.method, self.decay, self.transposable,
+                 self.mask_method, self.recompute_every)
 
 
 @dataclass
@@ -79,7 +77,12 @@ class WeightBlock:
         if not isinstance(self.block, (tuple, list)):
             raise TypeError(f"weight.block must be a pair such as [8, 8], got {self.block!r}")
         self.block = tuple(self.block)
-        _check_by_building(self)
+        _checked("sparsity.weight", check_block_settings, self.block, self.sparsity, self.score, self.schedule,
+                 self.start_step, self.end_step, self.every, self.power)
+
+
+# The YAML names of the weight configs (sparsity.weight.kind); nn.registry maps each config type to its layer handler.
+WEIGHT_KINDS = {"nm": WeightNM, "block": WeightBlock}
 
 
 @dataclass
@@ -124,12 +127,12 @@ class SparsityConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SparsityConfig":
         """From e.g. {"weight": {"kind": "nm", "n": 2, "m": 4}, "grad": {"method": "rescale"}}."""
-        _check_keys(cls, d, "sparsity")
+        check_keys(d, [f.name for f in fields(cls)], "sparsity")
         d = dict(d)
         if d.get("weight") is not None:
             w = dict(d["weight"])
             kind = w.pop("kind", "nm")
-            kinds = {"nm": WeightNM, "block": WeightBlock}
+            kinds = WEIGHT_KINDS
             if kind not in kinds:
                 raise ValueError(f"sparsity.weight.kind must be 'nm' or 'block', got {kind!r}")
             d["weight"] = _from_dict(kinds[kind], w, "sparsity.weight")
@@ -144,28 +147,3 @@ class SparsityConfig:
         elif self.weight is not None:
             d["weight"] = {"kind": "nm", **d["weight"]}
         return d
-
-
-def _check_by_building(cfg) -> None:
-    """Validate a weight setting when it is written, by building its parametrization once."""
-    from .sparsify import _weight_parametrization
-
-    try:
-        _weight_parametrization(cfg)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"sparsity.weight: {e}") from None
-
-
-def _check_nm(n, m, where: str, sdgp_method: str | None = None) -> None:
-    """check_nm with `where` in the message; with sdgp_method, also SDGP's own rules (n >= 1, tile24 is 2:4)."""
-    from ..patterns._checks import check_nm
-
-    try:
-        if sdgp_method is None:
-            check_nm(n, m)
-        else:
-            from .sdgp import _check_nm as check_sdgp_nm
-
-            check_sdgp_nm(n, m, sdgp_method)
-    except (TypeError, ValueError) as e:
-        raise type(e)(f"{where}: {e}") from None

@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from ..kernels import ops
 from ..kernels.ops import prune_grad_fast
 from ..kernels.reference import PRUNE_METHODS, prune_checked
-from ..patterns._checks import check_dim, check_divisible, check_float_tensor, check_nm
+from ..patterns.checks import check_dim, check_divisible, check_float_tensor, check_nm
 
 # "tile24": 2:4 chosen by the fused prune-and-compress route of 2:4 sparse tensor cores (greedy in
 # 4 positions x 4 channels tiles; a transposable pattern), which can differ from "magnitude".
@@ -23,15 +23,14 @@ SDGP_METHODS = PRUNE_METHODS + ("tile24",)
 # Generator seed for a layer's backward number `step`: seed * _SEED_STRIDE + step.
 _SEED_STRIDE = 1_000_003
 
-__all__ = ["prune_grad", "SDGP_METHODS", "SDGPConv2d", "SDGPLinear", "sdgp_conv2d", "sdgp_linear"]
+__all__ = ["prune_grad", "SDGP_METHODS", "SDGPConv2d", "SDGPLinear", "sdgp_conv2d", "sdgp_linear",
+           "check_sdgp_settings"]
 
 
-def _check_method(method) -> None:
-    if method not in SDGP_METHODS:
+def check_sdgp_settings(n, m, method: str | None = None) -> tuple[int, int]:
+    """SDGP's n:m (1 <= n <= m) and method, validated with messages naming the argument; returns (n, m)."""
+    if method is not None and method not in SDGP_METHODS:
         raise ValueError(f"method must be one of {SDGP_METHODS}, got {method!r}")
-
-
-def _check_nm(n, m, method: str | None = None) -> tuple[int, int]:
     n, m = check_nm(n, m)
     if n < 1:  # nothing kept: no input gradient, and an overflow would go unseen
         raise ValueError(f"n must be >= 1 for SDGP, got n={n}")
@@ -58,10 +57,15 @@ def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: 
     (``kernels.reference.tile24_prune_grad``; PyTorch's tile kernel on an sm80+ GPU).
     """
     check_float_tensor(g, "g")
-    _check_method(method)
-    n, m = _check_nm(n, m, method)
+    n, m = check_sdgp_settings(n, m, method)
     d = check_dim(g, dim)
     check_divisible(g.shape[d], m, f"g's channel dim {dim}", g.shape)
+    return _prune(g, n, m, method, d, generator, eps)
+
+
+def _prune(g, n, m, method, d, generator=None, eps=1e-4):
+    """prune_grad for validated arguments (d non-negative): the backward of the SDGP layers, whose settings
+    and channel count were checked when they were built."""
     if method == "tile24":
         out = ops.tile24_prune_grad(g, d)
         # The tile's greedy choice may drop a NaN; keep non-finite entries so a scaler still sees them.
@@ -85,8 +89,7 @@ def _autocast(*tensors):
 def _check_layer(x, weight, n, m, method, what: str):
     check_float_tensor(x, "x")
     check_float_tensor(weight, "weight")
-    n, m = _check_nm(n, m)
-    _check_method(method)
+    n, m = check_sdgp_settings(n, m, method)
     check_divisible(weight.shape[0], m, f"weight's {what} dim 0", weight.shape)
     return n, m
 
@@ -113,7 +116,7 @@ class _SDGPConv2dFn(torch.autograd.Function):
                 [False, need_w, need_b])
         if need_x:
             n, m, method, generator = ctx.prune
-            gp = prune_grad(gy, n, m, method, 1, generator)
+            gp = _prune(gy, n, m, method, 1, generator)
             dx = torch.ops.aten.convolution_backward(
                 gp, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
                 [True, False, False])[0]
@@ -142,7 +145,7 @@ class _SDGPLinearFn(torch.autograd.Function):
             # 2:4 sparse tensor cores where they apply and were measured faster for this shape (else None)
             dx = ops.sdgp_linear_dx(gy, weight, n, m, method, generator)
             if dx is None:
-                dx = prune_grad(gy, n, m, method, -1, generator).matmul(weight)
+                dx = _prune(gy, n, m, method, gy.dim() - 1, generator).matmul(weight)
         return (dx, dw, db) + (None,) * 4
 
 
@@ -166,7 +169,11 @@ def sdgp_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
                 method="rescale", generator=None):
     """F.conv2d whose backward feeds the N:M-pruned output gradient to the input gradient only."""
     n, m = _check_layer(x, weight, n, m, method, "out-channel")
-    stride, dilation = _pair(stride), _pair(dilation)
+    return _conv2d(x, weight, bias, _pair(stride), padding, _pair(dilation), groups, n, m, method, generator)
+
+
+def _conv2d(x, weight, bias, stride, padding, dilation, groups, n, m, method, generator):
+    """sdgp_conv2d for validated settings (stride and dilation as pairs)."""
     x, padding = _resolve_padding(x, weight, stride, padding, dilation)
     x, weight, bias = _autocast(x, weight, bias)
     return _SDGPConv2dFn.apply(x, weight, bias, list(stride), list(padding), list(dilation), groups,
@@ -176,6 +183,11 @@ def sdgp_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
 def sdgp_linear(x, weight, bias=None, n=2, m=4, method="rescale", generator=None):
     """F.linear whose backward feeds the N:M-pruned output gradient to the input gradient only."""
     n, m = _check_layer(x, weight, n, m, method, "out-feature")
+    return _linear(x, weight, bias, n, m, method, generator)
+
+
+def _linear(x, weight, bias, n, m, method, generator):
+    """sdgp_linear for validated settings."""
     x, weight, bias = _autocast(x, weight, bias)
     return _SDGPLinearFn.apply(x, weight, bias, n, m, method, generator)
 
@@ -187,8 +199,7 @@ class _SDGPMixin:
     _out_name: str
 
     def _init_sdgp(self, out: int, n, m, method, seed, device) -> None:
-        _check_method(method)
-        n, m = _check_nm(n, m, method)
+        n, m = check_sdgp_settings(n, m, method)
         if out % m:
             raise ValueError(f"{self._dense_cls.__name__} with {self._out_name}={out} cannot be "
                              f"grouped by m={m}: {out} is not divisible by {m}")
@@ -279,8 +290,9 @@ class SDGPConv2d(_SDGPMixin, nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return sdgp_conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups,
-                           self.n, self.m, self.method, gen)
+        # The settings were checked when the layer was built; the forward does not check them again.
+        return _conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups, self.n, self.m,
+                       self.method, gen)
 
 
 class SDGPLinear(_SDGPMixin, nn.Linear):
@@ -306,4 +318,4 @@ class SDGPLinear(_SDGPMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias  # read once: a parametrized weight is recomputed per read
         gen = self._step_generator(x, weight, bias)
-        return sdgp_linear(x, weight, bias, self.n, self.m, self.method, gen)
+        return _linear(x, weight, bias, self.n, self.m, self.method, gen)

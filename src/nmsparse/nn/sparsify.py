@@ -2,90 +2,33 @@
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
-from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..patterns.diversity import SAD, sad
-from .config import GradSparsity, SparsityConfig, WeightBlock, WeightNM
+from .config import SparsityConfig
+from .filters import FilterFn, as_name_module, default_filter, final_classifier, mha_projections, name_filter
+from .registry import handler_for, set_submodule
 from .sdgp import SDGPConv2d, SDGPLinear
 from .weight import BlockWeightSparsity, NMWeightSparsity
 
-FilterFn = Callable[[str, nn.Module], bool]
+__all__ = ["sparsify", "sparsity_report", "format_report", "squash", "weight_masks", "SADTracker", "sparse_layers",
+           "default_filter", "final_classifier"]
 
-
-def final_classifier(model: nn.Module) -> str | None:
-    """Name of the last nn.Linear in registration order (the classifier the references keep dense)."""
-    last = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            last = name
-    return last
-
-
-def default_filter(model: nn.Module, include_linear: bool = True) -> FilterFn:
-    """The references' choice: every Conv2d except a stem with <= 3 input channels, and (when
-    include_linear) every Linear except the final classifier (the last nn.Linear registered: pass
-    a filter_fn or config.include where that is not the classifier)."""
-    head = final_classifier(model)
-
-    def keep(name: str, mod: nn.Module) -> bool:
-        if isinstance(mod, nn.Conv2d):
-            return mod.in_channels > 3
-        if isinstance(mod, nn.Linear):
-            return include_linear and name != head
-        return False
-
-    return keep
-
-
-def _mha_projections(model: nn.Module) -> set[str]:
-    """Linears owned by nn.MultiheadAttention: it reads their weight but never calls their forward."""
-    out = set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.MultiheadAttention):
-            out |= {f"{name}.{child}" if name else child for child, sub in mod.named_children()
-                    if isinstance(sub, nn.Linear)}
-    return out
-
-
-def _name_filter(patterns: list[str]) -> FilterFn:
-    return lambda name, mod: any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _weight_parametrization(cfg: WeightNM | WeightBlock):
-    if isinstance(cfg, WeightNM):
-        return NMWeightSparsity(cfg.n, cfg.m, cfg.method, cfg.decay, cfg.transposable,
-                                cfg.mask_method, cfg.recompute_every)
-    return BlockWeightSparsity(cfg.block, cfg.sparsity, cfg.score, cfg.schedule, cfg.start_step,
-                               cfg.end_step, cfg.every, cfg.power)
-
-
-def _to_sdgp(name: str, mod: nn.Module, cfg: GradSparsity, index: int) -> nn.Module:
-    cls = SDGPConv2d if isinstance(mod, nn.Conv2d) else SDGPLinear
-    # Each layer gets its own stream of random choices, reproducible from the config's seed.
-    return cls.from_dense(mod, n=cfg.n, m=cfg.m, method=cfg.method, seed=cfg.seed * 10007 + index)
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def _plan(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | None, for_grad: bool):
-    explicit = filter_fn is not None or config.include is not None
-    if filter_fn is not None:
-        chosen = filter_fn
+def _plan(model: nn.Module, config: SparsityConfig, keep, for_grad: bool):
+    """(name, module) of the layers one config section converts, in registration order."""
+    explicit = keep is not None or config.include is not None
+    if keep is not None:
+        chosen = keep
     elif config.include is not None:
-        chosen = _name_filter(config.include)
+        chosen = name_filter(config.include)
     else:
         chosen = default_filter(model, include_linear=not for_grad or config.grad.layers == "conv+linear")
-    excluded = _name_filter(config.exclude)
-    mha = _mha_projections(model) if for_grad else set()
+    excluded = name_filter(config.exclude)
+    mha = mha_projections(model) if for_grad else set()
     plan = []
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.Conv2d, nn.Linear)) or not chosen(name, mod) or excluded(name, mod):
@@ -103,22 +46,22 @@ def _plan(model: nn.Module, config: SparsityConfig, filter_fn: FilterFn | None, 
     return plan
 
 
-def _compatible(name: str, mod: nn.Module, check, config: SparsityConfig) -> bool:
+def _prepared(name: str, mod: nn.Module, prepare, config: SparsityConfig):
+    """prepare() (the handler's check and set-up), or None with a warning when skipping is allowed."""
     try:
-        check()
-        return True
+        return prepare()
     except ValueError as e:
         msg = f"layer {name!r} ({type(mod).__name__} {tuple(mod.weight.shape)}): {e}"
         if config.on_incompatible == "skip":
             warnings.warn(f"nmsparse.sparsify: skipping {msg}", stacklevel=3)
-            return False
+            return None
         raise ValueError(msg + " (pass on_incompatible='skip' to leave such layers dense)") from None
 
 
 def _nothing_selected(model: nn.Module, config: SparsityConfig, filter_fn, what: str, for_grad: bool) -> ValueError:
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if filter_fn is not None:
-        how = "filter_fn"
+        how = "filter_fn (called as filter_fn(module, name), torchao's order)"
     elif config.include is not None:
         how = f"include={config.include}"
     else:
@@ -132,12 +75,13 @@ def _nothing_selected(model: nn.Module, config: SparsityConfig, filter_fn, what:
 def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterFn | None = None) -> nn.Module:
     """Convert `model` in place to the weight and/or data-gradient sparsity in `config`; returns it.
 
-    filter_fn(name, module) -> bool picks the layers (default: the references' choice, see
-    `default_filter`); config.include / config.exclude select by module-name patterns instead.
-    Every selected layer is checked before any is converted, so an error leaves the model as it
-    was; selecting no layer at all is an error. Call it before building the optimizer: parameters
-    keep their identity, but a weight parametrization moves the dense weight to
-    `<layer>.parametrizations.weight.original`.
+    filter_fn(module, name) -> bool picks the layers, as in torchao's ``sparsify_`` (default: the
+    references' choice, see `default_filter`; the older filter_fn(name, module) still works, with a
+    DeprecationWarning); config.include / config.exclude select by module-name patterns instead.
+    Each config section is applied by its handler in ``nn.registry.HANDLERS``. Every selected layer
+    is checked before any is converted, so an error leaves the model as it was; selecting no layer
+    at all is an error. Call it before building the optimizer: parameters keep their identity, but a
+    weight parametrization moves the dense weight to `<layer>.parametrizations.weight.original`.
     """
     if isinstance(config, dict):
         config = SparsityConfig.from_dict(config)
@@ -146,33 +90,21 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterF
     for name, mod in model.named_modules():
         if parametrize.is_parametrized(mod, "weight") or isinstance(mod, (SDGPConv2d, SDGPLinear)):
             raise ValueError(f"layer {name!r} is already sparsified; call squash(model) first to start over")
-    grad_plan, weight_plan = [], []
-    if config.grad is not None:
-        planned = _plan(model, config, filter_fn, for_grad=True)
+    keep = as_name_module(filter_fn, model) if filter_fn is not None else None
+    sections = [(s, handler_for(s)) for s in (config.grad, config.weight) if s is not None]
+    applies = []
+    for section, handler in sorted(sections, key=lambda sh: not sh[1].for_grad):  # module swaps first
+        planned = _plan(model, config, keep, handler.for_grad)
         if not planned:
-            raise _nothing_selected(model, config, filter_fn, "gradient (SDGP)", for_grad=True)
+            what = "gradient (SDGP)" if handler.for_grad else "weight"
+            raise _nothing_selected(model, config, filter_fn, what, for_grad=handler.for_grad)
         for index, (name, mod) in enumerate(planned):
-            out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-            if _compatible(name, mod, lambda: _check_channels(out, config.grad.m), config):
-                grad_plan.append((name, mod, index))
-    if config.weight is not None:
-        planned = _plan(model, config, filter_fn, for_grad=False)
-        if not planned:
-            raise _nothing_selected(model, config, filter_fn, "weight", for_grad=False)
-        for name, mod in planned:
-            p = _weight_parametrization(config.weight)
-            if _compatible(name, mod, lambda: p.check_weight(mod.weight.shape), config):
-                weight_plan.append((name, p))
-    for name, mod, index in grad_plan:
-        _set_submodule(model, name, _to_sdgp(name, mod, config.grad, index))
-    for name, p in weight_plan:  # by name: the module may have just become its SDGP version
-        parametrize.register_parametrization(model.get_submodule(name), "weight", p)
+            apply = _prepared(name, mod, lambda: handler.prepare(section, name, mod, index), config)
+            if apply is not None:
+                applies.append(apply)
+    for apply in applies:
+        apply(model)
     return model
-
-
-def _check_channels(out: int, m: int) -> None:
-    if out % m:
-        raise ValueError(f"SDGP groups the {out} output channels by m={m}, which does not divide them")
 
 
 def sparse_layers(model: nn.Module):
@@ -229,7 +161,7 @@ def squash(model: nn.Module) -> nn.Module:
             mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
         if is_sdgp:
-            _set_submodule(model, name, mod.to_dense())
+            set_submodule(model, name, mod.to_dense())
     return model
 
 

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..patterns._checks import check_fraction, check_nm
-from ..patterns.block import _check_block, _check_score, _check_weight, block_scores, expand_block_grid
-from ..patterns.nm import nm_mask
+from ..patterns.checks import check_fraction, check_nm
+from ..patterns.block import check_block, check_score, check_block_weight, block_scores, expand_block_grid
+from ..patterns.nm import nm_mask_checked
 from ..patterns.transposable import conv_from_2d, conv_to_2d, transposable_mask
 
 NM_METHODS = ("srste", "ste", "fixed")
@@ -154,6 +154,40 @@ class _MaskedWeight(nn.Module):
         return self.pattern_name()
 
 
+def check_nm_settings(n, m, method="srste", decay=2e-4, transposable=False, mask_method="exact",
+                      recompute_every=40) -> tuple:
+    """The N:M weight settings, validated (TypeError/ValueError naming the argument), in constructor order."""
+    n, m = check_nm(n, m)
+    if n == 0:
+        raise ValueError("n must be >= 1 for weight sparsity (n=0 would zero the whole weight), got n=0")
+    if method not in NM_METHODS:
+        raise ValueError(f"method must be one of {NM_METHODS}, got method={method!r}")
+    if not isinstance(transposable, bool):
+        raise TypeError(f"transposable must be a bool, got {transposable!r}")
+    if mask_method not in MASK_METHODS:
+        raise ValueError(f"mask_method must be one of {MASK_METHODS}, got mask_method={mask_method!r}")
+    return (n, m, method, _check_number(decay, "decay"), transposable, mask_method,
+            _check_int(recompute_every, "recompute_every", 1))
+
+
+def check_block_settings(block=(8, 8), sparsity=0.5, score="l2", schedule="oneshot", start_step=0, end_step=None,
+                         every=100, power=3) -> tuple:
+    """The block weight settings, validated (TypeError/ValueError naming the argument), in constructor order."""
+    block = check_block(block)
+    sparsity = check_fraction(sparsity, "sparsity")
+    score = check_score(score)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={schedule!r}")
+    start_step = _check_int(start_step, "start_step", 0)
+    if end_step is None:
+        if schedule == "gradual":
+            raise ValueError("schedule='gradual' needs end_step > start_step, got end_step=None")
+    else:
+        _check_int(end_step, "end_step", start_step + 1)
+    return (block, sparsity, score, schedule, start_step, end_step, _check_int(every, "every", 1),
+            _check_number(power, "power", positive=True))
+
+
 class NMWeightSparsity(_MaskedWeight):
     """N:M weights along the input channels: SR-STE, plain STE or a fixed mask; optionally transposable.
 
@@ -172,19 +206,8 @@ class NMWeightSparsity(_MaskedWeight):
     def __init__(self, n: int = 2, m: int = 4, method: str = "srste", decay: float = 2e-4,
                  transposable: bool = False, mask_method: str = "exact", recompute_every: int = 40):
         super().__init__()
-        n, m = check_nm(n, m)
-        if n == 0:
-            raise ValueError("n must be >= 1 for weight sparsity (n=0 would zero the whole weight), got n=0")
-        if method not in NM_METHODS:
-            raise ValueError(f"method must be one of {NM_METHODS}, got method={method!r}")
-        if not isinstance(transposable, bool):
-            raise TypeError(f"transposable must be a bool, got {transposable!r}")
-        if mask_method not in MASK_METHODS:
-            raise ValueError(f"mask_method must be one of {MASK_METHODS}, got mask_method={mask_method!r}")
-        self.n, self.m, self.method = n, m, method
-        self.decay = _check_number(decay, "decay")
-        self.transposable, self.mask_method = transposable, mask_method
-        self.recompute_every = _check_int(recompute_every, "recompute_every", 1)
+        self.n, self.m, self.method, self.decay, self.transposable, self.mask_method, self.recompute_every = \
+            check_nm_settings(n, m, method, decay, transposable, mask_method, recompute_every)
 
     def check_weight(self, shape, name: str = "weight") -> None:
         """Raise ValueError (naming the dim, its size and m) if W of this shape cannot be grouped."""
@@ -207,7 +230,7 @@ class NMWeightSparsity(_MaskedWeight):
     def _compute(self, w):
         w = w.detach()
         if not self.transposable:
-            return nm_mask(w, self.n, self.m, dim=1)
+            return nm_mask_checked(w, self.n, self.m, 1)  # n, m and the shape were checked when built
         if w.dim() == 2:
             return transposable_mask(w, self.n, self.m, self.mask_method)
         return conv_from_2d(transposable_mask(conv_to_2d(w), self.n, self.m, self.mask_method), w.shape)
@@ -249,25 +272,12 @@ class BlockWeightSparsity(_MaskedWeight):
     def __init__(self, block=(8, 8), sparsity: float = 0.5, score: str = "l2", schedule: str = "oneshot",
                  start_step: int = 0, end_step: int | None = None, every: int = 100, power: float = 3):
         super().__init__()
-        self.block = _check_block(block)
-        self.sparsity = check_fraction(sparsity, "sparsity")
-        self.score = _check_score(score)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got schedule={schedule!r}")
-        self.schedule = schedule
-        self.start_step = _check_int(start_step, "start_step", 0)
-        if end_step is None:
-            if schedule == "gradual":
-                raise ValueError("schedule='gradual' needs end_step > start_step, got end_step=None")
-        else:
-            _check_int(end_step, "end_step", start_step + 1)
-        self.end_step = end_step
-        self.every = _check_int(every, "every", 1)
-        self.power = _check_number(power, "power", positive=True)
+        (self.block, self.sparsity, self.score, self.schedule, self.start_step, self.end_step, self.every,
+         self.power) = check_block_settings(block, sparsity, score, schedule, start_step, end_step, every, power)
 
     def check_weight(self, shape, name: str = "weight") -> None:
         """Raise ValueError (naming the dim, its size and the block) if W of this shape cannot be blocked."""
-        _check_weight(torch.empty(_check_rank(shape, name), device="meta"), self.block, name)
+        check_block_weight(torch.empty(_check_rank(shape, name), device="meta"), self.block, name)
 
     def target_sparsity(self, step: int) -> float:
         """Fraction of blocks that should be zero at a training step."""

@@ -17,12 +17,12 @@ import math
 
 import torch
 
-from ._checks import check_float_tensor, check_fraction
+from .checks import check_float_tensor, check_fraction
 
 SCORES = ("l2", "l1", "var")
 
 
-def _check_block(block) -> tuple[int, int]:
+def check_block(block) -> tuple[int, int]:
     ok = (isinstance(block, (tuple, list)) and len(block) == 2
           and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block))
     if not ok:
@@ -30,7 +30,7 @@ def _check_block(block) -> tuple[int, int]:
     return int(block[0]), int(block[1])
 
 
-def _check_score(score) -> str:
+def check_score(score) -> str:
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     return score
@@ -40,7 +40,7 @@ def _divisors_up_to(size: int, limit: int) -> list[int]:
     return [d for d in range(1, limit + 1) if size % d == 0]
 
 
-def _check_weight(w, block: tuple[int, int], name: str) -> None:
+def check_block_weight(w, block: tuple[int, int], name: str) -> None:
     check_float_tensor(w, name)
     if w.dim() not in (2, 4):
         raise ValueError(
@@ -90,15 +90,15 @@ def block_scores(w: torch.Tensor, block=(8, 8), score: str = "l2") -> torch.Tens
 
     A block holding NaN or inf scores +inf.
     """
-    block = _check_block(block)
-    _check_score(score)
-    _check_weight(w, block, "w")
+    block = check_block(block)
+    check_score(score)
+    check_block_weight(w, block, "w")
     return _scores(w, block, score, normalize=False)
 
 
 def expand_block_grid(grid: torch.Tensor, shape, block) -> torch.Tensor:
     """Elementwise bool mask of a weight ``shape`` from its (Co/bo, Ci/bi) block grid."""
-    bo, bi = _check_block(block)
+    bo, bi = check_block(block)
     shape = tuple(shape)
     if len(shape) not in (2, 4) or tuple(grid.shape) != (shape[0] // bo, shape[1] // bi) \
             or shape[0] % bo or shape[1] % bi:
@@ -121,10 +121,10 @@ def block_mask(w: torch.Tensor, block=(8, 8), sparsity: float = 0.5, score: str 
 
     With return_grid=True, returns the (Co/bo, Ci/bi) bool block grid (True = kept) instead.
     """
-    block = _check_block(block)
-    _check_score(score)
+    block = check_block(block)
+    check_score(score)
     sparsity = check_fraction(sparsity, "sparsity")
-    _check_weight(w, block, "w")
+    check_block_weight(w, block, "w")
     s = _scores(w, block, score, normalize=False)
     grid = ~_lowest(s, round(sparsity * s.numel()))
     return grid if return_grid else expand_block_grid(grid, w.shape, block)
@@ -138,8 +138,8 @@ def global_block_mask(weights, block=(8, 8), sparsity: float = 0.5, score: str =
     normalize=True compares blocks of different sizes fairly: l2 becomes the per-element RMS
     and l1 the mean |w| (variance is per-element already). Ties go to the earlier tensor.
     """
-    block = _check_block(block)
-    _check_score(score)
+    block = check_block(block)
+    check_score(score)
     sparsity = check_fraction(sparsity, "sparsity")
     if isinstance(weights, dict):
         names, tensors = list(weights), list(weights.values())
@@ -150,7 +150,7 @@ def global_block_mask(weights, block=(8, 8), sparsity: float = 0.5, score: str =
     else:
         raise TypeError(f"weights must be a dict name -> tensor or a list of tensors, got {type(weights).__name__}")
     for t, label in zip(tensors, labels):
-        _check_weight(t, block, label)
+        check_block_weight(t, block, label)
     scores = [_scores(t, block, score, normalize).cpu() for t in tensors]
     total = sum(s.numel() for s in scores)
     flat = torch.cat([s.flatten() for s in scores]) if scores else torch.zeros(0, dtype=torch.float64)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import check_nm
+from .checks import check_nm
 
 PATTERNS = ("unstructured", "nm", "transposable", "block")
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._checks import check_dim, check_divisible, check_float_tensor, check_nm
+from .checks import check_dim, check_divisible, check_float_tensor, check_nm
 
 METHODS = ("magnitude", "random")
 
@@ -81,6 +81,13 @@ def nm_mask(x: torch.Tensor, n: int, m: int, dim: int = -1, method: str = "magni
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_divisible(x.shape[d], m, f"dim {dim}", x.shape)
+    return nm_mask_checked(x, n, m, d, method, generator)
+
+
+def nm_mask_checked(x: torch.Tensor, n: int, m: int, d: int, method: str = "magnitude",
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """``nm_mask`` for arguments already validated (d non-negative): the per-step path of layers that
+    checked their settings and weight shape once, when they were built."""
     moved = x.movedim(d, -1).contiguous()
     return _grouped_mask(moved, n, m, method, generator).movedim(-1, d)
 

@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from ._checks import check_2d, check_divisible, check_float_tensor, check_nm
+from .checks import check_2d, check_divisible, check_float_tensor, check_nm
 from .nm import magnitude_key, topn_in_groups
 
 METHODS = ("exact", "greedy")

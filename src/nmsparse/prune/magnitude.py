@@ -10,10 +10,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..nn.sparsify import default_filter
+from ..nn.filters import as_name_module, default_filter
 from ..patterns import block_mask, conv_from_2d, conv_to_2d, nm_mask, transposable_mask
 
-FilterFn = Callable[[str, nn.Module], bool]
+FilterFn = Callable[[nn.Module, str], bool]  # torchao's order, as sparsify's
 PATTERNS = ("2:4", "4:8", "4:8-T", "block8x8")
 _NM = re.compile(r"^(\d+):(\d+)(-T)?$")
 _BLOCK = re.compile(r"^block(\d+)x(\d+)$")
@@ -130,7 +130,7 @@ def absorb_mean_(w: torch.Tensor, mask: torch.Tensor, pattern: str | Pattern) ->
 
 def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> list[tuple[str, nn.Module]]:
     """Conv2d / Linear layers the filter selects (default: convs with in_channels > 3, Linears but the classifier)."""
-    keep = filter_fn or default_filter(model)
+    keep = as_name_module(filter_fn, model) if filter_fn is not None else default_filter(model)
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and keep(n, m)]
 
 

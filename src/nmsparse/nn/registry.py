@@ -1,0 +1,86 @@
+"""One registry: a sparsity config type -> the handler that applies it to each chosen layer.
+
+``sparsify`` looks every section of a SparsityConfig up here, in the style of torchao's
+``sparsify_``. A *weight* handler returns the parametrization registered on the layer's weight
+(the mask changes in the parametrization's own step logic, never in the layer); a *module*
+handler returns the module that replaces the layer (SDGP's layers share the dense one's
+parameters). A new method is one new file (its config dataclass and its handler) plus one line
+in ``HANDLERS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .config import GradSparsity, WeightBlock, WeightNM
+from .sdgp import SDGPConv2d, SDGPLinear
+from .weight import BlockWeightSparsity, NMWeightSparsity
+
+
+@dataclass(frozen=True)
+class Handler:
+    """prepare(cfg, name, module, index) checks that the layer can take the config (ValueError saying why,
+    which sparsify prefixes with the layer) and returns apply(model), which converts it. sparsify calls
+    every prepare before any apply, so a refused layer leaves the model untouched.
+
+    for_grad: the section is chosen by the gradient filter (SDGP's layer rules) and applied first, since it
+    replaces modules that weight parametrizations then register on by name.
+    """
+
+    prepare: Callable[[object, str, nn.Module, int], Callable[[nn.Module], None]]
+    for_grad: bool = False
+
+
+def _weight(build: Callable):
+    """A weight handler's prepare: one parametrization per layer, checked against the weight's shape."""
+    def prepare(cfg, name: str, mod: nn.Module, index: int):
+        p = build(cfg)
+        p.check_weight(mod.weight.shape)
+        return lambda model: parametrize.register_parametrization(model.get_submodule(name), "weight", p)
+    return prepare
+
+
+def _nm_weight(cfg: WeightNM) -> NMWeightSparsity:
+    return NMWeightSparsity(cfg.n, cfg.m, cfg.method, cfg.decay, cfg.transposable, cfg.mask_method,
+                            cfg.recompute_every)
+
+
+def _block_weight(cfg: WeightBlock) -> BlockWeightSparsity:
+    return BlockWeightSparsity(cfg.block, cfg.sparsity, cfg.score, cfg.schedule, cfg.start_step, cfg.end_step,
+                               cfg.every, cfg.power)
+
+
+def _sdgp(cfg: GradSparsity, name: str, mod: nn.Module, index: int):
+    out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
+    if out % cfg.m:
+        raise ValueError(f"SDGP groups the {out} output channels by m={cfg.m}, which does not divide them")
+    cls = SDGPConv2d if isinstance(mod, nn.Conv2d) else SDGPLinear
+    # Each layer gets its own stream of random choices, reproducible from the config's seed.
+    return lambda model: set_submodule(model, name, cls.from_dense(mod, n=cfg.n, m=cfg.m, method=cfg.method,
+                                                                   seed=cfg.seed * 10007 + index))
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called `name` (dotted) by `new`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+HANDLERS: dict[type, Handler] = {
+    WeightNM: Handler(_weight(_nm_weight)),
+    WeightBlock: Handler(_weight(_block_weight)),
+    GradSparsity: Handler(_sdgp, for_grad=True),
+}
+
+
+def handler_for(cfg) -> Handler:
+    """The handler registered for the config's type (TypeError naming the known types otherwise)."""
+    try:
+        return HANDLERS[type(cfg)]
+    except KeyError:
+        known = ", ".join(t.__name__ for t in HANDLERS)
+        raise TypeError(f"no sparsity handler for {type(cfg).__name__}; registered config types: {known}") from None
