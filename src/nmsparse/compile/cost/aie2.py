@@ -1,4 +1,4 @@
-"""Cost models: per-layer plans and time estimates for the aie2, gpu and cpu targets.
+"""AIE2 cost model: two-level sub-volume tiling (DDR -> memory tiles -> cores) and time series per layer.
 
 AIE2 (the block-sparsity paper's method, SPEC section 5)
 --------------------------------------------------------
@@ -36,170 +36,21 @@ Set it false for the rule alone (still with the fastest W split count).
 At each level the time is a time series over the steps (load, compute, write):
 ``sum(max(load_i, compute_i, write_i))``, which is ``max(load, compute, write) x iterations``
 for identical steps; a single step takes ``load + compute + write`` (nothing to overlap).
-
-GPU: a roofline per layer (see targets/gpu.yaml). CPU: a model of this package's kernels with
-coefficients measured by ``calibrate_cpu`` (see targets/cpu.yaml).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..kernels.block_cpu import CHUNK, GEMV_ROWS, direct_geometry
-from .layers import LayerFormat, LayerSpec
+from ..layers import LayerSpec
+from .common import (LayerEstimate, PlanError, SubVolume, WeightPattern, _bounds, _distinct_splits, _series_counted,
+                     time_series)
 
-__all__ = ["SubVolume", "LayerEstimate", "WeightPattern", "PlanError", "time_series", "plan_aie2",
-           "estimate_gpu", "estimate_cpu", "estimate_layer", "cpu_dense_time", "cpu_sparse_time", "cpu_kind",
-           "kernel_work", "DEFAULT_CACHE"]
+__all__ = ["plan_aie2", "estimate_aie2"]
 
-
-class PlanError(ValueError):
-    """A layer that cannot be planned on a target (it does not fit even split to the smallest tile)."""
-
-
-def time_series(steps) -> float:
-    """Time of (load, compute, write) steps: the sum for one step, else sum of per-step maxima."""
-    steps = list(steps)
-    if len(steps) == 1:
-        return float(sum(steps[0]))
-    return float(sum(max(s) for s in steps))
-
-
-def _series_counted(items) -> tuple[float, int]:
-    """items: (count, load, compute, write). Returns (time, iterations) with the time_series rule."""
-    n = sum(c for c, *_ in items)
-    if n == 1:
-        (_, l, c, w), = [i for i in items if i[0]]
-        return l + c + w, 1
-    return sum(cnt * max(l, c, w) for cnt, l, c, w in items), n
-
-
-def _bounds(units: int, parts: int) -> list[int]:
-    return [(i * units) // parts for i in range(parts + 1)]
-
-
-def _distinct_splits(units: int) -> list[int]:
-    """Split counts 1..units giving distinct largest-part sizes ceil(units / n), fewest first."""
-    out, last = [], None
-    for n in range(1, units + 1):
-        size = -(-units // n)
-        if size != last:
-            out.append(n)
-            last = size
-    return out
-
-
-class WeightPattern:
-    """Kept-block counts over rectangles of a layer's (Co units, Ci units) grid (dense: all kept)."""
-
-    def __init__(self, R: int, C: int, bo: int, bi: int, grid=None):
-        self.R, self.C, self.bo, self.bi = R, C, bo, bi
-        self.dense = grid is None
-        if grid is not None:
-            g = np.asarray(grid, dtype=np.int64)
-            if g.shape != (R, C):
-                raise ValueError(f"block grid of shape {g.shape} does not match ({R}, {C})")
-            self.ps = np.zeros((R + 1, C + 1), dtype=np.int64)
-            self.ps[1:, 1:] = g.cumsum(0).cumsum(1)
-
-    @classmethod
-    def for_layer(cls, spec: LayerSpec, block, grid=None) -> "WeightPattern":
-        bo, bi = block
-        if spec.groups != 1:  # grouped conv: dense, Ci is not split (one unit of all channels)
-            return cls(spec.co // bo, 1, bo, spec.ci) if spec.co % bo == 0 else cls(spec.co, 1, 1, spec.ci)
-        if grid is not None:
-            return cls(spec.co // bo, spec.ci // bi, bo, bi, grid)
-        if spec.co % bo == 0 and spec.ci % bi == 0:
-            return cls(spec.co // bo, spec.ci // bi, bo, bi)
-        return cls(spec.co, spec.ci, 1, 1)  # channels not divisible by the block: channel units
-
-    @property
-    def total(self) -> int:
-        return self.R * self.C
-
-    @property
-    def kept(self) -> int:
-        return self.total if self.dense else int(self.ps[-1, -1])
-
-    @property
-    def density(self) -> float:
-        return self.kept / self.total if self.total else 0.0
-
-    def nnz(self, r0, r1, c0, c1) -> int:
-        if self.dense:
-            return (r1 - r0) * (c1 - c0)
-        p = self.ps
-        return int(p[r1, c1] - p[r0, c1] - p[r1, c0] + p[r0, c0])
-
-    def max_nnz(self, rb, cb) -> int:
-        """Largest kept count over the tiles with row bounds rb and column bounds cb."""
-        if self.dense:
-            return int(max(np.diff(rb)) * max(np.diff(cb)))
-        r, c = np.asarray(rb), np.asarray(cb)
-        p = self.ps
-        t = p[np.ix_(r[1:], c[1:])] - p[np.ix_(r[:-1], c[1:])] - p[np.ix_(r[1:], c[:-1])] + p[np.ix_(r[:-1], c[:-1])]
-        return int(t.max())
-
-
-@dataclass
-class SubVolume:
-    """One DDR-level step of an AIE2 plan: output columns w, channels co, reduction channels ci."""
-
-    index: int
-    w: tuple
-    co: tuple
-    ci: tuple
-    in_bytes: int
-    weight_bytes: int
-    out_bytes: int
-    macs: int
-    kept_blocks: int
-    memory_bytes: int
-    load_s: float
-    compute_s: float
-    write_s: float
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["w"], d["co"], d["ci"] = list(self.w), list(self.co), list(self.ci)
-        return d
-
-
-@dataclass
-class LayerEstimate:
-    """A layer's estimated time on a target, as compiled (sparse where it is) and dense."""
-
-    time_s: float
-    dense_time_s: float
-    bytes_moved: int
-    dense_bytes_moved: int
-    macs: int
-    dense_macs: int
-    iterations: int = 1
-    tiles: dict = field(default_factory=dict)
-    subvolumes: list = field(default_factory=list)
-    details: dict = field(default_factory=dict)
-    notes: list = field(default_factory=list)
-
-    @property
-    def speedup(self) -> float:
-        return self.dense_time_s / self.time_s if self.time_s > 0 else math.nan
-
-    def to_dict(self, with_subvolumes: bool = True) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "subvolumes"}
-        d["speedup"] = self.speedup
-        if with_subvolumes:
-            d["subvolumes"] = [s.to_dict() if isinstance(s, SubVolume) else s for s in self.subvolumes]
-        return d
-
-
-# ----------------------------------------------------------------------------------------------
-# AIE2
-# ----------------------------------------------------------------------------------------------
 
 class _Geo:
     """Byte and MAC counts of tiles of one layer on one AIE2 profile."""
@@ -399,7 +250,7 @@ def plan_aie2(spec: LayerSpec, pat: WeightPattern, prof, with_subvolumes: bool =
     ``tiles`` = (n_ci, n_co, n_w) forces the DDR-level split (it must fit); default: the W, Co, Ci
     rule (fewest Ci, then Co splits that fit) with the fastest W split count that fits (``_w_options``).
     ``until`` = (n_ci, n_co) also tries, in the same order, every split after the rule's pick
-    through that one (``_aie2_estimate`` passes the dense layer's) and keeps the fastest.
+    through that one (``estimate_aie2`` passes the dense layer's) and keeps the fastest.
     """
     rows_a, cols_a = prof["array"]
     P = rows_a * cols_a
@@ -496,7 +347,8 @@ def plan_aie2(spec: LayerSpec, pat: WeightPattern, prof, with_subvolumes: bool =
     return t, plan
 
 
-def _aie2_estimate(spec, fmt, prof, grid, with_subvolumes=True) -> LayerEstimate:
+def estimate_aie2(spec, fmt, prof, grid=None, with_subvolumes=True) -> LayerEstimate:
+    """Plan a layer dense and, for a block grid, sparse on an AIE2 profile (N:M runs dense)."""
     block = tuple(prof["block"])
     notes = []
     sparse_grid = grid if (fmt is not None and fmt.kind == "block" and grid is not None) else None
@@ -524,162 +376,3 @@ def _aie2_estimate(spec, fmt, prof, grid, with_subvolumes=True) -> LayerEstimate
     pd.pop("subvolumes", None)
     return LayerEstimate(ts, td, ps["bytes_loaded"] + ps["bytes_written"], pd["bytes_loaded"] + pd["bytes_written"],
                          ps["macs"], pd["macs"], ps["iterations"], ps["tiles"], subs, {**ps, "dense": pd}, notes)
-
-
-# ----------------------------------------------------------------------------------------------
-# GPU roofline
-# ----------------------------------------------------------------------------------------------
-
-def estimate_gpu(spec: LayerSpec, fmt: LayerFormat | None, prof, grid=None) -> LayerEstimate:
-    db = prof["dtype_bytes"]
-    act = (spec.in_numel + spec.out_numel) * db
-    wbytes = spec.weight_numel * db
-    bw = prof["memory_gbps"] * 1e9
-    dense_rate = prof["dense_tflops"] * 1e12 * prof["efficiency"]
-    ovh = prof["launch_overhead_us"] * 1e-6
-    flops = 2 * spec.macs
-    td = ovh + max(flops / dense_rate, (act + wbytes) / bw)
-    notes, details = [], {"roofline": "max(flops / rate, bytes / bandwidth) + overhead"}
-    if fmt is None or not fmt.sparse:
-        return LayerEstimate(td, td, act + wbytes, act + wbytes, spec.macs, spec.macs, details=details)
-    extra = prof["sparse_overhead_us"] * 1e-6
-    if fmt.kind == "nm" and fmt.fits_24:
-        rate = prof["sparse_24_tflops"] * 1e12 * prof["sparse_efficiency"]
-        sw = wbytes / 2 + spec.weight_numel / 2 / 4  # half the values + 2 bits per kept value
-        t = ovh + extra + max(flops / rate, (act + sw) / bw)
-        macs = spec.macs  # tensor cores skip half the products; time uses the sparse rate
-        details["path"] = "2:4 sparse tensor cores"
-        if t >= td:
-            notes.append("2:4 kernel not faster than dense here (small layer): runs dense")
-            return LayerEstimate(td, td, act + wbytes, act + wbytes, spec.macs, spec.macs, details=details, notes=notes)
-        return LayerEstimate(t, td, int(act + sw), act + wbytes, macs // 2, spec.macs, details=details, notes=notes)
-    if fmt.kind == "nm":
-        notes.append(f"{fmt.n}:{fmt.m} is not 2:4-compatible: no tensor-core path, runs dense")
-        return LayerEstimate(td, td, act + wbytes, act + wbytes, spec.macs, spec.macs, details=details, notes=notes)
-    d = fmt.block_density
-    rate = prof["dense_tflops"] * 1e12 * prof["efficiency"] * prof["block_sparse_efficiency"]
-    bo, bi = prof["block"]
-    kept = d * (spec.co // bo) * (spec.ci // bi)
-    sw = wbytes * d + kept * 2 + (spec.co // bo + 1) * 4
-    t = ovh + extra + max(flops * d / rate, (act + sw) / bw)
-    details["path"] = "block-sparse GEMM on kept blocks"
-    if t >= td:
-        notes.append("block-sparse kernel not faster than dense here: runs dense")
-        return LayerEstimate(td, td, act + wbytes, act + wbytes, spec.macs, spec.macs, details=details, notes=notes)
-    return LayerEstimate(t, td, int(act + sw), act + wbytes, int(spec.macs * d), spec.macs, details=details,
-                         notes=notes)
-
-
-# ----------------------------------------------------------------------------------------------
-# CPU (this package's kernels)
-# ----------------------------------------------------------------------------------------------
-
-def cpu_kind(spec: LayerSpec) -> str:
-    """Which CPU model applies: "gemv" (Linear on < 8 rows), "linear", "1x1" (plain 1x1 conv) or "kxk"."""
-    if spec.kind == "linear":
-        return "gemv" if spec.w_out < GEMV_ROWS else "linear"
-    return "1x1" if (spec.kh, spec.kw, spec.stride, spec.padding) == (1, 1, (1, 1), (0, 0)) else "kxk"
-
-
-DEFAULT_CACHE = {"l2_kib": 1024, "llc_kib": 32768}
-
-
-def kernel_work(spec: LayerSpec, kept_blocks: int, cache: dict | None = None) -> dict:
-    """Work counts of the block kernel for ``kept_blocks`` kept 8x8 blocks of the (Co, Ci) grid.
-
-    The kernel (direct path, ``kernels.block_cpu.direct_geometry``) rewrites the input once into
-    padded stride-phase planes (``copy_floats``; none for a plain 1x1 conv or a Linear), walks
-    ``lanes`` grid positions per image in chunks of 48 (3 vectors of 16; a last partial chunk uses
-    ceil(n / 16) vectors), visits each kept block once per chunk, prefetches each chunk's input rows
-    (``fetch_bytes``) and writes every output once (``out_floats``).
-    Kept weights larger than the L2 cache are re-read from further away once per chunk
-    (``l2_miss_bytes``); a few-rows Linear reads its weights once, from memory when they exceed the
-    last-level cache (``llc_miss_bytes``).
-    """
-    cache = cache or DEFAULT_CACHE
-    k = spec.kh * spec.kw
-    kept_mat = kept_blocks * k
-    wbytes = kept_mat * 256
-    if cpu_kind(spec) == "gemv":
-        return {"macs": kept_mat * 64 * spec.w_out, "weight_bytes": wbytes, "lane_macs": 0,
-                "block_visits": 0, "copy_floats": 0, "fetch_bytes": 0, "out_floats": spec.co * spec.w_out,
-                "l2_miss_bytes": 0, "llc_miss_bytes": wbytes if wbytes > cache["llc_kib"] * 1024 else 0}
-    geo = direct_geometry(spec.ci, spec.h_in, spec.w_in, (spec.kh, spec.kw), spec.stride, spec.padding, spec.dilation)
-    full, tail = divmod(geo["lanes"], CHUNK)
-    vectors = spec.batch * (3 * full + -(-tail // 16))
-    chunks = spec.batch * (full + (1 if tail else 0))
-    return {"macs": kept_mat * 64 * spec.batch * spec.h_out * spec.w_out, "weight_bytes": wbytes,
-            "lane_macs": kept_mat * 64 * 16 * vectors, "block_visits": kept_mat * chunks,
-            "copy_floats": spec.batch * geo["copy_floats"], "fetch_bytes": chunks * geo["rows"] * geo["span"] * 4,
-            "out_floats": spec.co * spec.batch * spec.h_out * spec.w_out,
-            "l2_miss_bytes": wbytes * chunks if wbytes > cache["l2_kib"] * 1024 else 0, "llc_miss_bytes": 0}
-
-
-def cpu_dense_time(spec: LayerSpec, prof) -> float:
-    """PyTorch's dense F.conv2d / F.linear on the calibrated CPU (see targets/cpu.yaml)."""
-    d = prof["dense"]
-    key = {"1x1": "conv1x1", "kxk": "convkxk", "linear": "linear", "gemv": "gemv"}[cpu_kind(spec)]
-    if spec.kind == "conv" and spec.kh * spec.kw == 1:
-        key = "conv1x1"  # strided / padded 1x1 convs run the same dense path
-    rows = spec.w_out if key == "gemv" else 1
-    t = (d["overhead_us"] * 1e-6 + spec.macs / (d[f"{key}_gmacs"] * 1e9)
-         + rows * spec.weight_numel * 4 / (d[f"{key}_weight_gbps"] * 1e9))
-    cache = prof.get("cache", DEFAULT_CACHE)
-    if key == "gemv" and spec.weight_numel * 4 > cache["llc_kib"] * 1024:
-        t += spec.weight_numel * 4 / (d["gemv_dram_gbps"] * 1e9)
-    return t
-
-
-def cpu_sparse_time(spec: LayerSpec, kept_blocks: int, prof) -> float:
-    """The block kernel on the calibrated CPU (see targets/cpu.yaml)."""
-    s = prof["sparse"]
-    work = kernel_work(spec, kept_blocks, prof.get("cache"))
-    kind = cpu_kind(spec)
-    if kind == "gemv":
-        return (s["overhead_us"] * 1e-6 + work["macs"] / (s["gemv_gmacs"] * 1e9)
-                + work["weight_bytes"] / (s["gemv_weight_gbps"] * 1e9)
-                + work["llc_miss_bytes"] / (s["gemv_dram_gbps"] * 1e9))
-    pk = "1x1" if kind in ("1x1", "linear") else "kxk"
-    t = (s["overhead_us"] * 1e-6 + work["copy_floats"] / (s["copy_gfloats"] * 1e9)
-         + work["fetch_bytes"] / (s["fetch_gbps"] * 1e9) + work["out_floats"] / (s["store_gfloats"] * 1e9)
-         + work["lane_macs"] / (s[f"gmacs_{pk}"] * 1e9) + work["block_visits"] / (s[f"gblocks_{pk}"] * 1e9)
-         + work["l2_miss_bytes"] / (s["l2_miss_gbps"] * 1e9))
-    if spec.kind == "linear":  # x^T copy before the kernel
-        t += spec.ci * spec.w_out * 8 / (prof["memory_gbps"] * 1e9)
-    return t
-
-
-def estimate_cpu(spec: LayerSpec, fmt: LayerFormat | None, prof, grid=None, decision: str | None = None) -> LayerEstimate:
-    """Estimate on the calibrated CPU; ``decision`` ("sparse"/"dense") forces the path (else the faster)."""
-    td = cpu_dense_time(spec, prof)
-    dense_bytes = (spec.in_numel + spec.out_numel + spec.weight_numel) * 4
-    details = {"dense_s": td}
-    if fmt is None or fmt.kind != "block" or spec.groups != 1 or spec.notes:
-        notes = []
-        if fmt is not None and fmt.kind == "nm":
-            notes.append(f"{fmt.n}:{fmt.m}: no CPU N:M kernel, runs dense")
-        return LayerEstimate(td, td, dense_bytes, dense_bytes, spec.macs, spec.macs, details=details, notes=notes)
-    bo, bi = prof["block"]
-    kept = int(round(fmt.block_density * (spec.co // bo) * (spec.ci // bi))) if grid is None else int(np.asarray(grid).sum())
-    ts = cpu_sparse_time(spec, kept, prof)
-    details["sparse_s"] = ts
-    sparse_bytes = int((spec.in_numel + spec.out_numel) * 4 + kept * bo * bi * spec.kh * spec.kw * 4
-                       + kept * spec.kh * spec.kw * 4)
-    use = decision or ("sparse" if ts < td else "dense")
-    details["path"] = use
-    notes = [] if decision else ([] if use == "sparse" else ["estimated sparse kernel slower: runs dense"])
-    if use == "dense":
-        return LayerEstimate(td, td, dense_bytes, dense_bytes, spec.macs, spec.macs, details=details, notes=notes)
-    macs = kept * bo * bi * spec.kh * spec.kw * spec.batch * spec.h_out * spec.w_out
-    return LayerEstimate(ts, td, sparse_bytes, dense_bytes, macs, spec.macs, details=details, notes=notes)
-
-
-def estimate_layer(spec: LayerSpec, fmt: LayerFormat | None, target, grid=None, **kw) -> LayerEstimate:
-    """Dispatch on the target's kind (a profiles.Target)."""
-    if target.kind == "aie2":
-        return _aie2_estimate(spec, fmt, target.params, grid, **kw)
-    if target.kind == "gpu":
-        return estimate_gpu(spec, fmt, target.params, grid)
-    if target.kind == "cpu":
-        return estimate_cpu(spec, fmt, target.params, grid, **kw)
-    raise ValueError(f"no cost model for target kind {target.kind!r}")

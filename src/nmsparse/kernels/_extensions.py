@@ -1,0 +1,82 @@
+"""Building the package's C++ extensions from their sources in ``kernels/csrc/``, once and on first use.
+
+``NativeExtension("nmsparse_x", ["x.cpp"], ...)`` compiles the named files with
+``torch.utils.cpp_extension.load`` (needs a C++ compiler and ninja; the build is cached under
+``~/.cache/torch_extensions``). The extension's name carries a hash of the sources' contents, the
+flags and the torch version, so an edited source or another torch builds afresh instead of loading
+a stale build. A failed build is remembered (``error``) and callers fall back to a torch path.
+``NMSPARSE_NO_NATIVE=1`` disables every extension.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+CSRC = Path(__file__).with_name("csrc")
+
+
+def arch_flags() -> list[str]:
+    """Vector ISA flags for this CPU (AVX-512, AVX2 or none), as ATen detects it."""
+    try:
+        cap = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - very old torch: stay portable
+        cap = "DEFAULT"
+    if cap.startswith("AVX512"):
+        return ["-mavx512f", "-mavx512dq", "-mavx2", "-mfma"]
+    if cap == "AVX2":
+        return ["-mavx2", "-mfma"]
+    return []
+
+
+def build_extension(name: str, sources: str | Sequence[str], extra_cflags: Sequence[str] = (),
+                    extra_ldflags: Sequence[str] = ()):
+    """Compile (or load the cached build of) ``csrc/<sources>`` as the module ``<name>_<hash>``; raises on failure."""
+    paths = [CSRC / s for s in ([sources] if isinstance(sources, str) else sources)]
+    h = hashlib.sha1()
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    h.update((" ".join(extra_cflags) + "|" + " ".join(extra_ldflags) + "|" + torch.__version__).encode())
+    from torch.utils.cpp_extension import load
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load(f"{name}_{h.hexdigest()[:10]}", [str(p) for p in paths], extra_cflags=list(extra_cflags),
+                    extra_ldflags=list(extra_ldflags), verbose=False)
+
+
+class NativeExtension:
+    """A C++ extension built from csrc/ on first ``load()``: the module, or None with the reason in ``error``.
+
+    ``arch=True`` adds this CPU's vector flags (``arch_flags``) after ``extra_cflags``.
+    """
+
+    def __init__(self, name: str, sources: str | Sequence[str], extra_cflags: Sequence[str] = (),
+                 extra_ldflags: Sequence[str] = (), arch: bool = True):
+        self.name, self.sources = name, sources
+        self.extra_cflags, self.extra_ldflags, self.arch = list(extra_cflags), list(extra_ldflags), arch
+        self.module = None
+        self.error: str | None = None  # None when built, or before the first attempt
+        self._lock = threading.Lock()
+
+    def load(self):
+        with self._lock:
+            if self.module is not None or self.error is not None:
+                return self.module
+            if os.environ.get("NMSPARSE_NO_NATIVE", "") not in ("", "0"):
+                self.error = "disabled by NMSPARSE_NO_NATIVE"
+                return None
+            flags = self.extra_cflags + (arch_flags() if self.arch else [])
+            try:
+                self.module = build_extension(self.name, self.sources, flags, self.extra_ldflags)
+            except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
+                msg = str(e).strip()
+                self.error = f"{type(e).__name__}: {msg.splitlines()[-1] if msg else e}"
+                self.module = None
+            return self.module
