@@ -32,6 +32,7 @@ import yaml
 
 from ..common.system import machine_info
 from ..kernels.block_cpu import BlockSparseMatrix, block_sparse_conv2d, block_sparse_linear, resolve_backend
+from .cost import DEFAULT_CACHE, cpu_dense_time, cpu_kind, cpu_sparse_time, kernel_work
 from .layers import LayerSpec
 from .runtime import alternating_timer
 
@@ -93,8 +94,6 @@ def _rate(coef: float, default: float) -> float:
 def calibrate_cpu(path=None, *, threads: int = 1, quick: bool = False, backend: str = "auto", seed: int = 0,
                   log=print, timer=None) -> dict:
     """Measure this CPU; returns the cpu profile dict and writes it to ``path`` (YAML) when given."""
-    from .cost import cpu_kind, kernel_work
-
     passes = 1 if quick else 3
     if timer is None:
         def timer(fns):
@@ -210,8 +209,6 @@ def calibrate_cpu(path=None, *, threads: int = 1, quick: bool = False, backend: 
             "dense_gemm_gflops": round(gemm_gflops, 2),
         }
         # How well the fitted model reproduces the calibration measurements themselves.
-        from .cost import cpu_dense_time, cpu_sparse_time
-
         errs = {"dense": [], "sparse": []}
         for spec, mats, fns, samples in cases:
             times = [statistics.median(v) for v in samples]
@@ -262,8 +259,6 @@ def write_profile(profile: dict, path) -> None:
 
 def cache_sizes() -> dict:
     """{"l2_kib", "llc_kib"} of CPU 0 from sysfs (defaults 1024 and 32768 where unreadable)."""
-    from .cost import DEFAULT_CACHE
-
     out = dict(DEFAULT_CACHE)
     base = "/sys/devices/system/cpu/cpu0/cache"
     levels = {}

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .compiler import compile_to_dir
+from .report import fmt_bytes, fmt_s
+
 __all__ = ["add_compile_arguments", "compile_command"]
 
 
@@ -40,9 +43,6 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 def compile_command(args) -> int:
     """The body of `nmsparse compile`: compile, write the directory, print a summary. Returns 0."""
-    from .compiler import compile_to_dir
-    from .report import fmt_bytes, fmt_s
-
     measure = {"auto": None, "yes": True, "no": False}[args.measure]
     compiled, paths = compile_to_dir(args.model, args.target, args.out, input_shape=args.input_shape,
                                      prune=args.prune, array=args.array, allow_dense=args.allow_dense,

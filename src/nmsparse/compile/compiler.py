@@ -30,14 +30,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..common.system import check_parent_dirs
 from ..formats import compress_block, compress_nm, load, save
 from ..formats.block import BlockCompressed
 from ..formats.nm import NMCompressed
-from .cost import LayerEstimate, estimate_layer
+from ..nn.sparsify import squash
+from .cost import LayerEstimate, estimate_cpu, estimate_layer
 from .layers import LayerFormat, LayerSpec, NoSparseLayers, block_grid, detect_format, extract_layers
 from .profiles import Target, load_target
+from .report import markdown_report, write_report
+from .runtime import build_executable, decide, layer_input, supports_sparse, to_block_sparse
 from .source import resolve_source
 
 __all__ = ["compile_model", "compile_to_dir", "CompiledModel", "LayerPlan", "load_compact", "load_compact_state",
@@ -78,10 +82,6 @@ class LayerPlan:
 
 
 def _squash_copy(model: nn.Module) -> nn.Module:
-    from torch.nn.utils import parametrize
-
-    from ..nn.sparsify import squash
-
     needs = any(parametrize.is_parametrized(m) for m in model.modules()) or any(
         type(m).__name__.startswith("SDGP") for m in model.modules())
     if not needs:
@@ -129,14 +129,10 @@ class CompiledModel:
                 "layers": [p.to_dict(with_subvolumes) for p in self.layers]}
 
     def report(self) -> str:
-        from .report import markdown_report
-
         return markdown_report(self)
 
     def executable(self, backend: str = "auto") -> nn.Module:
         """The model with its block-sparse layers on the CPU kernels (per the plan's decisions)."""
-        from .runtime import build_executable
-
         return build_executable(self.model, self.sparse_layers, backend)
 
     # -- files -------------------------------------------------------------------------------
@@ -157,8 +153,6 @@ class CompiledModel:
         save(paths["compact"], self.compact, metadata=self._metadata())
         with open(paths["plan"], "w") as f:
             json.dump(self.plan_dict(), f, indent=1, default=_json_default)
-        from .report import write_report
-
         paths.update(write_report(self, out, charts=charts, name=REPORT_FILE))
         return paths
 
@@ -252,8 +246,6 @@ def compile_model(model: nn.Module, target, example_input_shape, *, block=None, 
 
 
 def _kernel_ok(mod) -> bool:
-    from .runtime import supports_sparse
-
     return supports_sparse(mod)
 
 
@@ -265,9 +257,6 @@ def _weight_key(state: dict, layer: str) -> str | None:
 @torch.no_grad()
 def _measure(plans, calls, tgt: Target, backend: str, timer) -> None:
     """Per block-sparse layer: time dense vs sparse on this CPU; keep the faster (the fallback)."""
-    from .cost import estimate_cpu
-    from .runtime import decide, layer_input, supports_sparse, to_block_sparse
-
     threads = tgt.params.get("threads") if tgt.kind == "cpu" else None
     old = torch.get_num_threads()
     if threads:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..models import resnet50, vgg16
-from .layers import LayerSpec, extract_layers
+from .cost import estimate_layer
+from .layers import LayerFormat, LayerSpec, extract_layers
+from .profiles import load_target
 
 __all__ = ["network_specs", "inception_v3_specs", "random_block_grid", "sparse_grids",
            "aie2_table", "format_aie2_table", "PUBLISHED", "NETWORKS"]
@@ -120,10 +122,6 @@ def aie2_table(arrays=((2, 2), (4, 4), (8, 8)), sparsity: float = 0.5, networks=
     ``speedup`` uses the profile as shipped (a sparse layer may reuse its dense split when faster);
     ``speedup_rule_only`` plans every layer by the W, Co, Ci rule alone (``reuse_dense_tiling: false``).
     """
-    from .cost import estimate_layer
-    from .layers import LayerFormat
-    from .profiles import load_target
-
     rows = []
     for net in networks:
         specs = network_specs(net)

@@ -25,19 +25,28 @@ from ..patterns.checks import check_dim, check_divisible, check_float_tensor, ch
 from ..patterns.nm import magnitude_key, nm_mask, topn_in_groups
 
 __all__ = [
-    "PRUNE_METHODS", "prune_reference", "plane_dims", "triton_rand", "random_keys_reference",
+    "PRUNE_METHODS", "SEED_STRIDE", "check_prune_nm", "prune_reference", "plane_dims", "triton_rand", "random_keys_reference",
     "prune_random_reference", "srste_reference", "TILE24_ALGORITHMS", "tile24_mask",
     "tile24_reference", "tile24_prune_grad", "sorting_network",
 ]
 
 PRUNE_METHODS = ("magnitude", "random", "rescale")
+# A layer's backward number `step` draws its random choices from seed * SEED_STRIDE + step (nn.sdgp's
+# torch generators and the Triton kernels' Philox stream alike), so a reloaded model continues identically.
+SEED_STRIDE = 1_000_003
+
+
+def check_prune_nm(n, m) -> tuple[int, int]:
+    """n:m of gradient pruning: 1 <= n <= m (n = 0 keeps nothing: no input gradient, and an overflow goes unseen)."""
+    n, m = check_nm(n, m)
+    if n < 1:
+        raise ValueError(f"n must be >= 1 for gradient pruning, got n={n}")
+    return n, m
 
 
 def _check_prune_args(g, n, m, method, dim) -> tuple[int, int, int]:
     check_float_tensor(g, "g")
-    n, m = check_nm(n, m)
-    if n < 1:
-        raise ValueError(f"n must be >= 1 for gradient pruning, got n={n}")
+    n, m = check_prune_nm(n, m)
     d = check_dim(g, dim)
     if method not in PRUNE_METHODS:
         raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")

@@ -24,8 +24,8 @@ import os
 
 import torch
 
-from ..patterns.checks import check_dim, check_divisible, check_float_tensor, check_nm
-from .reference import PRUNE_METHODS, _check_seed
+from ..patterns.checks import check_dim, check_divisible, check_float_tensor
+from .reference import PRUNE_METHODS, SEED_STRIDE, _check_seed, check_prune_nm
 
 __all__ = ["SUPPORTED_M", "SUPPORTED_DTYPES", "triton_available", "interpreting", "prune", "prune_lastdim",
            "prune_channels", "srste_mask_apply", "seed_from_generator", "step_seed"]
@@ -33,7 +33,6 @@ __all__ = ["SUPPORTED_M", "SUPPORTED_DTYPES", "triton_available", "interpreting"
 SUPPORTED_M = (2, 4, 8, 16, 32)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TILE_ELEMS = 2048  # elements per program tile (x M compares each for the ranking)
-_SEED_STRIDE = 1_000_003  # as nn.sdgp: seed for a layer's backward number `step`
 
 
 def triton_available() -> bool:
@@ -116,9 +115,7 @@ def _blocks(S: int, C: int, m: int, sc: int) -> tuple[int, int]:
 
 def _check(x: torch.Tensor, n, m, method, dim, name: str = "x") -> tuple[int, int, int]:
     check_float_tensor(x, name)
-    n, m = check_nm(n, m)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got n={n}")
+    n, m = check_prune_nm(n, m)
     if m not in SUPPORTED_M:
         raise ValueError(f"the Triton kernels support m in {SUPPORTED_M}, got m={m}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -242,7 +239,7 @@ def _check_offset(offset) -> int:
 
 def step_seed(seed: int, step: int) -> int:
     """The seed of a layer's backward number `step`, as nn.sdgp derives its generators' seeds."""
-    return (seed * _SEED_STRIDE + step) % (1 << 63)
+    return (seed * SEED_STRIDE + step) % (1 << 63)
 
 
 def seed_from_generator(generator: torch.Generator | None) -> int:

@@ -14,14 +14,12 @@ from torch.nn.utils import parametrize
 
 from ..kernels import ops
 from ..kernels.ops import prune_grad_fast
-from ..kernels.reference import PRUNE_METHODS, prune_checked
-from ..patterns.checks import check_dim, check_divisible, check_float_tensor, check_nm
+from ..kernels.reference import PRUNE_METHODS, SEED_STRIDE, check_prune_nm, prune_checked
+from ..patterns.checks import check_dim, check_divisible, check_float_tensor
 
 # "tile24": 2:4 chosen by the fused prune-and-compress route of 2:4 sparse tensor cores (greedy in
 # 4 positions x 4 channels tiles; a transposable pattern), which can differ from "magnitude".
 SDGP_METHODS = PRUNE_METHODS + ("tile24",)
-# Generator seed for a layer's backward number `step`: seed * _SEED_STRIDE + step.
-_SEED_STRIDE = 1_000_003
 
 __all__ = ["prune_grad", "SDGP_METHODS", "SDGPConv2d", "SDGPLinear", "sdgp_conv2d", "sdgp_linear",
            "check_sdgp_settings"]
@@ -31,9 +29,7 @@ def check_sdgp_settings(n, m, method: str | None = None) -> tuple[int, int]:
     """SDGP's n:m (1 <= n <= m) and method, validated with messages naming the argument; returns (n, m)."""
     if method is not None and method not in SDGP_METHODS:
         raise ValueError(f"method must be one of {SDGP_METHODS}, got {method!r}")
-    n, m = check_nm(n, m)
-    if n < 1:  # nothing kept: no input gradient, and an overflow would go unseen
-        raise ValueError(f"n must be >= 1 for SDGP, got n={n}")
+    n, m = check_prune_nm(n, m)
     if method == "tile24" and (n, m) != (2, 4):
         raise ValueError(f"method 'tile24' is the 2:4 tensor-core pattern: it needs n=2, m=4, got {n}:{m}")
     return n, m
@@ -220,7 +216,7 @@ class _SDGPMixin:
     @torch.compiler.disable  # reads the step on the host: a clean graph break under torch.compile
     def _generator(self, device: torch.device) -> torch.Generator:
         # One host read per forward, only for "random": the seed must be a Python int.
-        seed = (self.seed * _SEED_STRIDE + int(self.sdgp_step)) % (1 << 64)
+        seed = (self.seed * SEED_STRIDE + int(self.sdgp_step)) % (1 << 64)
         return torch.Generator(device=device).manual_seed(seed)
 
     @classmethod
