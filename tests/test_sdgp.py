@@ -298,8 +298,8 @@ def test_dense_when_n_equals_m_and_padding_modes():
 
 def test_input_without_grad_skips_the_pruned_product(monkeypatch):
     calls = []
-    real = sdgp_mod.prune_grad
-    monkeypatch.setattr(sdgp_mod, "prune_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = sdgp_mod._prune  # the backward's pruning (prune_grad without the argument checks)
+    monkeypatch.setattr(sdgp_mod, "_prune", lambda *a, **k: calls.append(1) or real(*a, **k))
     conv, lin = SDGPConv2d(4, 8, 3), SDGPLinear(4, 8)
     conv(torch.randn(1, 4, 5, 5)).sum().backward()
     lin(torch.randn(2, 4)).sum().backward()

@@ -1,9 +1,9 @@
 """nmsparse: hardware-friendly structured sparsity for training and deploying PyTorch models."""
 
 from . import formats, nn, patterns
+from .common import __version__
 from .formats import *  # noqa: F401,F403
 from .nn import *  # noqa: F401,F403
 from .patterns import *  # noqa: F401,F403
 
-__version__ = "0.1.0"
 __all__ = list(patterns.__all__) + list(formats.__all__) + list(nn.__all__)

@@ -2,3 +2,5 @@
 
 Nothing here imports the rest of nmsparse.
 """
+
+__version__ = "0.1.0"

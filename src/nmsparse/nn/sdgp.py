@@ -169,7 +169,8 @@ def sdgp_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
 
 
 def _conv2d(x, weight, bias, stride, padding, dilation, groups, n, m, method, generator):
-    """sdgp_conv2d for validated settings (stride and dilation as pairs)."""
+    """sdgp_conv2d for validated settings (stride and dilation as pairs); only the input is checked."""
+    check_float_tensor(x, "x")
     x, padding = _resolve_padding(x, weight, stride, padding, dilation)
     x, weight, bias = _autocast(x, weight, bias)
     return _SDGPConv2dFn.apply(x, weight, bias, list(stride), list(padding), list(dilation), groups,
@@ -183,7 +184,8 @@ def sdgp_linear(x, weight, bias=None, n=2, m=4, method="rescale", generator=None
 
 
 def _linear(x, weight, bias, n, m, method, generator):
-    """sdgp_linear for validated settings."""
+    """sdgp_linear for validated settings; only the input is checked."""
+    check_float_tensor(x, "x")
     x, weight, bias = _autocast(x, weight, bias)
     return _SDGPLinearFn.apply(x, weight, bias, n, m, method, generator)
 

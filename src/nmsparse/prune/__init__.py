@@ -9,7 +9,8 @@ A new one-shot method is one new file here beside these.
 
 from .adaprune import adaprune, check_settings, recalibrate_bn
 from .command import calibration_set, prune_checkpoint
-from .magnitude import PATTERNS, Pattern, absorb_mean_, magnitude_prune, parse_pattern, prunable_layers, weight_mask
+from .magnitude import (PATTERNS, Pattern, absorb_mean_, magnitude_prune, parse_pattern, prunable_layers, prune_blocks,
+                        weight_mask)
 
 __all__ = ["adaprune", "magnitude_prune", "recalibrate_bn", "parse_pattern", "Pattern", "PATTERNS", "weight_mask",
-           "absorb_mean_", "prunable_layers", "check_settings", "prune_checkpoint", "calibration_set"]
+           "absorb_mean_", "prunable_layers", "prune_blocks", "check_settings", "prune_checkpoint", "calibration_set"]
