@@ -7,6 +7,9 @@
   by the reference emulation.
 - ``sdgp_linear_dx``: a Linear's SDGP input gradient on 2:4 sparse tensor cores, where that
   applies and the Dispatcher measured it faster for this shape; else None (dense in the caller).
+- ``weight24_linear`` / ``weight24_linear_dx``: a Linear's forward product with its 2:4 weight,
+  and its backward-data product with a transposable 2:4 weight, on 2:4 sparse tensor cores where
+  that applies and the Dispatcher measured it faster; else None (dense in the caller).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from .dispatch import Dispatcher, default_dispatcher, use_triton
 from .semi_structured import SPARSE_DTYPES, is_available
 
 __all__ = ["prune_grad_fast", "srste_fast", "tile24_prune_grad", "sdgp_linear_dx", "sparse24_applies",
-           "triton_failure"]
+           "weight24_applies", "weight24_linear", "weight24_linear_dx", "triton_failure"]
 
 _triton_failure: str | None = None
 
@@ -146,3 +149,59 @@ def sdgp_linear_dx(gy: torch.Tensor, weight: torch.Tensor, n: int, m: int, metho
     if disp.choose(f"sdgp_dx_{method}", shape, gy.dtype, gy.device, dense_fn, sparse_fn) != "sparse":
         return None
     return sparse_fn().view(*lead, weight.shape[1])
+
+
+def weight24_applies(a: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a (..., k) @ W^T with a 2-D W of shape (n, k) could run on the sparse cores at all:
+    float16/bfloat16 CUDA tensors of one dtype, k, n and the rows of `a` multiples of 64, an sm80+
+    GPU. (The caller knows whether W is 2:4.)"""
+    return (a.device.type == "cuda" and a.dtype in SPARSE_DTYPES and weight.dtype == a.dtype
+            and weight.dim() == 2 and a.shape[-1] == weight.shape[1] and a.shape[-1] % 64 == 0
+            and weight.shape[0] % 64 == 0 and a.numel() // max(a.shape[-1], 1) % 64 == 0
+            and is_available(a.device))
+
+
+def _weight24_product(op: str, a: torch.Tensor, wt: torch.Tensor, dispatcher: Dispatcher | None,
+                      backend: str) -> torch.Tensor | None:
+    """a @ wt^T with wt (a view of) a 2:4-along-dim-1 matrix, compressed at each call (the weights
+    change at every step), on sparse cores where the Dispatcher measured it faster for this
+    (op, shape, dtype, GPU); else None."""
+    if not weight24_applies(a, wt) or a.requires_grad or torch.compiler.is_compiling():
+        return None
+    import torch.nn.functional as F
+
+    from . import semi_structured as ss
+
+    a2 = a.reshape(-1, a.shape[-1])
+    wt = wt.detach()
+
+    def dense_fn():
+        return F.linear(a2, wt)
+
+    def sparse_fn():
+        return F.linear(a2, ss.to_sparse_24(wt.contiguous(), backend))
+
+    disp = dispatcher if dispatcher is not None else default_dispatcher()
+    shape = (a2.shape[0], a2.shape[1], wt.shape[0])
+    if disp.choose(op, shape, a.dtype, a.device, dense_fn, sparse_fn) != "sparse":
+        return None
+    return sparse_fn().view(*a.shape[:-1], wt.shape[0])
+
+
+def weight24_linear(x: torch.Tensor, weight: torch.Tensor, dispatcher: Dispatcher | None = None,
+                    backend: str = "auto") -> torch.Tensor | None:
+    """y = x @ W^T (no bias) with W (out, in) already masked 2:4 along its input features, W
+    compressed and the product run on 2:4 sparse tensor cores; or None for the caller's dense
+    F.linear: where the sparse cores do not apply (``weight24_applies``), or where the Dispatcher
+    measured dense faster for this shape (or the sparse route failed or disagreed)."""
+    return _weight24_product("w24_linear", x, weight, dispatcher, backend)
+
+
+def weight24_linear_dx(gy: torch.Tensor, weight: torch.Tensor, dispatcher: Dispatcher | None = None,
+                       backend: str = "auto") -> torch.Tensor | None:
+    """dX = dY @ W for a Linear whose W (out, in) is masked to a transposable 2:4 pattern (2:4 along
+    its output features too): W^T compressed and the product run on 2:4 sparse tensor cores; or
+    None for the caller's dense product (same rules as ``weight24_linear``). dY: (..., out)."""
+    if weight.dim() != 2:
+        return None
+    return _weight24_product("w24t_linear_dx", gy, weight.t(), dispatcher, backend)
