@@ -56,10 +56,14 @@ class WeightNM:
     transposable: bool = False
     mask_method: str = "exact"  # transposable solver: "exact" | "greedy"
     recompute_every: int = 40
+    kernel: str = "dense"  # "dense" | "auto": 2:4 Linears on sparse tensor cores where faster (sparse_cores.py)
 
     def __post_init__(self):
         _check_nm(self.n, self.m, "weight")
         _check_by_building(self)
+        from .sparse_cores import check_kernel
+
+        check_kernel(self.kernel, self.n, self.m)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 from ..patterns.diversity import SAD, sad
 from .config import GradSparsity, SparsityConfig, WeightBlock, WeightNM
 from .sdgp import SDGPConv2d, SDGPLinear
+from .sparse_cores import SparseCoreLinear, sparse_core_eligible, to_sparse_core
 from .weight import BlockWeightSparsity, NMWeightSparsity
 
 FilterFn = Callable[[str, nn.Module], bool]
@@ -166,6 +167,8 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterF
     for name, mod, index in grad_plan:
         _set_submodule(model, name, _to_sdgp(name, mod, config.grad, index))
     for name, p in weight_plan:  # by name: the module may have just become its SDGP version
+        if getattr(config.weight, "kernel", "dense") == "auto" and sparse_core_eligible(model.get_submodule(name)):
+            _set_submodule(model, name, to_sparse_core(model.get_submodule(name)))
         parametrize.register_parametrization(model.get_submodule(name), "weight", p)
     return model
 
@@ -228,7 +231,7 @@ def squash(model: nn.Module) -> nn.Module:
             cls = mod.__class__
             mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
-        if is_sdgp:
+        if is_sdgp or isinstance(mod, SparseCoreLinear):
             _set_submodule(model, name, mod.to_dense())
     return model
 

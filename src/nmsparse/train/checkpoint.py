@@ -14,7 +14,9 @@ from .schedule import LENGTH_INDEPENDENT_SCHEDULES
 
 FORMAT_VERSION = 1
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
-RESUMABLE_DIFFERENCES = {"epochs", "progress", "device", "eval_every", "name", "data.root", "data.workers"}
+# sparsity.weight.kernel picks where products run, not what they compute (older checkpoints lack it).
+RESUMABLE_DIFFERENCES = {"epochs", "progress", "device", "eval_every", "name", "data.root", "data.workers",
+                         "sparsity.weight.kernel"}
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
