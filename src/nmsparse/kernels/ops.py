@@ -153,12 +153,13 @@ def sdgp_linear_dx(gy: torch.Tensor, weight: torch.Tensor, n: int, m: int, metho
 
 def weight24_applies(a: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a (..., k) @ W^T with a 2-D W of shape (n, k) could run on the sparse cores at all:
-    float16/bfloat16 CUDA tensors of one dtype, k, n and the rows of `a` multiples of 64, an sm80+
-    GPU. (The caller knows whether W is 2:4.)"""
+    float16/bfloat16 CUDA tensors of one dtype, k and n multiples of 64, an sm80+ GPU. W is the
+    compressed operand; the rows of `a` may be any number (PyTorch pads the dense operand), and a
+    shape that a backend still refuses makes the Dispatcher answer dense. (The caller knows
+    whether W is 2:4.)"""
     return (a.device.type == "cuda" and a.dtype in SPARSE_DTYPES and weight.dtype == a.dtype
             and weight.dim() == 2 and a.shape[-1] == weight.shape[1] and a.shape[-1] % 64 == 0
-            and weight.shape[0] % 64 == 0 and a.numel() // max(a.shape[-1], 1) % 64 == 0
-            and is_available(a.device))
+            and weight.shape[0] % 64 == 0 and a.numel() > 0 and is_available(a.device))
 
 
 def _weight24_product(op: str, a: torch.Tensor, wt: torch.Tensor, dispatcher: Dispatcher | None,
