@@ -25,7 +25,8 @@ from nmsparse.patterns.transposable import is_transposable
 class MLP(nn.Module):
     def __init__(self, d=64, h=128, classes=10):
         super().__init__()
-        self.fc1, self.fc2, self.odd, self.head = nn.Linear(d, h), nn.Linear(h, d), nn.Linear(d, 20), nn.Linear(20, classes)
+        self.fc1, self.fc2 = nn.Linear(d, h), nn.Linear(h, d)
+        self.odd, self.head = nn.Linear(d, 20), nn.Linear(20, classes)  # 20: not a sparse-core shape
 
     def forward(self, x):
         return self.head(self.odd(self.fc2(F.gelu(self.fc1(x)))))
