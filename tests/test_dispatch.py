@@ -279,7 +279,8 @@ def test_bench_gpu_exits_clearly_without_cuda():
 
 
 def test_bench_output_paths(tmp_path):
-    from nmsparse.bench.gpu import _paths, transposable_pattern
+    from nmsparse.bench.gpu import _paths
+    from nmsparse.bench.gpu_gemm import transposable_pattern
 
     assert _paths(None) is None
     assert _paths(tmp_path / "r.json") == (tmp_path / "r.json", tmp_path / "r.md")
