@@ -146,6 +146,22 @@ def test_forced_sparse_routes_compress_w_and_w_transposed(forced, transposable):
     assert "128x64x128" in keys and "128x128x64" in keys
 
 
+def test_forced_sparse_takes_strided_inputs_and_gradients(forced):
+    """A 3-D, non-contiguous input and an expanded output gradient (from .sum())."""
+    calls, disp = forced
+    auto, dense = pair()
+    base = torch.randn(2, 64, 96)
+    outs = []
+    for model in (auto, dense):
+        x = base[:, :, 16:80].detach().requires_grad_()
+        assert not x.is_contiguous()
+        model(x).sum().backward()
+        outs.append((x.grad, model.fc1.parametrizations.weight.original.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    assert {r["op"] for r in disp.report() if r["choice"] == "sparse"} == {"w24_linear", "w24t_linear_dx"}
+
+
 def test_forced_sparse_with_sdgp_uses_sdgp_for_the_input_gradient(forced, monkeypatch):
     calls, disp = forced
     seen = []

@@ -179,14 +179,14 @@ def _weight24_product(op: str, a: torch.Tensor, wt: torch.Tensor, dispatcher: Di
     def dense_fn():
         return F.linear(a2, wt)
 
-    def sparse_fn():
-        return F.linear(a2, ss.to_sparse_24(wt.contiguous(), backend))
+    def sparse_fn():  # both operands contiguous (a gradient may come expanded or strided)
+        return F.linear(a2.contiguous(), ss.to_sparse_24(wt.contiguous(), backend))
 
     disp = dispatcher if dispatcher is not None else default_dispatcher()
     shape = (a2.shape[0], a2.shape[1], wt.shape[0])
     if disp.choose(op, shape, a.dtype, a.device, dense_fn, sparse_fn) != "sparse":
         return None
-    return sparse_fn().view(*a.shape[:-1], wt.shape[0])
+    return sparse_fn().reshape(*a.shape[:-1], wt.shape[0])
 
 
 def weight24_linear(x: torch.Tensor, weight: torch.Tensor, dispatcher: Dispatcher | None = None,
