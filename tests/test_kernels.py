@@ -462,10 +462,16 @@ def test_bench_gpu_dry_run(monkeypatch, tmp_path):
 
     from nmsparse.bench import gpu
 
+    from nmsparse.kernels import dispatch, ops
+    from nmsparse.kernels.dispatch import Dispatcher
+
     monkeypatch.setattr(ss, "require", lambda *a, **k: None)
     monkeypatch.setattr(ss, "to_sparse_24", lambda t, backend="auto": t.detach().clone())
     monkeypatch.setattr(ss, "prune_tile24", lambda x, algorithm="largest_abs_values_greedy", backend="cutlass":
                         ref.tile24_reference(x))
+    # the sparse-core Linears of the block and training steps: decisions forced to sparse
+    monkeypatch.setattr(ops, "weight24_applies", lambda a, w: True)
+    monkeypatch.setattr(dispatch, "_default", Dispatcher(timer=lambda dense_fn, sparse_fn: (2.0, 1.0)))
     res = gpu.run(out=tmp_path / "bench.json", quick=True, log=lambda *a: None, _allow_cpu=True)
     assert res["errors"] == []
     for section in ("prune", "gemm", "block", "train"):
@@ -474,7 +480,11 @@ def test_bench_gpu_dry_run(monkeypatch, tmp_path):
     assert {r["route"] for r in res["gemm"]} >= {"dense", "2:4 W (compressed)", "2:4-T W + compress",
                                                   "separate: prune + compress + 2:4 GEMM",
                                                   "fused tile24: tile prune+compress + 2:4 GEMM"}
-    assert all(r["sparse_layers"] > 0 for r in res["train"] if r["variant"] != "dense")
+    for section in ("block", "train"):  # built by sparsify: SDGP layers, and 2:4-T weights on sparse-core Linears
+        assert all(r["sparse_layers"] > 0 for r in res[section] if r["variant"] != "dense")
+        assert all((r["core_layers"] > 0) == ("2:4-T" in r["variant"]) for r in res[section])
+    assert {r["op"] for r in res["dispatch"] if r["choice"] == "sparse"} == {"w24_linear", "w24t_linear_dx"}
+    assert "## dispatch" in (tmp_path / "bench.md").read_text()
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["environment"]["torch"] == torch.__version__ and "prune" in saved["tables"]
     assert "## gemm" in (tmp_path / "bench.md").read_text()

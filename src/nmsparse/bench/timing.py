@@ -7,9 +7,6 @@ import time
 
 import torch
 
-from ..common.system import cpu_name, machine_info  # noqa: F401  (re-exported for the suites)
-from ..common.text import markdown_table  # noqa: F401
-
 
 def median_time(fn, *, min_repeats: int = 3, max_repeats: int = 15, budget_s: float = 5.0,
                 warmup: int = 1) -> tuple[float, int]:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .compiler import compile_to_dir
 from .report import fmt_bytes, fmt_s

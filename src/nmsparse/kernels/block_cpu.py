@@ -37,7 +37,6 @@ Set ``NMSPARSE_NO_NATIVE=1`` to skip building the native kernel.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 from ._extensions import NativeExtension
 
 __all__ = ["BlockSparseMatrix", "block_sparse_conv2d", "block_sparse_linear", "bsr_matmul",
-           "native_available", "native_error", "resolve_backend", "padded_positions", "direct_geometry", "BACKENDS", "CHUNK", "GEMV_ROWS"]
+           "native_available", "native_error", "resolve_backend", "direct_geometry", "BACKENDS", "CHUNK", "GEMV_ROWS"]
 
 BLOCK = 8
 CHUNK = 48  # output positions per native work item (3 vectors of 16 floats)
@@ -254,12 +253,6 @@ def block_sparse_conv2d(x: torch.Tensor, mat: BlockSparseMatrix, kernel_size, bi
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
     return y.contiguous()
-
-
-def padded_positions(length: int, chunk: int = CHUNK) -> int:
-    """Output positions the native kernel computes for ``length`` real ones (tails round up to 16)."""
-    full, tail = divmod(length, chunk)
-    return full * chunk + (math.ceil(tail / 16) * 16 if tail else 0)
 
 
 def direct_geometry(c: int, h: int, w: int, kernel_size, stride=1, padding=0, dilation=1) -> dict:

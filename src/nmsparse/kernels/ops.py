@@ -2,11 +2,13 @@
 
 - ``prune_grad_fast``: SDGP gradient pruning by the Triton kernel where ``use_triton`` says so,
   else None (the caller keeps its torch implementation).
-- ``srste_fast``: SR-STE's (W * mask, mask) by the Triton kernel, else None.
 - ``tile24_prune_grad``: the "tile24" SDGP pattern: on a GPU by PyTorch's tile kernel, on a CPU
   by the reference emulation.
 - ``sdgp_linear_dx``: a Linear's SDGP input gradient on 2:4 sparse tensor cores, where that
   applies and the Dispatcher measured it faster for this shape; else None (dense in the caller).
+- ``weight24_linear`` / ``weight24_linear_dx``: a Linear's forward product with its 2:4 weight,
+  and its backward-data product with a transposable 2:4 weight, on 2:4 sparse tensor cores where
+  that applies and the Dispatcher measured it faster; else None (dense in the caller).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from . import reference
 from .dispatch import Dispatcher, default_dispatcher, use_triton
 from .semi_structured import SPARSE_DTYPES, is_available
 
-__all__ = ["prune_grad_fast", "srste_fast", "tile24_prune_grad", "sdgp_linear_dx", "sparse24_applies",
-           "triton_failure"]
+__all__ = ["prune_grad_fast", "tile24_prune_grad", "sdgp_linear_dx", "sparse24_applies",
+           "weight24_applies", "weight24_linear", "weight24_linear_dx", "triton_failure"]
 
 _triton_failure: str | None = None
 
@@ -61,16 +63,6 @@ def prune_grad_fast(g: torch.Tensor, n: int, m: int, method: str, dim: int,
 
     seed = seed_from_generator(generator) if method == "random" else 0
     return _guarded(lambda: prune(g, n, m, method, dim, seed=seed, eps=eps))
-
-
-def srste_fast(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(w * mask, mask) for SR-STE by the Triton kernel (mask along dim 1), or None where it does
-    not apply. The product is computed without autograd: wrap it in the straight-through Function."""
-    if torch.compiler.is_compiling() or not use_triton(w, m) or w.dim() not in (2, 4):
-        return None
-    from .triton_prune import srste_mask_apply
-
-    return _guarded(lambda: srste_mask_apply(w, n, m))
 
 
 def _tile_ok(g2: torch.Tensor) -> bool:
@@ -146,3 +138,60 @@ def sdgp_linear_dx(gy: torch.Tensor, weight: torch.Tensor, n: int, m: int, metho
     if disp.choose(f"sdgp_dx_{method}", shape, gy.dtype, gy.device, dense_fn, sparse_fn) != "sparse":
         return None
     return sparse_fn().view(*lead, weight.shape[1])
+
+
+def weight24_applies(a: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a (..., k) @ W^T with a 2-D W of shape (n, k) could run on the sparse cores at all:
+    float16/bfloat16 CUDA tensors of one dtype, k and n multiples of 64, an sm80+ GPU. W is the
+    compressed operand; the rows of `a` may be any number (PyTorch pads the dense operand), and a
+    shape that a backend still refuses makes the Dispatcher answer dense. (The caller knows
+    whether W is 2:4.)"""
+    return (a.device.type == "cuda" and a.dtype in SPARSE_DTYPES and weight.dtype == a.dtype
+            and weight.dim() == 2 and a.shape[-1] == weight.shape[1] and a.shape[-1] % 64 == 0
+            and weight.shape[0] % 64 == 0 and a.numel() > 0 and is_available(a.device))
+
+
+def _weight24_product(op: str, a: torch.Tensor, wt: torch.Tensor, dispatcher: Dispatcher | None,
+                      backend: str) -> torch.Tensor | None:
+    """a @ wt^T with wt (a view of) a 2:4-along-dim-1 matrix, compressed at each call (the weights
+    change at every step), on sparse cores where the Dispatcher measured it faster for this
+    (op, shape, dtype, GPU); else None."""
+    if not weight24_applies(a, wt) or a.requires_grad or torch.compiler.is_compiling():
+        return None
+    import torch.nn.functional as F
+
+    from . import semi_structured as ss
+
+    a2 = a.reshape(-1, a.shape[-1])
+    wt = wt.detach()
+
+    def dense_fn():
+        return F.linear(a2, wt)
+
+    def sparse_fn():  # both operands contiguous (a gradient may come expanded or strided)
+        return F.linear(a2.contiguous(), ss.to_sparse_24(wt.contiguous(), backend))
+
+    disp = dispatcher if dispatcher is not None else default_dispatcher()
+    shape = (a2.shape[0], a2.shape[1], wt.shape[0])
+    if disp.choose(op, shape, a.dtype, a.device, dense_fn, sparse_fn) != "sparse":
+        return None
+    return sparse_fn().reshape(*a.shape[:-1], wt.shape[0])
+
+
+def weight24_linear(x: torch.Tensor, weight: torch.Tensor, dispatcher: Dispatcher | None = None,
+                    backend: str = "auto") -> torch.Tensor | None:
+    """y = x @ W^T (no bias) with W (out, in) already masked 2:4 along its input features, W
+    compressed and the product run on 2:4 sparse tensor cores; or None for the caller's dense
+    F.linear: where the sparse cores do not apply (``weight24_applies``), or where the Dispatcher
+    measured dense faster for this shape (or the sparse route failed or disagreed)."""
+    return _weight24_product("w24_linear", x, weight, dispatcher, backend)
+
+
+def weight24_linear_dx(gy: torch.Tensor, weight: torch.Tensor, dispatcher: Dispatcher | None = None,
+                       backend: str = "auto") -> torch.Tensor | None:
+    """dX = dY @ W for a Linear whose W (out, in) is masked to a transposable 2:4 pattern (2:4 along
+    its output features too): W^T compressed and the product run on 2:4 sparse tensor cores; or
+    None for the caller's dense product (same rules as ``weight24_linear``). dY: (..., out)."""
+    if weight.dim() != 2:
+        return None
+    return _weight24_product("w24t_linear_dx", gy, weight.t(), dispatcher, backend)

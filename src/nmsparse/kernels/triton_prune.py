@@ -27,8 +27,8 @@ import torch
 from ..patterns.checks import check_dim, check_divisible, check_float_tensor
 from .reference import PRUNE_METHODS, SEED_STRIDE, _check_seed, check_prune_nm
 
-__all__ = ["SUPPORTED_M", "SUPPORTED_DTYPES", "triton_available", "interpreting", "prune", "prune_lastdim",
-           "prune_channels", "srste_mask_apply", "seed_from_generator", "step_seed"]
+__all__ = ["SUPPORTED_M", "SUPPORTED_DTYPES", "triton_available", "interpreting", "prune",
+           "srste_mask_apply", "seed_from_generator", "step_seed"]
 
 SUPPORTED_M = (2, 4, 8, 16, 32)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -209,16 +209,6 @@ def prune(x: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: int =
     out, mask = _run(x.detach(), n, m, d, method, seed, offset, float(eps), True, return_mask, False,
                      _scale_mode(method, x.dim(), d))
     return (out, mask) if return_mask else out
-
-
-def prune_lastdim(x: torch.Tensor, n: int, m: int, method: str = "magnitude", **kw):
-    """``prune`` along the last dim (a Linear's output gradient, a channels-last conv gradient)."""
-    return prune(x, n, m, method, -1, **kw)
-
-
-def prune_channels(x: torch.Tensor, n: int, m: int, method: str = "magnitude", **kw):
-    """``prune`` along dim 1, the channels of an NCHW (or channels_last) conv gradient."""
-    return prune(x, n, m, method, 1, **kw)
 
 
 def srste_mask_apply(w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:

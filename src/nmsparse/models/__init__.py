@@ -8,6 +8,7 @@ their model from a recorded name and sample shape. ``evaluate`` measures a class
 from .checkpoint import (build_from_record, load_checkpoint, load_model, model_record, record_from_config,
                          save_checkpoint)
 from .evaluate import autocast_dtype, evaluate
+from .mlp_block import MLPBlock
 from .registry import MODELS, build_for_data, build_model, model_argument_error
 from .resnet import RegNet, ResNet, ResNet9, regnetx_400mf, resnet18, resnet50
 from .small import MLP, SmallCNN
@@ -17,4 +18,4 @@ from .vit import ViT, vit_tiny
 __all__ = ["MODELS", "build_model", "build_for_data", "model_argument_error", "save_checkpoint", "load_checkpoint",
            "load_model", "model_record", "record_from_config", "build_from_record", "evaluate", "autocast_dtype",
            "MLP", "SmallCNN", "ResNet", "ResNet9", "RegNet", "resnet18", "resnet50", "regnetx_400mf", "ViT",
-           "vit_tiny", "VGG16", "vgg16"]
+           "vit_tiny", "VGG16", "vgg16", "MLPBlock"]

@@ -2,13 +2,14 @@
 
 from .config import GradSparsity, SparsityConfig, WeightBlock, WeightNM
 from .sdgp import SDGPConv2d, SDGPLinear, prune_grad
+from .sparse_cores import SparseCoreLinear
 from .sparsify import (SADTracker, default_filter, format_report, sparsify, sparsity_report, squash,
                        weight_masks)
 from .weight import BlockWeightSparsity, NMWeightSparsity
 
 __all__ = [
     "SparsityConfig", "WeightNM", "WeightBlock", "GradSparsity",
-    "prune_grad", "SDGPConv2d", "SDGPLinear", "NMWeightSparsity", "BlockWeightSparsity",
+    "prune_grad", "SDGPConv2d", "SDGPLinear", "SparseCoreLinear", "NMWeightSparsity", "BlockWeightSparsity",
     "sparsify", "default_filter", "sparsity_report", "format_report", "squash", "weight_masks",
     "SADTracker",
 ]

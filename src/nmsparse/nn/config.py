@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from ..common.text import check_keys
 from .sdgp import SDGP_METHODS, check_sdgp_settings
+from .sparse_cores import check_kernel
 from .weight import check_block_settings, check_nm_settings
 
 
@@ -54,10 +55,12 @@ class WeightNM:
     transposable: bool = False
     mask_method: str = "exact"  # transposable solver: "exact" | "greedy"
     recompute_every: int = 40
+    kernel: str = "dense"  # "dense" | "auto": 2:4 Linears on sparse tensor cores where faster (sparse_cores.py)
 
     def __post_init__(self):
         _checked("sparsity.weight", check_nm_settings, self.n, self.m, self.method, self.decay, self.transposable,
                  self.mask_method, self.recompute_every)
+        check_kernel(self.kernel, self.n, self.m)
 
 
 @dataclass

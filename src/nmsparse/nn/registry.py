@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 
 from .config import GradSparsity, WeightBlock, WeightNM
 from .sdgp import SDGPConv2d, SDGPLinear
+from .sparse_cores import sparse_core_eligible, to_sparse_core
 from .weight import BlockWeightSparsity, NMWeightSparsity
 
 
@@ -36,11 +37,22 @@ class Handler:
 
 
 def _weight(build: Callable):
-    """A weight handler's prepare: one parametrization per layer, checked against the weight's shape."""
+    """A weight handler's prepare: one parametrization per layer, checked against the weight's shape.
+
+    With ``kernel="auto"`` (WeightNM) an eligible Linear first becomes a SparseCoreLinear, whose products
+    run on 2:4 sparse tensor cores where the dispatcher measured them faster.
+    """
     def prepare(cfg, name: str, mod: nn.Module, index: int):
         p = build(cfg)
         p.check_weight(mod.weight.shape)
-        return lambda model: parametrize.register_parametrization(model.get_submodule(name), "weight", p)
+
+        def apply(model: nn.Module) -> None:
+            layer = model.get_submodule(name)  # by name: it may have just become its SDGP version
+            if getattr(cfg, "kernel", "dense") == "auto" and sparse_core_eligible(layer):
+                layer = to_sparse_core(layer)
+                set_submodule(model, name, layer)
+            parametrize.register_parametrization(layer, "weight", p)
+        return apply
     return prepare
 
 

@@ -13,6 +13,7 @@ from .config import SparsityConfig
 from .filters import FilterFn, as_name_module, default_filter, final_classifier, mha_projections, name_filter
 from .registry import handler_for, set_submodule
 from .sdgp import SDGPConv2d, SDGPLinear
+from .sparse_cores import SparseCoreLinear
 from .weight import BlockWeightSparsity, NMWeightSparsity
 
 __all__ = ["sparsify", "sparsity_report", "format_report", "squash", "weight_masks", "SADTracker", "sparse_layers",
@@ -160,7 +161,7 @@ def squash(model: nn.Module) -> nn.Module:
             cls = mod.__class__
             mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
-        if is_sdgp:
+        if is_sdgp or isinstance(mod, SparseCoreLinear):
             set_submodule(model, name, mod.to_dense())
     return model
 

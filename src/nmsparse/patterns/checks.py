@@ -35,7 +35,7 @@ def check_dim(x: torch.Tensor, dim, name: str = "dim") -> int:
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise TypeError(f"{name} must be an int, got {dim!r}")
     if x.dim() == 0:
-        raise ValueError(f"x must have at least one dimension, got a scalar tensor")
+        raise ValueError("x must have at least one dimension, got a scalar tensor")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"{name}={dim} is out of range for a tensor of shape {tuple(x.shape)}")
     return dim % x.dim()

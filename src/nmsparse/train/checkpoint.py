@@ -8,7 +8,9 @@ from ..models.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401  
 from .schedule import LENGTH_INDEPENDENT_SCHEDULES
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
-RESUMABLE_DIFFERENCES = {"epochs", "progress", "device", "eval_every", "name", "data.root", "data.workers"}
+# sparsity.weight.kernel picks where products run, not what they compute (older checkpoints lack it).
+RESUMABLE_DIFFERENCES = {"epochs", "progress", "device", "eval_every", "name", "data.root", "data.workers",
+                         "sparsity.weight.kernel"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
