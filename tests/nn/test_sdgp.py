@@ -494,6 +494,7 @@ def test_autocast_bfloat16():
     torch.testing.assert_close(x.grad.double(), dx_ref, rtol=2e-2, atol=2e-2 * dx_ref.abs().max().item())
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -510,6 +511,7 @@ def test_torch_compile_matches_eager():
     assert int(compiled._orig_mod[0].sdgp_step) == int(model[0].sdgp_step) == 1
 
 
+@pytest.mark.slow
 def test_torch_compile_random_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)

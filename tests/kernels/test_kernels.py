@@ -80,10 +80,11 @@ def sample(shape, dtype, seed=0, ties=True, special=True):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(INTERPRET, reason="already running under the Triton interpreter")
+@pytest.mark.slow
 def test_interpreter_suite():
     """This file again under TRITON_INTERPRET=1 (kernels on CPU tensors, against the references)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-rs", "-m", "not gpu",
            "-p", "no:cacheprovider", "-k", "not test_interpreter_suite"]
     res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)

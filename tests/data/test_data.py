@@ -100,7 +100,7 @@ def test_default_data_root(tmp_path, monkeypatch):
     assert default_data_root() == tmp_path.resolve()
     monkeypatch.setenv("NMSPARSE_DATA", str(tmp_path / "absent"))
     monkeypatch.chdir(tmp_path)  # no ../shared/data from here: falls back to the one beside the checkout
-    beside = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    beside = Path(__file__).resolve().parents[2].parent / "shared" / "data"
     if beside.is_dir():
         assert default_data_root() == beside.resolve()
     else:

@@ -12,7 +12,7 @@ from nmsparse.train.compare import distinct_names, format_table, nm_columns, pla
 from nmsparse.train.config import config_from_dict, load_config
 from nmsparse.train.plots import plot_curves
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "configs" / "digits-dense.yaml"
 
 
@@ -64,6 +64,7 @@ def test_a_bad_later_config_fails_before_the_first_trains(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_existing_checkpoints_are_checked_before_training(tmp_path, capsys):
     a = write(tmp_path, "base")
     out = tmp_path / "cmp"

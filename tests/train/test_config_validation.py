@@ -8,7 +8,7 @@ from nmsparse.cli import main as cli
 from nmsparse.train.config import load_config
 from nmsparse.train.loop import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "configs" / "digits-dense.yaml"
 
 BAD = {

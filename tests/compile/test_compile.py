@@ -503,6 +503,7 @@ def test_cli_entry(tmp_path, capsys):
     assert "Known targets: aie2, cpu, gpu" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_aie2_table_rows():
     rows = aie2_table(arrays=((2, 2), (4, 4)))
     assert [(r["network"], r["array"]) for r in rows][:2] == [("resnet50", "2x2"), ("resnet50", "4x4")]

@@ -32,6 +32,7 @@ def test_arguments_defaults_and_compat_alias():
         run_deploy_bench(sparsities=(1.5,))
 
 
+@pytest.mark.slow
 def test_tiny_run_prints_layers_by_default_and_summary_on_request(monkeypatch, capsys):
     torch.manual_seed(0)
     res = run_deploy_bench(quick=True, networks=("vgg16",), sparsities=(0.5,), image_size=32, repeats=1,
@@ -51,6 +52,7 @@ def test_tiny_run_prints_layers_by_default_and_summary_on_request(monkeypatch, c
     assert "## totals" in short and "## end_to_end" in short and "## vgg16 50%" not in short
 
 
+@pytest.mark.slow
 def test_profile_thread_count_mismatch_is_said():
     from nmsparse.compile import load_target
 

@@ -15,7 +15,7 @@ from nmsparse.train.checkpoint import load_checkpoint, save_checkpoint
 from nmsparse.train.config import load_config
 from nmsparse.train.loop import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "configs" / "digits-dense.yaml"
 QUIET = ["progress=false"]
 FILES = ("checkpoint.pt", "config.yaml", "metrics.jsonl", "metrics.csv", "summary.json")
@@ -34,6 +34,7 @@ def cfg(*sets):
     return load_config(DIGITS, QUIET + list(sets))
 
 
+@pytest.mark.slow
 def test_fewer_epochs_than_done_is_refused_and_nothing_is_rewritten(tmp_path, capsys):
     run = tmp_path / "run"
     train(cfg("epochs=2"), run, log=lambda *_: None)
@@ -63,6 +64,7 @@ def test_longer_run_under_a_length_dependent_schedule_is_refused(tmp_path):
         train(cfg("epochs=1"), run, log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_constant_schedule_extends_to_exactly_a_fresh_run(tmp_path):
     sets = ["schedule.name=constant", "optim.lr=0.02"]
     notes = []
@@ -76,6 +78,7 @@ def test_constant_schedule_extends_to_exactly_a_fresh_run(tmp_path):
     assert json.loads((tmp_path / "ext" / "summary.json").read_text())["epochs"] == 3
 
 
+@pytest.mark.slow
 def test_restart_keeps_the_old_run_until_the_new_first_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(cfg("epochs=2"), run, log=lambda *_: None)
@@ -95,6 +98,7 @@ def test_restart_keeps_the_old_run_until_the_new_first_checkpoint(tmp_path, monk
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_default_run_passes_restart_through(tmp_path, capsys):
     out = str(tmp_path / "default")
     assert cli(["train", "--out", out, "--set", "epochs=1", "--set", "progress=false"]) == 0
@@ -104,6 +108,7 @@ def test_default_run_passes_restart_through(tmp_path, capsys):
     assert len(metrics(tmp_path / "default" / "digits-dense" / "seed0")) == 2
 
 
+@pytest.mark.slow
 def test_resume_after_a_metrics_row_was_lost_rewrites_metrics_from_the_checkpoint(tmp_path):
     run = tmp_path / "run"
     train(cfg("epochs=2"), run, log=lambda *_: None)
@@ -115,6 +120,7 @@ def test_resume_after_a_metrics_row_was_lost_rewrites_metrics_from_the_checkpoin
 
 
 @pytest.mark.parametrize("size", [20000, 5000])
+@pytest.mark.slow
 def test_truncated_checkpoint_is_a_clear_error(tmp_path, capsys, size):
     run = tmp_path / "run"
     train(cfg("epochs=1"), run, log=lambda *_: None)
@@ -135,6 +141,7 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path, capsys, size):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.slow
 def test_checkpoint_mode_follows_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:

@@ -20,7 +20,7 @@ from nmsparse.train.loop import train
 from nmsparse.train.optim import param_groups
 from nmsparse.train.schedule import lr_factor
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "configs" / "digits-dense.yaml"
 
 
@@ -74,6 +74,7 @@ def test_weight_decay_skips_norm_and_bias():
     assert no_decay["weight_decay"] == 0 and len(no_decay["params"]) == 6
 
 
+@pytest.mark.slow
 def test_train_writes_logs_checkpoint_and_summary(tmp_path):
     cfg = load_config(quick(tmp_path), ["sparsity.grad.method=rescale"])
     summary = train(cfg, tmp_path / "run", log=lambda *_: None)
@@ -92,6 +93,7 @@ def _run_cli(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "nmsparse.cli", *args], env=env, **kw)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_is_exact(tmp_path):
     cfg_path = quick(tmp_path, epochs=4, data__batch_size=16,
                      sparsity={"weight": {"kind": "nm", "n": 2, "m": 4}, "grad": {"method": "random"}})
@@ -116,6 +118,7 @@ def test_kill_9_mid_epoch_then_resume_is_exact(tmp_path):
     assert strip(a) == strip(b)
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_config_and_truncated_checkpoint(tmp_path):
     cfg_path = quick(tmp_path, epochs=1)
     run = tmp_path / "run"
@@ -135,6 +138,7 @@ def test_missing_data_path_is_a_clear_error(tmp_path):
         train(cfg, None, log=lambda *_: None)
 
 
+@pytest.mark.slow
 def test_eval_report_and_compare_commands(tmp_path, capsys):
     cfg_path = quick(tmp_path, epochs=1, sparsity={"weight": {"kind": "nm", "n": 2, "m": 4}})
     run = tmp_path / "run"
@@ -154,6 +158,7 @@ def test_eval_report_and_compare_commands(tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare.png").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_training(tmp_path):
     cfg_path = quick(tmp_path, epochs=2)
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -213,6 +213,7 @@ def test_deepcopy_continues_identically():
     assert la == lb
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch.manual_seed(0)
     model = sparsify(TinyResNet(), SparsityConfig(weight=WeightNM(2, 4), grad=GradSparsity(2, 4, "rescale")))
@@ -227,6 +228,7 @@ def test_torch_compile_matches_eager():
         assert torch.allclose(ge, gc, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sad_tracker():
     torch.manual_seed(0)
     model = sparsify(TinyResNet(), SparsityConfig(weight=WeightNM(2, 4)))

@@ -23,6 +23,7 @@ def run_torchrun(tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["rescale", "random"])
+@pytest.mark.slow
 def test_ddp_two_processes(tmp_path, method):
     r0, r1 = run_torchrun(tmp_path, method)
     assert r0["masks"].keys() == r1["masks"].keys() and len(r0["masks"]) == 2

@@ -15,6 +15,8 @@ from nmsparse import (GradSparsity, SparsityConfig, WeightBlock, WeightNM, is_nm
                       conv_to_2d, sparsify)
 from nmsparse.demo import load_digits_tensors
 
+pytestmark = pytest.mark.slow  # each test trains digits models (minutes in all)
+
 
 def digits_cnn() -> nn.Module:
     return nn.Sequential(
