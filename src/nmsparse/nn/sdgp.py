@@ -130,15 +130,17 @@ class _SDGPLinearFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = dw = db = None
-        g2 = gy.reshape(-1, gy.shape[-1])
-        if need_w:
-            dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
-        if need_b:
-            db = g2.sum(0)
-        if need_x:
-            dx = sdgp_linear_input_grad(gy, weight, *ctx.prune)
+        dw, db = linear_param_grads(gy, x, need_w, need_b)
+        dx = sdgp_linear_input_grad(gy, weight, *ctx.prune) if need_x else None
         return (dx, dw, db) + (None,) * 4
+
+
+def linear_param_grads(gy: torch.Tensor, x: torch.Tensor, need_w: bool, need_b: bool):
+    """A Linear's dense weight and bias gradients (None where not needed) from dY and X of any leading shape."""
+    g2 = gy.reshape(-1, gy.shape[-1])
+    dw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+    db = g2.sum(0) if need_b else None
+    return dw, db
 
 
 def sdgp_linear_input_grad(gy, weight, n, m, method, generator=None):

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..kernels import ops
-from .sdgp import SDGPLinear, _autocast, _check_layer, sdgp_linear, sdgp_linear_input_grad
+from .sdgp import SDGPLinear, _autocast, _check_layer, linear_param_grads, sdgp_linear, sdgp_linear_input_grad
 from .weight import NMWeightSparsity, _find
 
 __all__ = ["KERNELS", "SparseCoreLinear", "SparseCoreSDGPLinear", "to_sparse_core", "sparse_core_eligible",
@@ -77,12 +77,8 @@ class _SparseCoreLinearFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = dw = db = None
-        g2 = gy.reshape(-1, gy.shape[-1])
-        if need_w:
-            dw = g2.t().mm(x.reshape(-1, x.shape[-1]))
-        if need_b:
-            db = g2.sum(0)
+        dx = None
+        dw, db = linear_param_grads(gy, x, need_w, need_b)
         if need_x:
             if ctx.sdgp is not None:  # SDGP's (pruned dY) @ W, on sparse cores where measured faster
                 dx = sdgp_linear_input_grad(gy, weight, *ctx.sdgp)
