@@ -14,6 +14,7 @@ import inspect
 import warnings
 from typing import Callable
 
+import torch
 from torch import nn
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -29,8 +30,11 @@ def _any_order(keep: Callable[[str, nn.Module], bool]) -> Callable:
     return f
 
 
+OUTPUT_NAMES = ("lm_head", "head", "classifier", "fc", "output", "out", "logits", "score")
+
+
 def final_classifier(model: nn.Module) -> str | None:
-    """Name of the last nn.Linear in registration order (the classifier the references keep dense)."""
+    """Name of the last nn.Linear in registration order (the fallback of ``output_layers``)."""
     last = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
@@ -38,17 +42,61 @@ def final_classifier(model: nn.Module) -> str | None:
     return last
 
 
-def default_filter(model: nn.Module, include_linear: bool = True) -> FilterFn:
+def output_layers(model: nn.Module, example_inputs=None) -> set[str]:
+    """The Linear layer(s) that produce the model's output, which the references keep dense.
+
+    With ``example_inputs`` (a tensor or a tuple of positional inputs): the last Linear called in
+    one forward pass (eval mode, no gradients, modes restored). Without: a Linear whose weight is
+    tied to an nn.Embedding's; else the one Linear whose outputs are an embedding's vocabulary; else
+    the last Linear named like an output layer (lm_head, head, classifier, fc, output, ...); else
+    the last Linear registered. Registration order alone misleads when the head is built first.
+    """
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return set()
+    if example_inputs is not None:
+        return {_last_called(model, linears, example_inputs)} - {None}
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    tied = {n for n, m in linears for e in embeddings if m.weight is e.weight}
+    if tied:
+        return tied
+    named = [n for n, _ in linears if n.rsplit(".", 1)[-1] in OUTPUT_NAMES]
+    vocab = {e.num_embeddings for e in embeddings}
+    by_vocab = [n for n, m in linears if m.out_features in vocab and m.out_features > 1]
+    if len(by_vocab) > 1:  # a hidden width may equal the vocabulary by chance: the names decide
+        by_vocab = [n for n in by_vocab if n in named]
+    if len(by_vocab) == 1:
+        return set(by_vocab)
+    return {named[-1] if named else linears[-1][0]}
+
+
+@torch.no_grad()
+def _last_called(model: nn.Module, linears, example_inputs) -> str | None:
+    calls: list[str] = []
+    hooks = [m.register_forward_hook(lambda *_a, n=n: calls.append(n)) for n, m in linears]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, t in modes.items():
+            m.train(t)
+    return calls[-1] if calls else None
+
+
+def default_filter(model: nn.Module, include_linear: bool = True, outputs: set[str] | None = None) -> FilterFn:
     """The references' choice: every Conv2d except a stem with <= 3 input channels, and (when
-    include_linear) every Linear except the final classifier (the last nn.Linear registered: pass
-    a filter_fn or config.include where that is not the classifier). Takes (module, name) or (name, module)."""
-    head = final_classifier(model)
+    include_linear) every Linear and nn.MultiheadAttention except the output layer (``outputs``, by
+    default ``output_layers(model)``). Takes (module, name) or (name, module)."""
+    heads = output_layers(model) if outputs is None else outputs
 
     def keep(name: str, mod: nn.Module) -> bool:
         if isinstance(mod, nn.Conv2d):
             return mod.in_channels > 3
-        if isinstance(mod, nn.Linear):
-            return include_linear and name != head
+        if isinstance(mod, (nn.Linear, nn.MultiheadAttention)):
+            return include_linear and name not in heads
         return False
 
     return _any_order(keep)

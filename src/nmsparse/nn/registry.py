@@ -19,12 +19,13 @@ from torch.nn.utils import parametrize
 from .config import GradSparsity, WeightBlock, WeightNM
 from .sdgp import SDGPConv2d, SDGPLinear
 from .sparse_cores import sparse_core_eligible, to_sparse_core
+from .state import plain_layout
 from .weight import BlockWeightSparsity, NMWeightSparsity
 
 
 @dataclass(frozen=True)
 class Handler:
-    """prepare(cfg, name, module, index) checks that the layer can take the config (ValueError saying why,
+    """prepare(cfg, name, module, index, tensor) checks that the layer can take the config (ValueError saying why,
     which sparsify prefixes with the layer) and returns apply(model), which converts it. sparsify calls
     every prepare before any apply, so a refused layer leaves the model untouched.
 
@@ -32,7 +33,7 @@ class Handler:
     replaces modules that weight parametrizations then register on by name.
     """
 
-    prepare: Callable[[object, str, nn.Module, int], Callable[[nn.Module], None]]
+    prepare: Callable[..., Callable[[nn.Module], None]]  # (cfg, name, module, index, tensor="weight")
     for_grad: bool = False
 
 
@@ -42,16 +43,19 @@ def _weight(build: Callable):
     With ``kernel="auto"`` (WeightNM) an eligible Linear first becomes a SparseCoreLinear, whose products
     run on 2:4 sparse tensor cores where the dispatcher measured them faster.
     """
-    def prepare(cfg, name: str, mod: nn.Module, index: int):
+    def prepare(cfg, name: str, mod: nn.Module, index: int, tensor: str = "weight"):
         p = build(cfg)
-        p.check_weight(mod.weight.shape)
+        p.check_weight(getattr(mod, tensor).shape, tensor)
 
         def apply(model: nn.Module) -> None:
             layer = model.get_submodule(name)  # by name: it may have just become its SDGP version
-            if getattr(cfg, "kernel", "dense") == "auto" and sparse_core_eligible(layer):
+            if tensor == "weight" and getattr(cfg, "kernel", "dense") == "auto" and sparse_core_eligible(layer):
                 layer = to_sparse_core(layer)
+                if isinstance(layer, SDGPLinear):  # a new module: the SDGP step counter's layout again
+                    plain_layout(layer)
                 set_submodule(model, name, layer)
-            parametrize.register_parametrization(layer, "weight", p)
+            parametrize.register_parametrization(layer, tensor, p)
+            plain_layout(layer, tensor)
         return apply
     return prepare
 
@@ -66,14 +70,18 @@ def _block_weight(cfg: WeightBlock) -> BlockWeightSparsity:
                                cfg.every, cfg.power)
 
 
-def _sdgp(cfg: GradSparsity, name: str, mod: nn.Module, index: int):
+def _sdgp(cfg: GradSparsity, name: str, mod: nn.Module, index: int, tensor: str = "weight"):
     out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
     if out % cfg.m:
         raise ValueError(f"SDGP groups the {out} output channels by m={cfg.m}, which does not divide them")
     cls = SDGPConv2d if isinstance(mod, nn.Conv2d) else SDGPLinear
-    # Each layer gets its own stream of random choices, reproducible from the config's seed.
-    return lambda model: set_submodule(model, name, cls.from_dense(mod, n=cfg.n, m=cfg.m, method=cfg.method,
-                                                                   seed=cfg.seed * 10007 + index))
+
+    def apply(model: nn.Module) -> None:
+        # Each layer gets its own stream of random choices, reproducible from the config's seed.
+        new = cls.from_dense(mod, n=cfg.n, m=cfg.m, method=cfg.method, seed=cfg.seed * 10007 + index)
+        plain_layout(new)
+        set_submodule(model, name, new)
+    return apply
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

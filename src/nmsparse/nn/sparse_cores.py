@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from ..kernels import ops
 from .sdgp import SDGPLinear, _autocast, _check_layer, linear_param_grads, sdgp_linear, sdgp_linear_input_grad
-from .weight import NMWeightSparsity, _find
+from .weight import NMWeightSparsity, find_parametrization
 
 __all__ = ["KERNELS", "SparseCoreLinear", "SparseCoreSDGPLinear", "to_sparse_core", "sparse_core_eligible",
            "check_kernel"]
@@ -95,7 +95,7 @@ class SparseCoreLinear(nn.Linear):
 
     def _weight24(self) -> tuple[bool, bool]:
         """(the weight parametrization is 2:4 N:M, it is transposable)."""
-        p = _find(self, "weight")
+        p = find_parametrization(self, "weight")
         if isinstance(p, NMWeightSparsity) and (p.n, p.m) == (2, 4):
             return True, p.transposable
         return False, False

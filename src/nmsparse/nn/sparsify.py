@@ -10,28 +10,39 @@ from torch.nn.utils import parametrize
 
 from ..patterns.diversity import SAD, sad
 from .config import SparsityConfig
-from .filters import FilterFn, as_name_module, default_filter, final_classifier, mha_projections, name_filter
+from .filters import (FilterFn, as_name_module, default_filter, final_classifier, mha_projections, name_filter,
+                      output_layers)
 from .registry import handler_for, set_submodule
 from .sdgp import SDGPConv2d, SDGPLinear
 from .sparse_cores import SparseCoreLinear
-from .weight import BlockWeightSparsity, NMWeightSparsity
+from .state import parametrized_tensors, remove_plain_layout
+from .weight import find_parametrization
 
 __all__ = ["sparsify", "sparsity_report", "format_report", "squash", "weight_masks", "SADTracker", "sparse_layers",
            "default_filter", "final_classifier"]
 
-def _plan(model: nn.Module, config: SparsityConfig, keep, for_grad: bool):
-    """(name, module) of the layers one config section converts, in registration order."""
+def _mha_tensors(mod: nn.MultiheadAttention) -> list[str]:
+    """The q, k, v projection weights nn.MultiheadAttention multiplies by (its reduction dim is dim 1, as a Linear's)."""
+    return ["in_proj_weight"] if mod._qkv_same_embed_dim else ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+
+
+def _plan(model: nn.Module, config: SparsityConfig, keep, for_grad: bool, outputs: set[str]):
+    """(name, module, tensor) of the layers one config section converts, in registration order."""
     explicit = keep is not None or config.include is not None
     if keep is not None:
         chosen = keep
     elif config.include is not None:
         chosen = name_filter(config.include)
     else:
-        chosen = default_filter(model, include_linear=not for_grad or config.grad.layers == "conv+linear")
+        chosen = default_filter(model, include_linear=not for_grad or config.grad.layers == "conv+linear",
+                                outputs=outputs)
     excluded = name_filter(config.exclude)
     mha = mha_projections(model) if for_grad else set()
     plan = []
     for name, mod in model.named_modules():
+        if isinstance(mod, nn.MultiheadAttention) and not for_grad and chosen(name, mod) and not excluded(name, mod):
+            plan += [(name, mod, tensor) for tensor in _mha_tensors(mod)]
+            continue
         if not isinstance(mod, (nn.Conv2d, nn.Linear)) or not chosen(name, mod) or excluded(name, mod):
             continue
         if name in mha:  # SDGP replaces forward(), which nn.MultiheadAttention never calls
@@ -43,16 +54,17 @@ def _plan(model: nn.Module, config: SparsityConfig, keep, for_grad: bool):
         if not for_grad and not explicit and isinstance(mod, nn.Conv2d) and mod.groups > 1 \
                 and mod.groups == mod.in_channels:
             continue  # depthwise: one input channel per filter leaves nothing to group or block
-        plan.append((name, mod))
+        plan.append((name, mod, "weight"))
     return plan
 
 
-def _prepared(name: str, mod: nn.Module, prepare, config: SparsityConfig):
+def _prepared(name: str, mod: nn.Module, tensor: str, prepare, config: SparsityConfig):
     """prepare() (the handler's check and set-up), or None with a warning when skipping is allowed."""
     try:
         return prepare()
     except ValueError as e:
-        msg = f"layer {name!r} ({type(mod).__name__} {tuple(mod.weight.shape)}): {e}"
+        what = _qualified(name, tensor)
+        msg = f"layer {what!r} ({type(mod).__name__} {tuple(getattr(mod, tensor).shape)}): {e}"
         if config.on_incompatible == "skip":
             warnings.warn(f"nmsparse.sparsify: skipping {msg}", stacklevel=3)
             return None
@@ -73,7 +85,8 @@ def _nothing_selected(model: nn.Module, config: SparsityConfig, filter_fn, what:
                       f"the model's Conv2d/Linear layers ({shown})")
 
 
-def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterFn | None = None) -> nn.Module:
+def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterFn | None = None, *,
+             example_inputs=None) -> nn.Module:
     """Convert `model` in place to the weight and/or data-gradient sparsity in `config`; returns it.
 
     filter_fn(module, name) -> bool picks the layers, as in torchao's ``sparsify_`` (default: the
@@ -81,43 +94,71 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterF
     DeprecationWarning); config.include / config.exclude select by module-name patterns instead.
     Each config section is applied by its handler in ``nn.registry.HANDLERS``. Every selected layer
     is checked before any is converted, so an error leaves the model as it was; selecting no layer
-    at all is an error. Call it before building the optimizer: parameters keep their identity, but a
-    weight parametrization moves the dense weight to `<layer>.parametrizations.weight.original`.
+    at all is an error, and so is a selection that on_incompatible="skip" empties. The default filter
+    keeps the model's output layer dense, found from the model itself (``filters.output_layers``;
+    pass ``example_inputs`` to find it by a forward pass). nn.MultiheadAttention's q, k, v projection
+    weights take weight sparsity like any Linear's. Call it before building the optimizer: parameters
+    keep their identity. The state dict keeps the plain layout (``nn.state``): a plain model loads it.
     """
     if isinstance(config, dict):
         config = SparsityConfig.from_dict(config)
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"config must be a SparsityConfig or a dict, got {type(config).__name__}")
     for name, mod in model.named_modules():
-        if parametrize.is_parametrized(mod, "weight") or isinstance(mod, (SDGPConv2d, SDGPLinear)):
+        if any(find_parametrization(mod, t) for t in parametrized_tensors(mod)) or isinstance(mod, (SDGPConv2d,
+                                                                                                  SDGPLinear)):
             raise ValueError(f"layer {name!r} is already sparsified; call squash(model) first to start over")
     keep = as_name_module(filter_fn, model) if filter_fn is not None else None
+    outputs = output_layers(model, example_inputs) if keep is None and config.include is None else set()
     sections = [(s, handler_for(s)) for s in (config.grad, config.weight) if s is not None]
     applies = []
     for section, handler in sorted(sections, key=lambda sh: not sh[1].for_grad):  # module swaps first
-        planned = _plan(model, config, keep, handler.for_grad)
+        planned = _plan(model, config, keep, handler.for_grad, outputs)
+        what = "gradient (SDGP)" if handler.for_grad else "weight"
         if not planned:
-            what = "gradient (SDGP)" if handler.for_grad else "weight"
             raise _nothing_selected(model, config, filter_fn, what, for_grad=handler.for_grad)
-        for index, (name, mod) in enumerate(planned):
-            apply = _prepared(name, mod, lambda: handler.prepare(section, name, mod, index), config)
-            if apply is not None:
+        skipped = []
+        for index, (name, mod, tensor) in enumerate(planned):
+            apply = _prepared(name, mod, tensor, lambda: handler.prepare(section, name, mod, index, tensor), config)
+            if apply is None:
+                skipped.append(_qualified(name, tensor))
+            else:
                 applies.append(apply)
+        if len(skipped) == len(planned):
+            raise ValueError(f"no layer can take the {what} sparsity: every selected layer was skipped as incompatible "
+                             f"({', '.join(skipped[:8])}{', ...' if len(skipped) > 8 else ''}); choose an N:M or "
+                             f"block that divides their channels, or select other layers")
     for apply in applies:
         apply(model)
     return model
 
 
 def sparse_layers(model: nn.Module):
-    """(name, module, weight parametrization or None, is_sdgp) for every converted layer."""
+    """(name, module, weight parametrization or None, is_sdgp) for every converted layer. A parametrized
+    tensor other than ``weight`` (nn.MultiheadAttention's in_proj_weight) is listed as ``<layer>.<tensor>``."""
     for name, mod in model.named_modules():
-        p = None
-        if parametrize.is_parametrized(mod, "weight"):
-            p = next((q for q in mod.parametrizations.weight
-                      if isinstance(q, (NMWeightSparsity, BlockWeightSparsity))), None)
         is_sdgp = isinstance(mod, (SDGPConv2d, SDGPLinear))
-        if p is not None or is_sdgp:
-            yield name, mod, p, is_sdgp
+        found = False
+        for tensor in parametrized_tensors(mod):
+            p = find_parametrization(mod, tensor)
+            if p is not None:
+                found = True
+                yield _qualified(name, tensor), mod, p, is_sdgp and tensor == "weight"
+        if is_sdgp and not found:
+            yield name, mod, None, True
+
+
+def _qualified(name: str, tensor: str) -> str:
+    """A layer's name, or "<layer>.<tensor>" for a tensor other than its weight."""
+    return name if tensor == "weight" else ".".join(filter(None, (name, tensor)))
+
+
+def _tensor(mod: nn.Module, p) -> str:
+    """The name of the tensor parametrization p sits on ("weight" for SDGP-only layers)."""
+    for tensor in parametrized_tensors(mod):
+        if p is not None and p in list(mod.parametrizations[tensor]):
+            return tensor
+    return "weight"
 
 
 @torch.no_grad()  # reading a parametrized weight with grad on would count as a training step
@@ -125,7 +166,7 @@ def sparsity_report(model: nn.Module) -> list[dict]:
     """Per converted layer: weight pattern, weight density, gradient pattern, parameter counts."""
     rows = []
     for name, mod, p, is_sdgp in sparse_layers(model):
-        w = mod.weight.detach()
+        w = getattr(mod, _tensor(mod, p)).detach()
         rows.append({
             "layer": name,
             "type": type(mod).__name__.removeprefix("Parametrized"),
@@ -153,15 +194,19 @@ def format_report(rows: list[dict]) -> str:
 
 @torch.no_grad()
 def squash(model: nn.Module) -> nn.Module:
-    """Back to plain nn.Conv2d / nn.Linear with the masked weights baked in (dense with zeros), in place."""
-    for name, mod, p, is_sdgp in list(sparse_layers(model)):
-        if p is not None:
+    """Back to plain nn.Conv2d / nn.Linear (and plain nn.MultiheadAttention) with the masked weights baked in
+    (dense with zeros), in place."""
+    for name, mod in list(model.named_modules()):
+        tensors = [t for t in parametrized_tensors(mod) if find_parametrization(mod, t) is not None]
+        if tensors:
             # torch removes the weight property from the module's injected class, which a deepcopy of
             # the model shares: give this module a class of its own first, so the copy keeps working.
             cls = mod.__class__
             mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
-        if is_sdgp or isinstance(mod, SparseCoreLinear):
+            for tensor in tensors:
+                parametrize.remove_parametrizations(mod, tensor, leave_parametrized=True)
+        remove_plain_layout(mod)
+        if isinstance(mod, (SDGPConv2d, SDGPLinear, SparseCoreLinear)):
             set_submodule(model, name, mod.to_dense())
     return model
 

@@ -99,6 +99,14 @@ class _MaskedWeight(nn.Module):
     def _multiply(self, w, mask):
         return w * mask
 
+    def eval_mask(self, w: torch.Tensor) -> torch.Tensor:
+        """The mask a forward that is not a training step applies to w."""
+        return self._eval_mask(w)
+
+    def initial_mask(self, w: torch.Tensor) -> torch.Tensor:
+        """The mask the first forward (or reset_mask) would set up from w."""
+        return self._initial(w.detach()).to(torch.bool)
+
     def check_weight(self, shape, name: str = "weight") -> None:
         raise NotImplementedError
 
@@ -328,7 +336,8 @@ class BlockWeightSparsity(_MaskedWeight):
 _TYPES = (NMWeightSparsity, BlockWeightSparsity)
 
 
-def _find(module: nn.Module, name: str):
+def find_parametrization(module: nn.Module, name: str = "weight"):
+    """The NMWeightSparsity / BlockWeightSparsity on module.<name>, or None."""
     if not parametrize.is_parametrized(module, name):
         return None
     return next((p for p in module.parametrizations[name] if isinstance(p, _TYPES)), None)
@@ -339,7 +348,7 @@ def apply(module: nn.Module, parametrization: _MaskedWeight, name: str = "weight
     if not isinstance(parametrization, _TYPES):
         raise TypeError(f"parametrization must be an NMWeightSparsity or BlockWeightSparsity, "
                         f"got {type(parametrization).__name__}")
-    if _find(module, name) is not None:
+    if find_parametrization(module, name) is not None:
         raise ValueError(f"{type(module).__name__}.{name} already has a weight sparsity parametrization")
     parametrization.check_weight(getattr(module, name).shape, name)
     parametrize.register_parametrization(module, name, parametrization, unsafe=False)
@@ -348,7 +357,7 @@ def apply(module: nn.Module, parametrization: _MaskedWeight, name: str = "weight
 
 def current_mask(module: nn.Module, name: str = "weight") -> torch.Tensor:
     """The current mask (bool, the weight's shape) of a module with a weight sparsity parametrization."""
-    p = _find(module, name)
+    p = find_parametrization(module, name)
     if p is None:
         raise ValueError(f"{type(module).__name__}.{name} has no NMWeightSparsity or BlockWeightSparsity "
                          f"parametrization")
