@@ -5,5 +5,7 @@ from .common import __version__
 from .formats import *  # noqa: F401,F403
 from .nn import *  # noqa: F401,F403
 from .patterns import *  # noqa: F401,F403
+from .prune import adaprune, magnitude_prune, prune_trained_model
 
-__all__ = list(patterns.__all__) + list(formats.__all__) + list(nn.__all__)
+__all__ = (list(patterns.__all__) + list(formats.__all__) + list(nn.__all__)
+           + ["adaprune", "magnitude_prune", "prune_trained_model"])

@@ -1,6 +1,7 @@
 """Autograd functions, parametrizations and modules for sparse training, and `sparsify`."""
 
 from .config import GradSparsity, SparsityConfig, WeightBlock, WeightNM
+from .export import to_semi_structured
 from .sdgp import SDGPConv2d, SDGPLinear, prune_grad
 from .sparse_cores import SparseCoreLinear
 from .sparsify import (SADTracker, default_filter, format_report, sparsify, sparsity_report, squash,
@@ -11,5 +12,5 @@ __all__ = [
     "SparsityConfig", "WeightNM", "WeightBlock", "GradSparsity",
     "prune_grad", "SDGPConv2d", "SDGPLinear", "SparseCoreLinear", "NMWeightSparsity", "BlockWeightSparsity",
     "sparsify", "default_filter", "sparsity_report", "format_report", "squash", "weight_masks",
-    "SADTracker",
+    "SADTracker", "to_semi_structured",
 ]
