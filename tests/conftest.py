@@ -19,3 +19,18 @@ FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Measured cpu profiles are cached in nmsparse's cache directory: tests never read or fill the user's.
+
+    (NMSPARSE_CACHE_DIR, not XDG_CACHE_HOME: torch keeps its compiled extensions under the latter.)
+    """
+    old = os.environ.get("NMSPARSE_CACHE_DIR")
+    os.environ["NMSPARSE_CACHE_DIR"] = str(tmp_path_factory.mktemp("nmsparse-cache"))
+    yield
+    if old is None:
+        os.environ.pop("NMSPARSE_CACHE_DIR", None)
+    else:
+        os.environ["NMSPARSE_CACHE_DIR"] = old

@@ -61,3 +61,52 @@ def test_profile_thread_count_mismatch_is_said():
     res = run_deploy_bench(quick=True, networks=("vgg16",), sparsities=(0.5,), image_size=32, repeats=1,
                            profile=prof, log=lambda *a: None)
     assert "NOTE the profile was measured with 2 thread(s), this run uses 1" in res["machine"]
+
+
+def test_calibration_options(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--calibrate", "--no-calibrate"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    seen = []
+
+    def fake(**kw):
+        seen.append((kw["calibrate"], kw["auto_calibrate"]))
+        return {"machine": "m", "tables": {}}
+
+    monkeypatch.setattr(deploy, "run_deploy_bench", fake)
+    for argv in ([], ["--calibrate"], ["--no-calibrate"]):
+        deploy_main(parser().parse_args(argv))
+    # the command calibrates on first use by default; --no-calibrate keeps a profile from another CPU (warned)
+    assert seen == [(False, True), (True, True), (False, False)]
+
+
+def test_profile_from_another_cpu_is_said_or_calibrated_once(monkeypatch, tmp_path):
+    from nmsparse.compile import cpu_profile, load_target
+    from nmsparse.compile.calibrate import write_profile
+
+    xeon = "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"
+    monkeypatch.setattr(cpu_profile, "cpu_name", lambda: xeon)
+    monkeypatch.setenv("NMSPARSE_CACHE_DIR", str(tmp_path / "nmsparse"))
+    tiny = dict(quick=True, networks=(), sparsities=(0.5,))  # the profile choice and the header only
+    logs = []
+    res = run_deploy_bench(**tiny, log=logs.append)
+    assert "WARNING: the cpu profile" in res["machine"] and "measured on a different processor (AMD EPYC)" in \
+        res["machine"] and xeon in res["machine"] and "--calibrate" in res["machine"]
+    assert any(m.startswith("WARNING") for m in logs)  # printed as it starts, not only in the table header
+
+    calls = []
+
+    def calibrate(path, *, threads=1, quick=False, backend="auto", log=print):
+        calls.append(path)
+        params = {k: v for k, v in load_target("cpu").to_dict().items() if k != "source"}
+        params.update(machine=f"{xeon}, 8 logical cores, torch x", measured="fake")
+        write_profile(params, path)
+        return params
+
+    monkeypatch.setattr("nmsparse.compile.calibrate.calibrate_cpu", calibrate)
+    res = run_deploy_bench(**tiny, auto_calibrate=True, log=lambda *a: None)
+    cached = tmp_path / "nmsparse" / "cpu-intel-r-xeon-r-platinum-8375c-cpu-2-90ghz-1t.yaml"
+    assert calls == [cached] and res["profile"]["source"] == str(cached) and "WARNING" not in res["machine"]
+    assert "first use" in res["machine"]
+    res = run_deploy_bench(**tiny, auto_calibrate=True, log=lambda *a: None)
+    assert len(calls) == 1 and res["profile"]["source"] == str(cached) and "from the cache" in res["machine"]

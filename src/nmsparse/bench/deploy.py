@@ -12,8 +12,10 @@ repeats time (median):
 
 all in one alternating group per layer, so that load from other processes hits them alike;
 
-then the per-layer fallback keeps the faster of dense and sparse, and the cpu profile
-(``compile/targets/cpu.yaml`` or ``profile=``) estimates the chosen path. Totals are sums over
+then the per-layer fallback keeps the faster of dense and sparse, and the cpu profile estimates the
+chosen path: ``profile=``, or the one cached for this CPU model and thread count, or the shipped
+``compile/targets/cpu.yaml`` (see ``compile.cpu_profile``: the command calibrates on first use on
+another CPU). Totals are sums over
 the conv/linear layers; the whole compiled model (fallbacks applied) is also run end to end
 against the dense model, outputs compared (float32 reassociation: rtol 1e-4 relative to the
 largest output), after a round trip through its compact file (compile, save, load back).
@@ -32,8 +34,8 @@ import torch
 
 from ..compile.compiler import compile_model, load_compact_state
 from ..compile.cost import cpu_dense_time, cpu_sparse_time
+from ..compile.cpu_profile import resolve_cpu_profile
 from ..compile.layers import extract_layers
-from ..compile.profiles import load_target
 from ..compile.runtime import alternating_timer, build_executable, layer_input, supports_sparse, to_block_sparse
 from ..kernels.block_cpu import BlockSparseMatrix, native_error, resolve_backend
 from ..models import resnet50, vgg16
@@ -63,10 +65,14 @@ def _end_to_end(dense_model, exe, x, repeats) -> dict:
 def run_deploy_bench(quick: bool = False, *, networks=("resnet50", "vgg16"), sparsities=(0.5, 0.75),
                      image_size: int | None = None, threads: int = 1, profile="cpu", repeats: int | None = None,
                      backend: str = "auto", seed: int = 0, end_to_end: bool = True, calibrate: bool = False,
-                     log=print) -> dict:
+                     auto_calibrate: bool = False, log=print) -> dict:
     """Run the benchmark; returns {"machine", "profile", "layers": rows, "totals": rows, "tables": Markdown}.
 
-    calibrate=True measures a fresh cpu profile first (``calibrate_cpu``) instead of reading ``profile``.
+    The estimates come from ``compile.cpu_profile.resolve_cpu_profile(profile, ...)``: for the shipped name
+    "cpu", the profile cached for this CPU model and thread count when there is one. calibrate=True measures
+    a fresh one first (``calibrate_cpu``) and caches it; auto_calibrate=True (the command's default) does so
+    when the shipped profile was measured on another CPU model or thread count and nothing is cached yet.
+    Without either, a profile from another CPU is used with a warning in the header ("machine").
     """
     bad = [s for s in sparsities if not (isinstance(s, (int, float)) and 0 <= s < 1)]
     if bad or not sparsities:
@@ -74,14 +80,8 @@ def run_deploy_bench(quick: bool = False, *, networks=("resnet50", "vgg16"), spa
     size = image_size or (112 if quick else 224)
     repeats = repeats or (5 if quick else 11)
     use = resolve_backend(backend)
-    if calibrate:
-        from ..compile.calibrate import calibrate_cpu
-
-        log("calibrating the cpu profile first ...")
-        tgt = load_target(calibrate_cpu(None, threads=threads, quick=quick, backend=backend, log=lambda *a: None))
-        tgt.source = "fresh calibration"
-    else:
-        tgt = load_target(profile)
+    tgt, note = resolve_cpu_profile(profile, threads=threads, calibrate=calibrate, auto_calibrate=auto_calibrate,
+                                    quick=quick, backend=backend, log=log)
     if tgt.kind != "cpu":
         raise ValueError(f"the deploy bench estimates with a cpu profile, got {tgt.name!r} ({tgt.kind})")
     old = torch.get_num_threads()
@@ -96,6 +96,10 @@ def run_deploy_bench(quick: bool = False, *, networks=("resnet50", "vgg16"), spa
             + f"; estimates from profile {tgt.source} (measured {tgt.params.get('measured', '?')}); "
               f"input 1x3x{size}x{size}; {'quick' if quick else 'full'} run")
     prof_threads = tgt.params.get("threads")
+    if note:
+        info += f"; {note}"
+        if note.startswith("WARNING"):
+            log(note)
     if prof_threads is not None and prof_threads != threads:
         info += (f"; NOTE the profile was measured with {prof_threads} thread(s), this run uses {threads}: its "
                  f"estimates are for {prof_threads} (add --calibrate to measure one for {threads})")
@@ -263,8 +267,15 @@ def add_deploy_arguments(p) -> None:
                    help="fractions of 8x8 blocks zeroed, each 0 <= s < 1 (default 0.5 0.75)")
     p.add_argument("--image-size", type=int, help="input height and width (default 224, quick 112)")
     p.add_argument("--threads", type=int, default=1, help="PyTorch threads (default 1: stable on a shared machine)")
-    p.add_argument("--profile", default="cpu", help="cpu profile for the estimates (name or YAML path)")
-    p.add_argument("--calibrate", action="store_true", help="measure a fresh cpu profile first and estimate with it")
+    p.add_argument("--profile", default="cpu",
+                   help="cpu profile for the estimates (name or YAML path; default cpu: the one cached for this "
+                        "CPU model and thread count, else the shipped one where it was measured on this CPU)")
+    cal = p.add_mutually_exclusive_group()
+    cal.add_argument("--calibrate", action="store_true",
+                     help="measure a fresh cpu profile first, cache it for this CPU and estimate with it")
+    cal.add_argument("--no-calibrate", action="store_true",
+                     help="never measure a profile: when the shipped one is from another CPU, estimate with it "
+                          "anyway (the header warns). Default: measure on first use and cache it")
     p.add_argument("--backend", default="auto", choices=["auto", "native", "torch"])
     p.add_argument("--summary", action="store_true",
                    help="print only the totals and end-to-end tables (default: the per-layer tables too)")
@@ -279,7 +290,8 @@ def deploy_main(args) -> int:
 
     res = run_deploy_bench(quick=args.quick, networks=tuple(args.networks), sparsities=tuple(args.sparsity),
                            image_size=args.image_size, threads=args.threads, profile=args.profile,
-                           backend=args.backend, calibrate=args.calibrate)
+                           backend=args.backend, calibrate=args.calibrate,
+                           auto_calibrate=not getattr(args, "no_calibrate", False))
     # per layer by default (dense, sparse, estimate, error for each layer); --summary: totals only
     keys = ["totals", "end_to_end"] + ([] if getattr(args, "summary", False) else
                                        [k for k in res["tables"] if k not in ("totals", "end_to_end")])

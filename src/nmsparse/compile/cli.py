@@ -37,13 +37,35 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser
                    help="time dense vs block-sparse per layer on this CPU for the fallback (auto: cpu target only)")
     p.add_argument("--backend", choices=["auto", "native", "torch"], default="auto",
                    help="block-sparse CPU kernel used for measuring")
+    p.add_argument("--calibrate", action="store_true",
+                   help="cpu target: first measure a cpu profile on this CPU (a few minutes) and cache it "
+                        "($XDG_CACHE_HOME/nmsparse, else ~/.cache/nmsparse); later runs use the cached one")
     return p
+
+
+def _target_for(args):
+    """The target to compile for: a cpu profile resolved for this CPU (cache, warning, --calibrate), else the name."""
+    import sys
+
+    from .cpu_profile import resolve_cpu_profile
+    from .profiles import load_target
+
+    tgt = load_target(args.target)
+    if tgt.kind != "cpu":
+        if getattr(args, "calibrate", False):
+            raise ValueError(f"--calibrate measures a cpu profile; target {tgt.name!r} is {tgt.kind}")
+        return args.target
+    tgt, note = resolve_cpu_profile(args.target, threads=None, calibrate=getattr(args, "calibrate", False),
+                                    log=lambda m: print(m, file=sys.stderr))
+    if note:
+        print(note, file=sys.stderr if note.startswith("WARNING") else sys.stdout)
+    return tgt
 
 
 def compile_command(args) -> int:
     """The body of `nmsparse compile`: compile, write the directory, print a summary. Returns 0."""
     measure = {"auto": None, "yes": True, "no": False}[args.measure]
-    compiled, paths = compile_to_dir(args.model, args.target, args.out, input_shape=args.input_shape,
+    compiled, paths = compile_to_dir(args.model, _target_for(args), args.out, input_shape=args.input_shape,
                                      prune=args.prune, array=args.array, allow_dense=args.allow_dense,
                                      on_incompatible=args.on_incompatible, charts=not args.no_charts,
                                      measure=measure, backend=args.backend, seed=args.seed)

@@ -151,6 +151,59 @@ def _plt():
     return plt
 
 
+LAYER_ROW_IN = 0.2  # inches of figure height per layer in layers.png
+LAYERS_MAX_HEIGHT_IN = 60.0  # past this (about 300 layers) every k-th layer name is shown instead
+
+
+def layers_figure(compiled):
+    """layers.png's figure: one row per layer (named, in call order, top down) in three panels side by side.
+
+    Horizontal bars keep every layer's name readable at any depth: the figure grows by LAYER_ROW_IN per
+    layer, and only past LAYERS_MAX_HEIGHT_IN are the names thinned to every k-th one.
+    """
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _plt()
+    L = compiled.layers
+    n = len(L)
+    y = np.arange(n)
+    dense = np.array([p.estimate.dense_time_s for p in L])
+    comp = np.array([p.estimate.time_s for p in L])
+    speed = dense / np.maximum(comp, 1e-15)
+    bd = np.array([p.estimate.dense_bytes_moved for p in L], dtype=float)
+    bc = np.array([p.estimate.bytes_moved for p in L], dtype=float)
+    # Units that keep the tick labels short: ms or us, MB or kB.
+    t_unit, t_scale = ("ms", 1e3) if max(dense.max(initial=0), comp.max(initial=0)) >= 1e-4 else ("us", 1e6)
+    b_unit, b_scale = ("MB", 1e-6) if max(bd.max(initial=0), bc.max(initial=0)) >= 1e5 else ("kB", 1e-3)
+    dense, comp, bd, bc = dense * t_scale, comp * t_scale, bd * b_scale, bc * b_scale
+    rows_in = n * LAYER_ROW_IN
+    every = max(1, int(np.ceil(rows_in / (LAYERS_MAX_HEIGHT_IN - 2))))
+    height = min(max(4.0, rows_in + 2), LAYERS_MAX_HEIGHT_IN)
+    fig, axes = plt.subplots(1, 3, figsize=(13, height), sharey=True, layout="constrained",
+                             gridspec_kw={"width_ratios": [1.2, 1, 1.2]})
+    h = 0.4
+    axes[0].barh(y - h / 2, dense, h, label="dense", color="C7")
+    axes[0].barh(y + h / 2, comp, h, label="compiled", color="C0")
+    axes[0].set(xlabel=f"estimated {t_unit}", title="time")
+    axes[1].barh(y, speed, 0.7, color=["C2" if s >= 1 else "C3" for s in speed])
+    axes[1].axvline(1.0, color="k", lw=0.8)
+    axes[1].set(xlabel="speed-up (x)", title="speed-up (dense / compiled)")
+    axes[2].barh(y - h / 2, bd, h, label="dense", color="C7")
+    axes[2].barh(y + h / 2, bc, h, label="compiled", color="C0")
+    axes[2].set(xlabel=f"{b_unit} moved", title="bytes moved")
+    shown = y[::every]
+    axes[0].set_yticks(shown, [f"{L[i].name}" for i in shown], fontsize=7)
+    axes[0].set_ylim(n - 0.5, -0.5)  # call order, first layer at the top
+    axes[0].set_ylabel("layer (call order)" + (f", every {every}th named" if every > 1 else ""))
+    for ax in axes:
+        ax.grid(alpha=0.3, axis="x")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle(f"Per layer on {compiled.target.label}", fontsize=10)
+    return fig
+
+
 def write_charts(compiled, out_dir) -> dict:
     """layers.png (per-layer time, speed-up, bytes moved) and network.png; {} plus a note without matplotlib."""
     try:
@@ -158,34 +211,8 @@ def write_charts(compiled, out_dir) -> dict:
     except ImportError:
         remove_stale_charts(out_dir)  # the report will not link them: do not leave another run's charts
         return {"charts_note": "Charts skipped: matplotlib is not installed (pip install nmsparse[plot])."}
-    import numpy as np
-
     out = Path(out_dir)
-    L = compiled.layers
-    x = np.arange(len(L))
-    dense = np.array([p.estimate.dense_time_s for p in L]) * 1e3
-    comp = np.array([p.estimate.time_s for p in L]) * 1e3
-    speed = dense / np.maximum(comp, 1e-12)
-    bd = np.array([p.estimate.dense_bytes_moved for p in L]) / 1e6
-    bc = np.array([p.estimate.bytes_moved for p in L]) / 1e6
-    width = max(8.0, min(0.18 * len(L) + 3, 30.0))
-    fig, axes = plt.subplots(3, 1, figsize=(width, 9), sharex=True)
-    w = 0.42
-    axes[0].bar(x - w / 2, dense, w, label="dense", color="C7")
-    axes[0].bar(x + w / 2, comp, w, label="compiled", color="C0")
-    axes[0].set(ylabel="estimated ms", title=f"Per layer on {compiled.target.label}")
-    axes[1].bar(x, speed, 0.7, color=["C2" if s >= 1 else "C3" for s in speed])
-    axes[1].axhline(1.0, color="k", lw=0.8)
-    axes[1].set(ylabel="speed-up (x)")
-    axes[2].bar(x - w / 2, bd, w, label="dense", color="C7")
-    axes[2].bar(x + w / 2, bc, w, label="compiled", color="C0")
-    axes[2].set(ylabel="MB moved", xlabel="layer (call order; names in report.md)")
-    for ax in axes:
-        ax.grid(alpha=0.3, axis="y")
-    axes[0].legend(fontsize=8)
-    if len(L) <= 40:
-        axes[2].set_xticks(x, [p.name for p in L], rotation=90, fontsize=6)
-    fig.tight_layout()
+    fig = layers_figure(compiled)
     p1 = out / CHART_FILES["chart_layers"]
     fig.savefig(p1, dpi=100)
     plt.close(fig)

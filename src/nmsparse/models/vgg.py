@@ -30,4 +30,5 @@ class VGG16(nn.Module):
 
 
 def vgg16(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224) -> VGG16:
+    """``VGG16`` for ``image_size`` x ``image_size`` inputs (its classifier reads 512 x (image_size / 32)^2)."""
     return VGG16(num_classes, in_channels, image_size)

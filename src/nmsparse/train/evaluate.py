@@ -24,6 +24,7 @@ def load_trained(checkpoint: str | Path, device: str = "auto"):
 
 
 def evaluate_checkpoint(checkpoint: str | Path, device: str = "auto") -> dict:
+    """Test-set metrics of a training checkpoint (``nmsparse eval``), with the run's name and epoch."""
     cfg, model, test_loader, dev, state = load_trained(checkpoint, device)
     res = evaluate(model, test_loader, dev, autocast_dtype(cfg.amp, dev), cfg.tta_flip)
     return {**res, "name": cfg.name, "epoch": state["epoch"]}

@@ -1,0 +1,53 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard) over gloo with two CPU processes launched by torchrun.
+
+A sparsified model (SR-STE 2:4 weights, SDGP rescale 2:4 on the data gradient) sharded with fully_shard
+trains like one process on the whole batch.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmsparse import is_nm
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import ddp_worker  # noqa: E402
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(fsdp, "fully_shard"):
+    pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)", allow_module_level=True)
+
+
+def run_torchrun(tmp_path, method):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE)] + sys.path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "fsdp_worker.py"), str(tmp_path), method]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_fully_shard_two_processes_equal_one(tmp_path):
+    r0, r1 = run_torchrun(tmp_path, "rescale")
+    # the weights really were sharded: the parametrized originals and the dense layers' parameters
+    assert "2.parametrizations.weight.original" in r0["sharded"] and "8.weight" in r0["sharded"]
+    single = ddp_worker.train(ddp_worker.build("rescale"), steps=5)
+    ref = single.state_dict()
+    assert r0["state"].keys() == r1["state"].keys() == ref.keys()
+    for k, v in ref.items():
+        assert torch.equal(r0["state"][k], r1["state"][k]), k  # both ranks hold the same model
+        if v.is_floating_point():
+            # float reassociation in the sharded reduction (SDGP can flip a near-tie: see test_distributed.py)
+            assert torch.allclose(r0["state"][k], v, atol=5e-4), (k, float((r0["state"][k] - v).abs().max()))
+        else:  # masks and step counters
+            assert torch.equal(r0["state"][k], v), k
+    assert int(r0["state"]["2.parametrizations.weight.0.step"]) == 5 and int(r0["state"]["2.sdgp_step"]) == 5
+    for name, mask in r0["masks"].items():
+        assert is_nm(mask, 2, 4, dim=1), name
+    assert r0["report"] == r1["report"] == {"2": 0.5, "4": 0.5}  # sparsity_report on the unsharded model
