@@ -169,7 +169,7 @@ def sparsity_report(model: nn.Module) -> list[dict]:
         w = getattr(mod, _tensor(mod, p)).detach()
         rows.append({
             "layer": name,
-            "type": type(mod).__name__.removeprefix("Parametrized"),
+            "type": type(mod).__name__.removeprefix("FSDP").removeprefix("Parametrized"),  # FSDP2 and parametrize subclass
             "shape": tuple(w.shape),
             "weight": p.pattern_name() if p is not None else "dense",
             "density": float((w != 0).float().mean()),
