@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import pickle
 import struct
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_real_mnist_files(name):
 def test_default_data_root(tmp_path, monkeypatch):
     monkeypatch.setenv("NMSPARSE_DATA", str(tmp_path))
     assert default_data_root() == tmp_path.resolve()
-    monkeypatch.setenv("NMSPARSE_DATA", str(tmp_path / "absent"))
+    monkeypatch.delenv("NMSPARSE_DATA")
     monkeypatch.chdir(tmp_path)  # no ../shared/data from here: falls back to the one beside the checkout
     beside = Path(__file__).resolve().parents[2].parent / "shared" / "data"
     if beside.is_dir():
@@ -106,6 +107,30 @@ def test_default_data_root(tmp_path, monkeypatch):
     else:
         with pytest.raises(FileNotFoundError, match="NMSPARSE_DATA"):
             default_data_root()
+
+
+def test_a_set_nmsparse_data_that_is_not_a_directory_is_an_error(tmp_path, monkeypatch, capsys):
+    # Set but wrong: an error naming the variable and its value, never a silent fall back to ../shared/data.
+    absent = tmp_path / "absent"
+    monkeypatch.setenv("NMSPARSE_DATA", str(absent))
+    with pytest.raises(FileNotFoundError, match=rf"NMSPARSE_DATA={re.escape(str(absent))} does not exist.*unset"):
+        default_data_root()
+    with pytest.raises(FileNotFoundError, match=rf"NMSPARSE_DATA={re.escape(str(absent))} does not exist"):
+        load_dataset("mnist")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    monkeypatch.setenv("NMSPARSE_DATA", str(a_file))
+    with pytest.raises(NotADirectoryError, match=rf"NMSPARSE_DATA={re.escape(str(a_file))} is a file, not a directory"):
+        default_data_root()
+    from nmsparse.cli import main as cli
+    assert cli(["train", "--set", "data.name=mnist", "--set", "epochs=1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"NMSPARSE_DATA={a_file} is a file" in err
+    monkeypatch.setenv("NMSPARSE_DATA", "")  # set but empty counts as unset
+    try:
+        default_data_root()
+    except FileNotFoundError as e:
+        assert "NMSPARSE_DATA=" not in str(e)
 
 
 # ---- IDX files written here --------------------------------------------------------------------------------
