@@ -70,7 +70,9 @@ def _train(args) -> int:
         rows = run_compare(configs, 1, out, resume=not args.restart)
         if _is_main_process():
             print("\n" + format_table(rows))
-            print(f"\nTable, CSV and accuracy plot: {out}/compare.md, compare.csv, compare.png")
+            plot = (out / "compare.png").exists()
+            print(f"\nTable, CSV{' and accuracy plot' if plot else ''}: {out}/compare.md, compare.csv"
+                  + (", compare.png" if plot else ""))
         return 0
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
@@ -90,7 +92,8 @@ def _compare(args) -> int:
     rows = run_compare(configs, args.seeds, args.out, resume=not args.restart)
     if _is_main_process():
         print("\n" + format_table(rows))
-        print(f"\nSaved {args.out}/compare.md, compare.csv, compare.png")
+        plot = ", compare.png" if (Path(args.out) / "compare.png").exists() else ""
+        print(f"\nSaved {args.out}/compare.md, compare.csv{plot}")
     return 0
 
 

@@ -116,3 +116,20 @@ def test_short_curves_have_markers(tmp_path, monkeypatch, epochs, marker):
     rows = [{"epoch": e + 1, "train_loss": 1.0 / (e + 1), "test_acc": 50.0 + e / 2} for e in range(epochs)]
     plot_curves({"run": [rows]}, tmp_path / "c.png")
     assert seen == [marker, marker] and (tmp_path / "c.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_train_and_report_run_without_matplotlib(tmp_path, no_matplotlib, capsys):
+    # A base install (no [plot] extra): the main job and its report run, and one line says how to get the plots.
+    out = tmp_path / "default"
+    assert cli(["train", "--out", str(out), "--set", "epochs=1", "--set", "progress=false"]) == 0
+    text = capsys.readouterr().out
+    hints = [line for line in text.splitlines() if "matplotlib" in line]
+    assert len(hints) == 1 and "pip install 'nmsparse[plot]'" in hints[0], text
+    assert (out / "compare.md").exists() and not (out / "compare.png").exists()
+    assert "compare.png" not in text
+    assert cli(["report", str(out / "digits-dense" / "seed0")]) == 0
+    text = capsys.readouterr().out
+    hints = [line for line in text.splitlines() if "matplotlib" in line]
+    assert len(hints) == 1 and "pip install 'nmsparse[plot]'" in hints[0] and "| epoch |" in text
+    assert not (out / "digits-dense" / "seed0" / "curves.png").exists()

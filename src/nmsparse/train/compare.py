@@ -11,7 +11,7 @@ from .checkpoint import check_resume, load_checkpoint
 from .config import apply_overrides, config_from_dict, load_config
 from .distributed import is_main_process
 from .loop import CHECKPOINT, pattern_label, read_run, train
-from .plots import plot_curves
+from .plots import PLOTS_SKIPPED, can_plot, plot_curves
 
 
 def expand_sweeps(base: dict, sweeps: list[str]) -> list[dict]:
@@ -130,7 +130,7 @@ def run_compare(configs: list[dict], seeds: int, out_dir: str | Path, log=print,
                      "seeds": len(accs), "accs": accs})
         curves[cfg.name] = histories
     if is_main_process():
-        write_outputs(rows, curves, out_dir)
+        write_outputs(rows, curves, out_dir, log)
     return rows
 
 
@@ -143,7 +143,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(rows: list[dict], curves: dict, out_dir: Path) -> None:
+def write_outputs(rows: list[dict], curves: dict, out_dir: Path, log=print) -> None:
+    """compare.md, compare.csv and (with matplotlib; else one line says how to get it) compare.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(format_table(rows) + "\n")
     with open(out_dir / "compare.csv", "w", newline="") as f:
@@ -152,7 +153,11 @@ def write_outputs(rows: list[dict], curves: dict, out_dir: Path) -> None:
         for r in rows:
             w.writerow([r["name"], r["pattern"], r["weight_nm"], r["grad_nm"], f"{r['mean']:.3f}", f"{r['std']:.3f}",
                         r["seeds"], " ".join(f"{a:.2f}" for a in r["accs"])])
-    plot_curves(curves, out_dir / "compare.png", title="nmsparse compare")
+    if can_plot():
+        plot_curves(curves, out_dir / "compare.png", title="nmsparse compare")
+    else:
+        (out_dir / "compare.png").unlink(missing_ok=True)  # an earlier run's plot would not show these rows
+        log(PLOTS_SKIPPED)
 
 
 def load_config_dicts(paths: list[str], overrides: list[str]) -> list[dict]:

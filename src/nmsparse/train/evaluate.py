@@ -10,7 +10,7 @@ from ..nn.sparsify import format_report, sparsity_report, weight_masks
 from . import distributed
 from .config import config_from_dict
 from .loop import loaders_for, read_run
-from .plots import plot_curves, plot_masks
+from .plots import PLOTS_SKIPPED, can_plot, plot_curves, plot_masks
 
 
 def load_trained(checkpoint: str | Path, device: str = "auto"):
@@ -30,7 +30,8 @@ def evaluate_checkpoint(checkpoint: str | Path, device: str = "auto") -> dict:
 
 
 def report_run(run_dir: str | Path) -> str:
-    """Markdown: per-epoch metrics and the sparsity report; writes curves.png and masks.png in run_dir."""
+    """Markdown: per-epoch metrics and the sparsity report; writes curves.png and masks.png in run_dir (with
+    matplotlib; without it the text says how to get them)."""
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     if not run["metrics"]:
@@ -39,8 +40,10 @@ def report_run(run_dir: str | Path) -> str:
             if any(k in r for r in run["metrics"])]
     rows = [[_fmt(r.get(k, "")) for k in keys] for r in run["metrics"]]
     parts = [f"# Run {run_dir}", "", markdown_table(keys, rows)]
-    plot_curves({run_dir.name: [run["metrics"]]}, run_dir / "curves.png")
-    parts += ["", f"Curves: {run_dir / 'curves.png'}"]
+    plots = can_plot()
+    if plots:
+        plot_curves({run_dir.name: [run["metrics"]]}, run_dir / "curves.png")
+        parts += ["", f"Curves: {run_dir / 'curves.png'}"]
     ckpt = run_dir / "checkpoint.pt"
     if ckpt.exists():
         _, model, *_ = load_trained(ckpt, "cpu")
@@ -48,9 +51,11 @@ def report_run(run_dir: str | Path) -> str:
         if report:
             parts += ["", "## Sparsity", "", format_report(report)]
             masks = weight_masks(model)
-            if masks:
+            if masks and plots:
                 plot_masks({k: v.cpu() for k, v in masks.items()}, run_dir / "masks.png")
                 parts += ["", f"Mask patterns: {run_dir / 'masks.png'}"]
+    if not plots:
+        parts += ["", PLOTS_SKIPPED]
     return "\n".join(parts)
 
 

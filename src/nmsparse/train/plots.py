@@ -7,6 +7,18 @@ from pathlib import Path
 import torch
 
 MARKERS_UP_TO = 30  # curves with at most this many epochs get a marker per point
+# matplotlib is the optional [plot] extra: without it runs, tables and reports are written and this line is printed.
+PLOTS_SKIPPED = "Plots skipped: matplotlib is not installed (pip install 'nmsparse[plot]' to get them)."
+
+
+def can_plot() -> bool:
+    """Whether matplotlib can be imported (the [plot] extra is installed)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
 
 def _pyplot():
     import matplotlib
