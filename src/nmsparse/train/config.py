@@ -236,8 +236,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raise ValueError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
+    overrides = list(overrides)
+    merged = apply_overrides(d, overrides)  # its errors name the --set option already
     try:
-        return config_from_dict(name_sparsity_overrides(apply_overrides(d, list(overrides)), list(overrides)))
+        return config_from_dict(name_sparsity_overrides(merged, overrides))
     except (ValueError, TypeError) as e:
-        where = f" in {path}" if path is not None else ""
-        raise ValueError(f"{e}{where}") from None
+        raise ValueError(f"{e}{_blame(d, overrides, str(e), path)}") from None
+
+
+def _error(d: dict, overrides: list[str]) -> str | None:
+    """The message config_from_dict gives for d with these overrides, None when it is valid."""
+    try:
+        config_from_dict(apply_overrides(d, overrides))
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def _blame(d: dict, overrides: list[str], message: str, path) -> str:
+    """' (from --set k=v, ...)' naming the --set options the error comes from, else ' in <file>'.
+
+    An option is to blame when leaving it out changes the error; when none is alone (a key set twice) but the
+    file without any option does not give this error, all of them are.
+    """
+    culprits = [o for i, o in enumerate(overrides) if _error(d, overrides[:i] + overrides[i + 1:]) != message]
+    if not culprits and overrides and _error(d, []) != message:
+        culprits = overrides
+    if culprits:
+        return " (from " + ", ".join(f"--set {o}" for o in culprits) + ")"
+    return f" in {path}" if path is not None else ""
