@@ -123,7 +123,10 @@ def _report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .common import __version__
+
     p = argparse.ArgumentParser(prog="nmsparse", description=__doc__)
+    p.add_argument("--version", action="version", version=f"nmsparse {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="compute every pattern for a real trained weight and print a summary")
