@@ -158,6 +158,42 @@ def test_eval_report_and_compare_commands(tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare.png").exists()
 
 
+def fake_run(run: Path, **sets) -> Path:
+    """A run directory as nmsparse train leaves it, without training: an untrained model's checkpoint, one row."""
+    from nmsparse.models import build_from_record
+    from nmsparse.train.checkpoint import save_checkpoint
+    from nmsparse.train.loop import record_for
+
+    cfg = load_config(DIGITS, [f"{k}={v}" for k, v in sets.items()])
+    record = record_for(cfg, (1, 8, 8))
+    save_checkpoint(run / "checkpoint.pt", {"model": build_from_record(record).state_dict(), "config": cfg.to_dict(),
+                                            "model_record": record, "epoch": 1, "step": 23, "history": []})
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 23, "train_loss": 2.0, "test_acc": 10.0}) + "\n")
+    return run
+
+
+@pytest.mark.slow
+def test_report_takes_a_checkpoint_for_its_run_directory(tmp_path, capsys):
+    run = fake_run(tmp_path / "run")
+    assert cli(["report", str(run / "checkpoint.pt")]) == 0  # the checkpoint's run directory
+    out = capsys.readouterr().out
+    assert f"# Run {run}" in out and "| epoch |" in out
+
+
+def test_report_of_a_file_says_what_it_takes(tmp_path, capsys):
+    run = fake_run(tmp_path / "run")
+    assert cli(["report", str(run / "metrics.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl is a file, not a run directory" in err and "does not exist" not in err
+    other = tmp_path / "pruned.pt"
+    other.write_bytes((run / "checkpoint.pt").read_bytes())
+    assert cli(["report", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} has no metrics.jsonl" in err and "nmsparse eval" in err
+    assert cli(["report", str(tmp_path / "absent")]) == 2
+    assert "run directory" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_training(tmp_path):
     cfg_path = quick(tmp_path, epochs=2)

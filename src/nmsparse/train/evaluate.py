@@ -31,8 +31,15 @@ def evaluate_checkpoint(checkpoint: str | Path, device: str = "auto") -> dict:
 
 def report_run(run_dir: str | Path) -> str:
     """Markdown: per-epoch metrics and the sparsity report; writes curves.png and masks.png in run_dir (with
-    matplotlib; without it the text says how to get them)."""
+    matplotlib; without it the text says how to get them). A checkpoint file stands for its run directory."""
     run_dir = Path(run_dir)
+    ckpt = run_dir / "checkpoint.pt"
+    if run_dir.suffix == ".pt" and run_dir.is_file():
+        ckpt, run_dir = run_dir, run_dir.parent
+        if not (run_dir / "metrics.jsonl").exists():
+            raise ValueError(f"{ckpt} is a checkpoint, but {run_dir} has no metrics.jsonl: nmsparse report takes a "
+                             f"run directory written by nmsparse train (or its checkpoint.pt); for this checkpoint's "
+                             f"test accuracy use nmsparse eval {ckpt}")
     run = read_run(run_dir)
     if not run["metrics"]:
         raise ValueError(f"{run_dir} has no metrics.jsonl: not an nmsparse run directory, or no epoch finished")
@@ -44,7 +51,6 @@ def report_run(run_dir: str | Path) -> str:
     if plots:
         plot_curves({run_dir.name: [run["metrics"]]}, run_dir / "curves.png")
         parts += ["", f"Curves: {run_dir / 'curves.png'}"]
-    ckpt = run_dir / "checkpoint.pt"
     if ckpt.exists():
         _, model, *_ = load_trained(ckpt, "cpu")
         report = sparsity_report(model)

@@ -185,6 +185,9 @@ def pattern_label(cfg: TrainConfig) -> str:
 def read_run(run_dir: str | Path) -> dict:
     """Metrics rows and summary of a finished or interrupted run directory."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise NotADirectoryError(f"{run_dir} is a file, not a run directory (the directory nmsparse train wrote, "
+                                 f"with metrics.jsonl and checkpoint.pt)")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     summary_path = run_dir / "summary.json"
