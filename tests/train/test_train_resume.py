@@ -11,7 +11,7 @@ import yaml
 
 from nmsparse.cli import main as cli
 from nmsparse.train import loop
-from nmsparse.train.checkpoint import load_checkpoint, save_checkpoint
+from nmsparse.train.checkpoint import check_config, config_differences, load_checkpoint, save_checkpoint
 from nmsparse.train.config import load_config
 from nmsparse.train.loop import train
 
@@ -150,3 +150,23 @@ def test_checkpoint_mode_follows_the_umask(tmp_path, umask):
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "run" / "checkpoint.pt").stat().st_mode)
     assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "run" / "config.yaml").stat().st_mode)
+
+
+def test_config_differences_name_only_what_differs():
+    dense = cfg().to_dict()
+    nm = cfg("sparsity.weight.kind=nm").to_dict()
+    block = cfg("sparsity.weight.kind=block").to_dict()
+    grad = cfg("sparsity.grad.method=rescale").to_dict()
+    assert config_differences(nm, cfg("sparsity.weight.kind=nm", "optim.lr=0.2").to_dict()) == ["optim.lr: 0.1 -> 0.2"]
+    # Another kind of weight sparsity: its other keys mean other things, so the kind alone is the difference.
+    assert config_differences(nm, block) == ["sparsity.weight.kind: 'nm' -> 'block'"]
+    # Dense to sparse, and weight to gradient sparsity: one line per section, not one per key inside it.
+    diffs = config_differences(dense, grad)
+    assert len(diffs) == 1 and diffs[0].startswith("sparsity: None -> {") and "grad: {n: 2, m: 4, method: rescale" in diffs[0]
+    diffs = config_differences(nm, grad)
+    assert [d.split(":")[0] for d in diffs] == ["sparsity.grad", "sparsity.weight"]
+    assert diffs[0].startswith("sparsity.grad: None -> {n: 2") and diffs[1].endswith("-> None")
+    assert config_differences(grad, cfg("sparsity.grad.method=random").to_dict()) == \
+        ["sparsity.grad.method: 'rescale' -> 'random'"]
+    with pytest.raises(ValueError, match=r"different config \(sparsity.weight.kind: 'nm' -> 'block'\); use the same"):
+        check_config("run/checkpoint.pt", {"config": nm}, block)

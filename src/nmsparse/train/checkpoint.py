@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from ..models.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401  (the run's checkpoint I/O)
 from .schedule import LENGTH_INDEPENDENT_SCHEDULES
 
@@ -13,25 +15,31 @@ RESUMABLE_DIFFERENCES = {"epochs", "progress", "device", "eval_every", "name", "
                          "sparsity.weight.kernel"}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+def _show(value) -> str:
+    """A value for a message: repr for scalars and lists, one-line YAML for a whole section."""
+    if isinstance(value, dict):
+        return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    return repr(value)
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ (ignoring those that may change on resume), as 'key: saved -> current'."""
-    a, b = _flatten(saved), _flatten(current)
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ (ignoring those that may change on resume), as 'key: saved -> current'.
+
+    Sections present on both sides are compared key by key; a section on one side only (dense vs sparse, weight
+    vs gradient sparsity) is one difference, and so is a section's `kind` (its other keys mean other things).
+    """
     diffs = []
-    for key in sorted(set(a) | set(b)):
-        if key in RESUMABLE_DIFFERENCES or a.get(key) == b.get(key):
+    for key in sorted(set(saved) | set(current)):
+        full, a, b = prefix + key, saved.get(key), current.get(key)
+        if full in RESUMABLE_DIFFERENCES or a == b:
             continue
-        diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+        if isinstance(a, dict) and isinstance(b, dict):
+            if a.get("kind") != b.get("kind"):
+                diffs.append(f"{full}.kind: {a.get('kind')!r} -> {b.get('kind')!r}")
+            else:
+                diffs += config_differences(a, b, full + ".")
+        else:
+            diffs.append(f"{full}: {_show(a)} -> {_show(b)}")
     return diffs
 
 
