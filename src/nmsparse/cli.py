@@ -64,7 +64,7 @@ def _train(args) -> int:
         from .train.config import apply_overrides, name_sparsity_overrides
 
         out = Path(args.out or "runs/default")
-        configs = [name_sparsity_overrides(apply_overrides(d, args.set), args.set) for d in default_configs()]
+        configs = [name_sparsity_overrides(apply_overrides(d, args.set), args.set, d) for d in default_configs()]
         if _is_main_process():
             print(f"No --config: the embedded default, {len(configs)} runs on scikit-learn's digits -> {out}/")
         rows = run_compare(configs, 1, out, resume=not args.restart)

@@ -8,14 +8,19 @@ import statistics
 from pathlib import Path
 
 from .checkpoint import check_resume, load_checkpoint
-from .config import apply_overrides, config_from_dict, load_config
+from .config import apply_overrides, config_from_dict, load_config, restate_sparsity
 from .distributed import is_main_process
 from .loop import CHECKPOINT, pattern_label, read_run, train
 from .plots import PLOTS_SKIPPED, can_plot, plot_curves
 
 
 def expand_sweeps(base: dict, sweeps: list[str]) -> list[dict]:
-    """`key=v1,v2,...` per sweep (a key ending in `.nm` takes 'n:m' values); the cross product of all."""
+    """`key=v1,v2,...` per sweep (a key ending in `.nm` takes 'n:m' values); the cross product of all.
+
+    A run's name says the swept value: the N:M, method or block sparsity its name states is replaced
+    ('fmnist SDGP rescale 2:4' swept over grad.nm=1:4 is 'fmnist SDGP rescale 1:4'); otherwise `key=value` is
+    appended (its last part, or for sparsity keys its section: 'digits dense grad.nm=1:4').
+    """
     variants = [base]
     for sweep in sweeps:
         if "=" not in sweep:
@@ -31,7 +36,14 @@ def expand_sweeps(base: dict, sweeps: list[str]) -> list[dict]:
                 else:
                     sets = [f"{key}={value}"]
                 d = apply_overrides(copy.deepcopy(v), sets)
-                d["name"] = f"{v.get('name', 'run')} {key.split('.')[-1]}={value}"
+                name = str(v.get("name", "run"))
+                if key == "sparsity" or key.startswith("sparsity."):
+                    name, complete = restate_sparsity(name, v, d)
+                    if not complete:
+                        name = f"{name} {key.removeprefix('sparsity.')}={value}"
+                else:
+                    name = f"{name} {key.split('.')[-1]}={value}"
+                d["name"] = name
                 out.append(d)
         variants = out
     return variants
@@ -99,12 +111,14 @@ def plan_runs(configs: list[dict], seeds: int, out_dir: str | Path, resume: bool
 
 
 def nm_columns(cfg) -> tuple[str, str]:
-    """('weight N:M', 'SDGP grad N:M') cells: '2:4', '4:8-T', 'block' for block weights, '-' for none."""
+    """('weight N:M', 'SDGP grad N:M') cells: '2:4', '4:8-T', the pattern of block weights ('block 8x8 50%'),
+    '-' for none."""
     s = cfg.sparsity
     w = g = "-"
     if s is not None and s.weight is not None:
         w = s.weight
-        w = "block" if hasattr(w, "block") else f"{w.n}:{w.m}{'-T' if w.transposable else ''}"
+        w = f"block {w.block[0]}x{w.block[1]} {w.sparsity:.0%}" if hasattr(w, "block") else \
+            f"{w.n}:{w.m}{'-T' if w.transposable else ''}"
     if s is not None and s.grad is not None:
         g = f"{s.grad.n}:{s.grad.m}"
     return w, g

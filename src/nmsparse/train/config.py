@@ -211,16 +211,90 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return d
 
 
-def name_sparsity_overrides(d: dict, overrides: list[str]) -> dict:
-    """Append the --set sparsity... overrides to the run name (unless --set name= was given), so a run made
-    sparse from a dense config is not listed under the dense name, e.g. 'digits dense [sparsity.grad.n=1]'."""
+# How run names spell methods (configs/: 'fmnist SDGP max 2:4', 'imagenet resnet50 SR-STE 2:4').
+METHOD_NAMES = {"magnitude": "max", "random": "rnd", "srste": "SR-STE", "ste": "STE"}
+# The sparsity keys a run name can state (as N:M with -T, method, block shape, block sparsity).
+_STATED_KEYS = {"n", "m", "transposable", "method", "block", "sparsity"}
+
+
+def _sparsity_sections(d: dict) -> dict | None:
+    """{'weight': ..., 'grad': ...} of a config dict's sparsity, with defaults filled in; None when invalid."""
+    s = d.get("sparsity")
+    if not s:
+        return {"weight": None, "grad": None}
+    try:
+        s = SparsityConfig.from_dict(s).to_dict()
+    except (ValueError, TypeError):
+        return None
+    return {"weight": s.get("weight"), "grad": s.get("grad")}
+
+
+def _statements(section: dict | None) -> dict[str, str]:
+    """What a run name may say about a sparsity section, as the words it would use."""
+    if not section:
+        return {}
+    out = {}
+    if "n" in section and "m" in section:
+        out["nm"] = f"{section['n']}:{section['m']}{'-T' if section.get('transposable') else ''}"
+    if "method" in section:
+        out["method"] = section["method"]
+    if "block" in section:
+        out["block"] = "x".join(str(b) for b in section["block"])
+    if "sparsity" in section:
+        out["sparsity"] = f"{section['sparsity']:.0%}"
+    return out
+
+
+def restate_sparsity(name: str, before: dict, after: dict) -> tuple[str, bool]:
+    """`name` with the sparsity it states (N:M, method, block shape or sparsity) changed from `before`'s to `after`'s.
+
+    Returns (name, True) when the name now states every change (or there is none), and (name with what could be
+    changed, False) when a change cannot be said there: a section added or removed, another kind, a setting names
+    do not state, or a word that is not in the name exactly once (or that the other section shares).
+    """
+    a, b = _sparsity_sections(before), _sparsity_sections(after)
+    if a is None or b is None:
+        return name, False
+    tokens, complete = name.split(" "), True
+    for sec, other in (("weight", "grad"), ("grad", "weight")):
+        sa, sb = a[sec], b[sec]
+        if sa == sb:
+            continue
+        if sa is None or sb is None or sa.get("kind") != sb.get("kind"):
+            complete = False
+            continue
+        if {k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k)} - _STATED_KEYS:
+            complete = False
+        old, new, shared = _statements(sa), _statements(sb), _statements(a[other])
+        for what, word in old.items():
+            if new.get(what) == word:
+                continue
+            words = {word, METHOD_NAMES.get(word, word)} if what == "method" else {word}
+            hits = [i for i, t in enumerate(tokens) if t in words]
+            if len(hits) != 1 or shared.get(what) in words:
+                complete = False
+                continue
+            tokens[hits[0]] = METHOD_NAMES.get(new[what], new[what]) if what == "method" else new[what]
+    return " ".join(tokens), complete
+
+
+def name_sparsity_overrides(d: dict, overrides: list[str], before: dict | None = None) -> dict:
+    """Make the run name say what the --set sparsity... overrides changed (unless --set name= was given).
+
+    The N:M, method or block sparsity the name states is rewritten (`before`: the config before the overrides),
+    e.g. 'fmnist SDGP rescale 2:4' with --set sparsity.grad.n=1 becomes 'fmnist SDGP rescale 1:4'; what the name
+    cannot state is appended, so a run made sparse from a dense config is not listed under the dense name, e.g.
+    'digits dense [sparsity.grad.n=1]'.
+    """
     keys = [item.split("=", 1)[0].strip() for item in overrides]
     if "name" in keys:
         return d
     notes = [item.strip() for item, key in zip(overrides, keys) if key == "sparsity" or key.startswith("sparsity.")]
     if not notes:
         return d
-    return {**d, "name": f"{d.get('name', 'run')} [{', '.join(notes)}]"}
+    name, complete = restate_sparsity(str(d.get("name", "run")), before, d) if before is not None else \
+        (str(d.get("name", "run")), False)
+    return {**d, "name": name if complete else f"{name} [{', '.join(notes)}]"}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -239,7 +313,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     overrides = list(overrides)
     merged = apply_overrides(d, overrides)  # its errors name the --set option already
     try:
-        return config_from_dict(name_sparsity_overrides(merged, overrides))
+        return config_from_dict(name_sparsity_overrides(merged, overrides, d))
     except (ValueError, TypeError) as e:
         raise ValueError(f"{e}{_blame(d, overrides, str(e), path)}") from None
 
