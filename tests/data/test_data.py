@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from nmsparse.data import (STATS, ImageFolder, TensorLoader, cutout_images, default_data_root, flip_images,
-                           imagefolder_loader, load_dataset, make_loader, normalize, shard_indices, translate_images)
+                           imagefolder_loader, load_dataset, make_loader, normalize, set_epoch, shard_indices,
+                           translate_images)
 
 IDX_NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
@@ -337,7 +338,24 @@ def test_imagefolder_through_worker_processes(image_root):
     # Two ranks each get a disjoint half (padded by wrapping to 5 + 5).
     shards = [list(imagefolder_loader(ds, 5, workers=0, shuffle=False, drop_last=False, rank=r, world_size=2).sampler)
               for r in range(2)]
-    assert shards == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 0]]
+    assert [[i for _, _, i in s] for s in shards] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 0]]
+
+
+def test_imagefolder_epoch_depends_only_on_seed_and_epoch(image_root):
+    # Order and augmentation: the same with or without worker processes, and a resumed epoch is the tail of a
+    # whole one (the crop and flip of an item do not depend on what was loaded before it).
+    ds = ImageFolder(image_root, "train", image_size=8)
+
+    def batches(epoch, workers=0, skip=0):
+        loader = imagefolder_loader(ds, batch_size=2, workers=workers, drop_last=False, seed=3)
+        set_epoch(loader, epoch, skip)
+        return [torch.cat([x.flatten(), y]) for x, y in loader]
+
+    whole, workers, tail = batches(1), batches(1, workers=2), batches(1, skip=2)
+    assert len(whole) == len(workers) == 5 and len(tail) == 3
+    assert all(torch.equal(a, b) for a, b in zip(whole, workers))
+    assert all(torch.equal(a, b) for a, b in zip(whole[2:], tail))
+    assert not all(torch.equal(a, b) for a, b in zip(whole, batches(2)))
 
 
 # ---- augmentation ---------------------------------------------------------------------------------------------
