@@ -205,6 +205,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:  # bad input: one line, no traceback
         print(f"nmsparse {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (training says where its last checkpoint is), exit 130
+        if _is_main_process():
+            print(f"\nnmsparse {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ BAD = {
     "epochs=-1": r"config.epochs must be a number > 0 .*got -1.0",
     "epochs=.inf": r"config.epochs must be a number > 0",
     "seed=-1": r"config.seed must be at least 0",
+    "checkpoint_every_steps=-1": r"config.checkpoint_every_steps must be at least 0 \(0: only at epoch ends\)",
+    "checkpoint_every_minutes=-5": r"config.checkpoint_every_minutes must be a finite number >= 0 \(0 is off\)",
     "optim.name=adam": r"config.optim.name must be one of sgd, adamw, got 'adam'; did you mean 'adamw'\?",
     "optim.lr=0": r"config.optim.lr must be a finite number > 0, got 0.0",
     "optim.lr=.nan": r"config.optim.lr must be a finite number > 0, got nan",

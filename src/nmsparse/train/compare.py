@@ -7,7 +7,7 @@ import csv
 import statistics
 from pathlib import Path
 
-from .checkpoint import check_resume, load_checkpoint
+from .checkpoint import check_resume, load_resumable, previous_path
 from .config import apply_overrides, config_from_dict, load_config, restate_sparsity
 from .distributed import is_main_process
 from .loop import CHECKPOINT, pattern_label, read_run, train
@@ -105,8 +105,9 @@ def plan_runs(configs: list[dict], seeds: int, out_dir: str | Path, resume: bool
         for runs in plan:
             for cfg, run_dir in runs:
                 ckpt = run_dir / CHECKPOINT
-                if ckpt.exists():
-                    check_resume(ckpt, load_checkpoint(ckpt), cfg.to_dict())
+                if ckpt.exists() or previous_path(ckpt).exists():
+                    state, used, _ = load_resumable(ckpt)
+                    check_resume(used, state, cfg.to_dict())
     return plan
 
 

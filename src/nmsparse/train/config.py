@@ -60,7 +60,11 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"
     eval_every: int = 1  # epochs
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal, a line about every 30 s otherwise
+    # Checkpoints are written at every epoch end and also inside epochs, every k steps and/or every so many
+    # minutes (0: off); a run resumes exactly from any of them.
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 10.0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -164,6 +168,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                          f"got {cfg.epochs!r}")
     _at_least("config.seed", cfg.seed, 0)
     _at_least("config.eval_every", cfg.eval_every, 1, " (evaluate every k epochs; the last epoch always is)")
+    _at_least("config.checkpoint_every_steps", cfg.checkpoint_every_steps, 0, " (0: only at epoch ends)")
+    if not (math.isfinite(cfg.checkpoint_every_minutes) and cfg.checkpoint_every_minutes >= 0):
+        raise ValueError(f"config.checkpoint_every_minutes must be a finite number >= 0 (0 is off), "
+                         f"got {cfg.checkpoint_every_minutes!r}")
     d = cfg.data
     _at_least("config.data.batch_size", d.batch_size, 1)
     _at_least("config.data.test_batch_size", d.test_batch_size, 1)
