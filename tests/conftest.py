@@ -34,3 +34,15 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("NMSPARSE_CACHE_DIR", None)
     else:
         os.environ["NMSPARSE_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """Imports of matplotlib fail, as on a base install without the [plot] extra."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError):
+        import matplotlib  # noqa: F401

@@ -33,3 +33,11 @@ def test_unknown_command_exits_with_usage(capsys):
         main(["frobnicate"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from nmsparse.common import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"nmsparse {__version__}"

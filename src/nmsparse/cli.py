@@ -64,13 +64,15 @@ def _train(args) -> int:
         from .train.config import apply_overrides, name_sparsity_overrides
 
         out = Path(args.out or "runs/default")
-        configs = [name_sparsity_overrides(apply_overrides(d, args.set), args.set) for d in default_configs()]
+        configs = [name_sparsity_overrides(apply_overrides(d, args.set), args.set, d) for d in default_configs()]
         if _is_main_process():
             print(f"No --config: the embedded default, {len(configs)} runs on scikit-learn's digits -> {out}/")
         rows = run_compare(configs, 1, out, resume=not args.restart)
         if _is_main_process():
             print("\n" + format_table(rows))
-            print(f"\nTable, CSV and accuracy plot: {out}/compare.md, compare.csv, compare.png")
+            plot = (out / "compare.png").exists()
+            print(f"\nTable, CSV{' and accuracy plot' if plot else ''}: {out}/compare.md, compare.csv"
+                  + (", compare.png" if plot else ""))
         return 0
     cfg = load_config(args.config, args.set)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
@@ -90,7 +92,8 @@ def _compare(args) -> int:
     rows = run_compare(configs, args.seeds, args.out, resume=not args.restart)
     if _is_main_process():
         print("\n" + format_table(rows))
-        print(f"\nSaved {args.out}/compare.md, compare.csv, compare.png")
+        plot = ", compare.png" if (Path(args.out) / "compare.png").exists() else ""
+        print(f"\nSaved {args.out}/compare.md, compare.csv{plot}")
     return 0
 
 
@@ -120,7 +123,10 @@ def _report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .common import __version__
+
     p = argparse.ArgumentParser(prog="nmsparse", description=__doc__)
+    p.add_argument("--version", action="version", version=f"nmsparse {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="compute every pattern for a real trained weight and print a summary")
@@ -199,6 +205,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:  # bad input: one line, no traceback
         print(f"nmsparse {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (training says where its last checkpoint is), exit 130
+        if _is_main_process():
+            print(f"\nnmsparse {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

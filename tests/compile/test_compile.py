@@ -493,6 +493,14 @@ def compile_main(argv):
     return main(["compile", *argv])
 
 
+def test_compile_without_matplotlib_says_how_to_get_charts(tmp_path, capsys, no_matplotlib):
+    assert compile_main(["small_cnn", "--prune", "0.5", "--target", "gpu", "--out", str(tmp_path / "g")]) == 0
+    hints = [line for line in capsys.readouterr().out.splitlines() if "matplotlib" in line]
+    assert len(hints) == 1 and "pip install 'nmsparse[plot]'" in hints[0]
+    assert "pip install 'nmsparse[plot]'" in (tmp_path / "g" / "report.md").read_text()
+    assert not list((tmp_path / "g").glob("*.png"))
+
+
 def test_cli_entry(tmp_path, capsys):
     assert compile_main(["small_cnn", "--prune", "0.5", "--target", "gpu", "--out", str(tmp_path / "g"),
                          "--no-charts"]) == 0

@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import pickle
 import struct
 from pathlib import Path
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from nmsparse.data import (STATS, ImageFolder, TensorLoader, cutout_images, default_data_root, flip_images,
-                           imagefolder_loader, load_dataset, make_loader, normalize, shard_indices, translate_images)
+                           imagefolder_loader, load_dataset, make_loader, normalize, set_epoch, shard_indices,
+                           translate_images)
 
 IDX_NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
@@ -98,7 +100,7 @@ def test_real_mnist_files(name):
 def test_default_data_root(tmp_path, monkeypatch):
     monkeypatch.setenv("NMSPARSE_DATA", str(tmp_path))
     assert default_data_root() == tmp_path.resolve()
-    monkeypatch.setenv("NMSPARSE_DATA", str(tmp_path / "absent"))
+    monkeypatch.delenv("NMSPARSE_DATA")
     monkeypatch.chdir(tmp_path)  # no ../shared/data from here: falls back to the one beside the checkout
     beside = Path(__file__).resolve().parents[2].parent / "shared" / "data"
     if beside.is_dir():
@@ -106,6 +108,30 @@ def test_default_data_root(tmp_path, monkeypatch):
     else:
         with pytest.raises(FileNotFoundError, match="NMSPARSE_DATA"):
             default_data_root()
+
+
+def test_a_set_nmsparse_data_that_is_not_a_directory_is_an_error(tmp_path, monkeypatch, capsys):
+    # Set but wrong: an error naming the variable and its value, never a silent fall back to ../shared/data.
+    absent = tmp_path / "absent"
+    monkeypatch.setenv("NMSPARSE_DATA", str(absent))
+    with pytest.raises(FileNotFoundError, match=rf"NMSPARSE_DATA={re.escape(str(absent))} does not exist.*unset"):
+        default_data_root()
+    with pytest.raises(FileNotFoundError, match=rf"NMSPARSE_DATA={re.escape(str(absent))} does not exist"):
+        load_dataset("mnist")
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    monkeypatch.setenv("NMSPARSE_DATA", str(a_file))
+    with pytest.raises(NotADirectoryError, match=rf"NMSPARSE_DATA={re.escape(str(a_file))} is a file, not a directory"):
+        default_data_root()
+    from nmsparse.cli import main as cli
+    assert cli(["train", "--set", "data.name=mnist", "--set", "epochs=1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and f"NMSPARSE_DATA={a_file} is a file" in err
+    monkeypatch.setenv("NMSPARSE_DATA", "")  # set but empty counts as unset
+    try:
+        default_data_root()
+    except FileNotFoundError as e:
+        assert "NMSPARSE_DATA=" not in str(e)
 
 
 # ---- IDX files written here --------------------------------------------------------------------------------
@@ -312,7 +338,24 @@ def test_imagefolder_through_worker_processes(image_root):
     # Two ranks each get a disjoint half (padded by wrapping to 5 + 5).
     shards = [list(imagefolder_loader(ds, 5, workers=0, shuffle=False, drop_last=False, rank=r, world_size=2).sampler)
               for r in range(2)]
-    assert shards == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 0]]
+    assert [[i for _, _, i in s] for s in shards] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 0]]
+
+
+def test_imagefolder_epoch_depends_only_on_seed_and_epoch(image_root):
+    # Order and augmentation: the same with or without worker processes, and a resumed epoch is the tail of a
+    # whole one (the crop and flip of an item do not depend on what was loaded before it).
+    ds = ImageFolder(image_root, "train", image_size=8)
+
+    def batches(epoch, workers=0, skip=0):
+        loader = imagefolder_loader(ds, batch_size=2, workers=workers, drop_last=False, seed=3)
+        set_epoch(loader, epoch, skip)
+        return [torch.cat([x.flatten(), y]) for x, y in loader]
+
+    whole, workers, tail = batches(1), batches(1, workers=2), batches(1, skip=2)
+    assert len(whole) == len(workers) == 5 and len(tail) == 3
+    assert all(torch.equal(a, b) for a, b in zip(whole, workers))
+    assert all(torch.equal(a, b) for a, b in zip(whole[2:], tail))
+    assert not all(torch.equal(a, b) for a, b in zip(whole, batches(2)))
 
 
 # ---- augmentation ---------------------------------------------------------------------------------------------

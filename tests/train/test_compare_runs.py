@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from nmsparse.cli import main as cli
-from nmsparse.train.compare import distinct_names, format_table, nm_columns, plan_runs
+from nmsparse.train.compare import distinct_names, expand_sweeps, format_table, nm_columns, plan_runs
 from nmsparse.train.config import config_from_dict, load_config
 from nmsparse.train.plots import plot_curves
 
@@ -88,7 +88,7 @@ def test_weight_and_grad_nm_columns():
     assert nm_columns(both) == ("4:8-T", "1:4")
     assert nm_columns(config_from_dict(base)) == ("-", "-")
     block = config_from_dict({**base, "sparsity": {"weight": {"kind": "block", "block": [8, 8], "sparsity": 0.5}}})
-    assert nm_columns(block) == ("block", "-")
+    assert nm_columns(block) == ("block 8x8 50%", "-")
     table = format_table([{"name": "x", "pattern": "SR-STE 4:8-T + SDGP rescale 1:4", "weight_nm": "4:8-T",
                            "grad_nm": "1:4", "mean": 99.0, "std": 0.1, "seeds": 2}])
     assert table.splitlines()[0] == "| run | pattern | weight N:M | SDGP grad N:M | top-1 (%) mean +- std | seeds |"
@@ -116,3 +116,51 @@ def test_short_curves_have_markers(tmp_path, monkeypatch, epochs, marker):
     rows = [{"epoch": e + 1, "train_loss": 1.0 / (e + 1), "test_acc": 50.0 + e / 2} for e in range(epochs)]
     plot_curves({"run": [rows]}, tmp_path / "c.png")
     assert seen == [marker, marker] and (tmp_path / "c.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_train_and_report_run_without_matplotlib(tmp_path, no_matplotlib, capsys):
+    # A base install (no [plot] extra): the main job and its report run, and one line says how to get the plots.
+    out = tmp_path / "default"
+    assert cli(["train", "--out", str(out), "--set", "epochs=1", "--set", "progress=false"]) == 0
+    text = capsys.readouterr().out
+    hints = [line for line in text.splitlines() if "matplotlib" in line]
+    assert len(hints) == 1 and "pip install 'nmsparse[plot]'" in hints[0], text
+    assert (out / "compare.md").exists() and not (out / "compare.png").exists()
+    assert "compare.png" not in text
+    assert cli(["report", str(out / "digits-dense" / "seed0")]) == 0
+    text = capsys.readouterr().out
+    hints = [line for line in text.splitlines() if "matplotlib" in line]
+    assert len(hints) == 1 and "pip install 'nmsparse[plot]'" in hints[0] and "| epoch |" in text
+    assert not (out / "digits-dense" / "seed0" / "curves.png").exists()
+
+
+def fmnist(stem: str, *sets) -> dict:
+    return load_config(ROOT / "configs" / "fmnist" / f"{stem}.yaml", list(sets)).to_dict()
+
+
+def sweep_names(d: dict, *sweeps) -> list[str]:
+    return [v["name"] for v in expand_sweeps(d, list(sweeps))]
+
+
+def test_sweep_names_state_the_swept_value_without_contradiction():
+    # The name's N:M (or method, block sparsity) is replaced by the swept one, not contradicted by a suffix.
+    rescale = fmnist("sdgp-rescale-2-4")
+    assert sweep_names(rescale, "sparsity.grad.nm=1:4,2:4") == ["fmnist SDGP rescale 1:4", "fmnist SDGP rescale 2:4"]
+    assert sweep_names(rescale, "sparsity.grad.method=random,magnitude") == \
+        ["fmnist SDGP rnd 2:4", "fmnist SDGP max 2:4"]  # methods as configs/ names spell them
+    assert sweep_names(fmnist("sdgp-max-2-4"), "sparsity.grad.method=random") == ["fmnist SDGP rnd 2:4"]
+    assert sweep_names(rescale, "sparsity.grad.nm=1:4", "sparsity.grad.method=magnitude") == ["fmnist SDGP max 1:4"]
+    assert sweep_names(fmnist("transposable-4-8t"), "sparsity.weight.nm=2:4") == ["fmnist transposable 2:4-T"]
+    assert sweep_names(fmnist("srste-2-4"), "sparsity.weight.method=ste") == ["fmnist STE 2:4"]
+    assert sweep_names(fmnist("block-8x8-50"), "sparsity.weight.sparsity=0.75") == ["fmnist block 8x8 75%"]
+    # What the name does not state, or states ambiguously, is added with its section.
+    assert sweep_names(fmnist("dense"), "sparsity.grad.nm=1:4") == ["fmnist dense grad.nm=1:4"]
+    assert sweep_names(rescale, "sparsity.grad.layers=conv+linear") == ["fmnist SDGP rescale 2:4 grad.layers=conv+linear"]
+    both = {**rescale, "name": "x SR-STE 2:4 + SDGP 2:4",
+            "sparsity": {"weight": {"kind": "nm", "n": 2, "m": 4}, "grad": {"n": 2, "m": 4}}}
+    assert sweep_names(both, "sparsity.grad.nm=1:4") == ["x SR-STE 2:4 + SDGP 2:4 grad.nm=1:4"]
+    assert sweep_names(rescale, "optim.lr=0.05") == ["fmnist SDGP rescale 2:4 lr=0.05"]  # other keys: as before
+    # --set does the same.
+    assert load_config(ROOT / "configs" / "fmnist" / "sdgp-rescale-2-4.yaml", ["sparsity.grad.n=1"]).name == \
+        "fmnist SDGP rescale 1:4"

@@ -28,6 +28,8 @@ BAD = {
     "epochs=-1": r"config.epochs must be a number > 0 .*got -1.0",
     "epochs=.inf": r"config.epochs must be a number > 0",
     "seed=-1": r"config.seed must be at least 0",
+    "checkpoint_every_steps=-1": r"config.checkpoint_every_steps must be at least 0 \(0: only at epoch ends\)",
+    "checkpoint_every_minutes=-5": r"config.checkpoint_every_minutes must be a finite number >= 0 \(0 is off\)",
     "optim.name=adam": r"config.optim.name must be one of sgd, adamw, got 'adam'; did you mean 'adamw'\?",
     "optim.lr=0": r"config.optim.lr must be a finite number > 0, got 0.0",
     "optim.lr=.nan": r"config.optim.lr must be a finite number > 0, got nan",
@@ -49,8 +51,25 @@ BAD = {
 
 @pytest.mark.parametrize("override", list(BAD))
 def test_bad_value_names_the_key(override):
-    with pytest.raises(ValueError, match=BAD[override] + r".*digits-dense.yaml"):
-        load_config(DIGITS, [override])
+    # A bad --set value is blamed on that --set option, not on the (valid) YAML file.
+    with pytest.raises(ValueError, match=BAD[override]) as e:
+        load_config(DIGITS, ["optim.nesterov=false", override])
+    assert f"--set {override}" in str(e.value) and "digits-dense.yaml" not in str(e.value)
+    assert "nesterov" not in str(e.value)  # the other, valid, --set is not blamed
+
+
+def test_a_bad_file_is_blamed_on_the_file_and_a_bad_set_on_the_set(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DIGITS.read_text() + "eval_every: 0\n")
+    with pytest.raises(ValueError, match=r"config.eval_every must be at least 1.* in .*bad.yaml") as e:
+        load_config(bad, ["optim.lr=0.05"])
+    assert "--set" not in str(e.value)
+    assert load_config(bad, ["eval_every=2"]).eval_every == 2  # a --set that fixes the file is fine
+    # Messages that do not spell the key (n larger than m) still name the --set options that cause them.
+    with pytest.raises(ValueError, match=r"n must be <= m.*\(from --set sparsity.grad.n=3, --set sparsity.grad.m=2\)$"):
+        load_config(DIGITS, ["optim.lr=0.05", "sparsity.grad.n=3", "sparsity.grad.m=2"])
+    with pytest.raises(ValueError, match=r"n must be <= m.*\(from --set sparsity.grad.n=5\)$"):
+        load_config(DIGITS, ["sparsity.grad.n=5", "sparsity.grad.m=4"])  # m=4 is the default: not to blame
 
 
 @pytest.mark.parametrize("override", ["data.name=fmnist", "amp=fp8", "data.batch_size=0", "eval_every=0",
@@ -60,6 +79,7 @@ def test_cli_prints_one_line_and_writes_nothing(tmp_path, capsys, override):
     assert cli(["train", "--config", str(DIGITS), "--out", str(out), "--set", override]) == 2
     err = capsys.readouterr().err
     assert err.startswith("nmsparse train: error: config.") and "Traceback" not in err and err.count("\n") == 1
+    assert f"(from --set {override})" in err and "digits-dense.yaml" not in err
     assert not out.exists()  # no summary.json with a null accuracy, no config.yaml
 
 

@@ -14,6 +14,7 @@ import yaml
 from torch import nn
 
 from nmsparse.cli import main as cli
+from nmsparse.train import loop
 from nmsparse.train.checkpoint import load_checkpoint
 from nmsparse.train.config import load_config
 from nmsparse.train.loop import train
@@ -158,19 +159,141 @@ def test_eval_report_and_compare_commands(tmp_path, capsys):
     assert (tmp_path / "cmp" / "compare.png").exists()
 
 
+def fake_run(run: Path, **sets) -> Path:
+    """A run directory as nmsparse train leaves it, without training: an untrained model's checkpoint, one row."""
+    from nmsparse.models import build_from_record
+    from nmsparse.train.checkpoint import save_checkpoint
+    from nmsparse.train.loop import record_for
+
+    cfg = load_config(DIGITS, [f"{k}={v}" for k, v in sets.items()])
+    record = record_for(cfg, (1, 8, 8))
+    save_checkpoint(run / "checkpoint.pt", {"model": build_from_record(record).state_dict(), "config": cfg.to_dict(),
+                                            "model_record": record, "epoch": 1, "step": 23, "history": []})
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 23, "train_loss": 2.0, "test_acc": 10.0}) + "\n")
+    return run
+
+
+@pytest.mark.slow
+def test_report_takes_a_checkpoint_for_its_run_directory(tmp_path, capsys):
+    run = fake_run(tmp_path / "run")
+    assert cli(["report", str(run / "checkpoint.pt")]) == 0  # the checkpoint's run directory
+    out = capsys.readouterr().out
+    assert f"# Run {run}" in out and "| epoch |" in out
+
+
+def test_report_of_a_file_says_what_it_takes(tmp_path, capsys):
+    run = fake_run(tmp_path / "run")
+    assert cli(["report", str(run / "metrics.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl is a file, not a run directory" in err and "does not exist" not in err
+    other = tmp_path / "pruned.pt"
+    other.write_bytes((run / "checkpoint.pt").read_bytes())
+    assert cli(["report", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path} has no metrics.jsonl" in err and "nmsparse eval" in err
+    assert cli(["report", str(tmp_path / "absent")]) == 2
+    assert "run directory" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_training(tmp_path):
     cfg_path = quick(tmp_path, epochs=2)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "nmsparse.cli", "train", "--config", str(cfg_path), "--out", str(tmp_path / "ddp"),
-                          "--set", "sparsity.grad.method=rescale"],
+                          "--set", "sparsity.grad.method=rescale", "--set", "checkpoint_every_steps=5"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2  # rank 0 alone writes
+    # Checkpoints inside epochs gather every rank's loss so far; the last one before the end is kept.
+    prev = load_checkpoint(tmp_path / "ddp" / "checkpoint.prev.pt")
+    assert prev["step"] == 20 and prev["epoch_partial"]["seen"].tolist() == [8 * 64, 8 * 64]
+    assert not (tmp_path / "ddp" / "run.lock").exists()
     # Each rank sees half an epoch per epoch: 1437 images / 2 ranks / 64 per batch = 12 steps.
     # Half the steps of one process at twice the batch: it learns, a little slower.
     assert rows[-1]["step"] == 24 and rows[-1]["test_acc"] > 60
     finals = [line for line in res.stdout.splitlines() if "final test top-1" in line]
     assert len(finals) == 1 and f"final test top-1 {rows[-1]['test_acc']:.2f}%" in finals[0]  # rank 0 alone prints
+
+
+def stop_at(monkeypatch, at_step: int) -> None:
+    """Ctrl-C just before step `at_step` (a KeyboardInterrupt raised inside the training loop)."""
+    real = loop.lr_factor
+
+    def lr_factor(name, step, *args):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return real(name, step, *args)
+
+    monkeypatch.setattr(loop, "lr_factor", lr_factor)
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    cfg_path = quick(tmp_path, epochs=1, checkpoint_every_steps=2)
+    run = tmp_path / "run"
+    stop_at(monkeypatch, 5)
+    assert cli(["train", "--config", str(cfg_path), "--out", str(run)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"nmsparse train: interrupted; the last checkpoint is {run / 'checkpoint.pt'} (epoch 1, batch 4 "
+                   f"of 23, step 4 of 23): the same command resumes it"]
+    stop_at(monkeypatch, 0)  # before any checkpoint
+    assert cli(["train", "--config", str(cfg_path), "--out", str(tmp_path / "new")]) == 130
+    assert "interrupted before the first checkpoint: nothing saved in" in capsys.readouterr().err
+    assert cli(["train", "--config", str(cfg_path), "--out", str(run), "--restart"]) == 130
+    assert "still holds the earlier run" in capsys.readouterr().err
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 4
+
+
+@pytest.mark.slow
+def test_sigint_in_a_real_process(tmp_path):
+    cfg_path = quick(tmp_path, epochs=50, checkpoint_every_steps=3)
+    run = tmp_path / "run"
+    proc = _run_cli(["train", "--config", str(cfg_path), "--out", str(run)], stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoint.pt").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"nmsparse train: interrupted; the last checkpoint is {run}") and "same command" in err
+    assert not (run / "run.lock").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused(tmp_path, capsys):
+    from nmsparse.train.runlock import RunLock
+
+    cfg_path = quick(tmp_path, epochs=0.1)
+    run = tmp_path / "run"
+    with RunLock(run):  # a run in progress (this process's PID: flock refuses a second holder all the same)
+        with pytest.raises(OSError, match=rf"another nmsparse run \(PID {os.getpid()}\) is training into {run}: "
+                                          r"wait for it to finish or stop it, or use another --out"):
+            train(load_config(cfg_path), run, log=lambda *_: None)
+        assert cli(["train", "--config", str(cfg_path), "--out", str(run)]) == 2
+        assert "another nmsparse run" in capsys.readouterr().err
+        assert not (run / "checkpoint.pt").exists()
+    # The lock file of a process that died (killed, machine crash) is taken over.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / "run.lock").write_text(f"{dead.pid} host\n")
+    train(load_config(cfg_path), run, log=lambda *_: None)
+    assert (run / "checkpoint.pt").exists() and not (run / "run.lock").exists()
+
+
+def test_progress_lines_when_output_is_not_a_terminal(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 0.0)  # every step, instead of every 30 s
+    monkeypatch.setattr(loop, "_on_terminal", lambda: False)
+    lines = []
+    train(load_config(quick(tmp_path, epochs=0.2, progress=True)), None, log=lines.append)
+    progress = [x for x in lines if "images/s" in x]
+    assert [x.split(", ")[1] for x in progress] == [f"step {s}/5" for s in range(1, 6)]
+    assert all(x.startswith("digits dense: epoch 1/1, step") and ", loss " in x for x in progress)
+    lines.clear()
+    train(load_config(quick(tmp_path, epochs=0.2, progress=False)), None, log=lines.append)
+    assert not [x for x in lines if "images/s" in x]  # progress: false is quiet
+    monkeypatch.setattr(loop, "_on_terminal", lambda: True)  # a terminal gets tqdm's bar instead
+    train(load_config(quick(tmp_path, epochs=0.2, progress=True)), None, log=lines.append)
+    assert not [x for x in lines if "images/s" in x]

@@ -7,11 +7,12 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from nmsparse.cli import main as cli
 from nmsparse.train import loop
-from nmsparse.train.checkpoint import load_checkpoint, save_checkpoint
+from nmsparse.train.checkpoint import check_config, config_differences, load_checkpoint, save_checkpoint
 from nmsparse.train.config import load_config
 from nmsparse.train.loop import train
 
@@ -150,3 +151,86 @@ def test_checkpoint_mode_follows_the_umask(tmp_path, umask):
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "run" / "checkpoint.pt").stat().st_mode)
     assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "run" / "config.yaml").stat().st_mode)
+
+
+def test_config_differences_name_only_what_differs():
+    dense = cfg().to_dict()
+    nm = cfg("sparsity.weight.kind=nm").to_dict()
+    block = cfg("sparsity.weight.kind=block").to_dict()
+    grad = cfg("sparsity.grad.method=rescale").to_dict()
+    assert config_differences(nm, cfg("sparsity.weight.kind=nm", "optim.lr=0.2").to_dict()) == ["optim.lr: 0.1 -> 0.2"]
+    # Another kind of weight sparsity: its other keys mean other things, so the kind alone is the difference.
+    assert config_differences(nm, block) == ["sparsity.weight.kind: 'nm' -> 'block'"]
+    # Dense to sparse, and weight to gradient sparsity: one line per section, not one per key inside it.
+    diffs = config_differences(dense, grad)
+    assert len(diffs) == 1 and diffs[0].startswith("sparsity: None -> {") and "grad: {n: 2, m: 4, method: rescale" in diffs[0]
+    diffs = config_differences(nm, grad)
+    assert [d.split(":")[0] for d in diffs] == ["sparsity.grad", "sparsity.weight"]
+    assert diffs[0].startswith("sparsity.grad: None -> {n: 2") and diffs[1].endswith("-> None")
+    assert config_differences(grad, cfg("sparsity.grad.method=random").to_dict()) == \
+        ["sparsity.grad.method: 'rescale' -> 'random'"]
+    with pytest.raises(ValueError, match=r"different config \(sparsity.weight.kind: 'nm' -> 'block'\); use the same"):
+        check_config("run/checkpoint.pt", {"config": nm}, block)
+
+
+def interrupt_at(monkeypatch, at_step: int) -> None:
+    """Make train() see Ctrl-C just before it takes step `at_step` (as a KeyboardInterrupt from the loop)."""
+    real = loop.lr_factor
+
+    def lr_factor(name, step, *args):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return real(name, step, *args)
+
+    monkeypatch.setattr(loop, "lr_factor", lr_factor)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    sa, sb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_mid_epoch_checkpoints_resume_bit_exact_and_a_truncated_one_falls_back(tmp_path, monkeypatch):
+    # SR-STE weights (mask steps), SDGP random (a choice per step), augmentation: all must continue exactly.
+    sets = ["epochs=2", "checkpoint_every_steps=5", "sparsity.weight.kind=nm", "sparsity.grad.method=random"]
+    train(cfg(*sets), tmp_path / "ref", log=lambda *_: None)
+    run = tmp_path / "run"
+    interrupt_at(monkeypatch, 32)  # 23 steps per epoch: inside epoch 2, after the checkpoint of step 30
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(cfg(*sets), run, log=lambda *_: None)
+    assert isinstance(e.value, loop.TrainingInterrupted)
+    assert str(e.value) == (f"interrupted; the last checkpoint is {run / 'checkpoint.pt'} (epoch 2, batch 7 of 23, "
+                            f"step 30 of 46): the same command resumes it")
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert (state["epoch"], state["step"], state["epoch_step"]) == (1, 30, 7) and len(metrics(run)) == 1
+    assert load_checkpoint(run / "checkpoint.prev.pt")["step"] == 25  # the one before is kept
+    assert not (run / "run.lock").exists()
+    monkeypatch.undo()
+    notes = []
+    train(cfg(*sets), run, log=notes.append)
+    assert any("resumed from" in n and "epoch 2, batch 7 of 23 (step 30)" in n for n in notes), notes
+    assert same_weights(run / "checkpoint.pt", tmp_path / "ref" / "checkpoint.pt")
+    assert metrics(run) == metrics(tmp_path / "ref")  # the resumed epoch's train loss too
+    # A truncated checkpoint.pt: the previous one (step 45, inside epoch 2) takes over, as its message says.
+    (run / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes()[:5000])
+    notes.clear()
+    train(cfg(*sets), run, log=notes.append)
+    assert any("checkpoint.pt cannot be loaded as a PyTorch checkpoint; resuming from the previous checkpoint "
+               in n and "checkpoint.prev.pt" in n for n in notes), notes
+    assert same_weights(run / "checkpoint.pt", tmp_path / "ref" / "checkpoint.pt")
+    assert metrics(run) == metrics(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_checkpoints_every_few_minutes(tmp_path, monkeypatch):
+    # A clock that moves a minute per reading: every step is past a 1-minute interval.
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: 60.0 * next(ticks))
+    saved = []
+    real = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda path, state: (saved.append(state["step"]), real(path, state)))
+    train(cfg("epochs=0.5", "checkpoint_every_minutes=1"), tmp_path / "run", log=lambda *_: None)
+    assert saved == list(range(1, 12)) + [12]  # 12 steps: 11 inside the epoch, then its end
+    train(cfg("epochs=0.5", "checkpoint_every_minutes=0"), tmp_path / "off", log=lambda *_: None)
+    assert saved[12:] == [12]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .compiler import compile_to_dir
-from .report import fmt_bytes, fmt_s
+from .report import CHARTS_SKIPPED, fmt_bytes, fmt_s
 
 __all__ = ["add_compile_arguments", "compile_command"]
 
@@ -91,6 +91,8 @@ def compile_command(args) -> int:
               f"({md / ms:.2f}x); estimated for them {fmt_s(ed)} -> {fmt_s(es)}")
     for key, path in paths.items():
         print(f"  {key}: {path}")
+    if not args.no_charts and not any(key.startswith("chart") for key in paths):
+        print(f"  {CHARTS_SKIPPED}")
     if compiled.arch and compiled.arch.get("kind") == "checkpoint":
         print(f"  run it: nmsparse eval {args.out}   (test accuracy of the compact model, block-sparse on the CPU)")
     return 0

@@ -142,6 +142,10 @@ def write_report(compiled, out_dir, charts: bool = True, name: str = "report.md"
     return paths
 
 
+# matplotlib is the optional [plot] extra: without it the report says (and nmsparse compile prints) how to get charts.
+CHARTS_SKIPPED = "Charts skipped: matplotlib is not installed (pip install 'nmsparse[plot]' to get them)."
+
+
 def _plt():
     import matplotlib
 
@@ -210,7 +214,7 @@ def write_charts(compiled, out_dir) -> dict:
         plt = _plt()
     except ImportError:
         remove_stale_charts(out_dir)  # the report will not link them: do not leave another run's charts
-        return {"charts_note": "Charts skipped: matplotlib is not installed (pip install nmsparse[plot])."}
+        return {"charts_note": CHARTS_SKIPPED}
     out = Path(out_dir)
     fig = layers_figure(compiled)
     p1 = out / CHART_FILES["chart_layers"]

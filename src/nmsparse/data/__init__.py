@@ -5,7 +5,7 @@ augmentation (identical across resumes and DDP ranks), ``build_loaders`` makes b
 ``DataConfig``; ``STATS``, ``NUM_CLASSES`` and ``sample_shape`` describe each dataset.
 """
 
-from .build import build_loaders, normalize_uint8
+from .build import build_loaders, normalize_uint8, set_epoch
 from .config import DataConfig
 from .datasets import (DATASETS, NUM_CLASSES, SAMPLE_SHAPES, STATS, default_data_root, load_dataset, make_loader,
                        sample_shape)
@@ -14,5 +14,5 @@ from .loader import TensorLoader, cutout_images, flip_images, normalize, shard_i
 
 __all__ = ["DATASETS", "NUM_CLASSES", "SAMPLE_SHAPES", "STATS", "DataConfig", "ImageFolder", "TensorLoader",
            "build_loaders", "cutout_images", "default_data_root", "flip_images", "imagefolder_loader",
-           "load_dataset", "make_loader", "normalize", "normalize_uint8", "sample_shape", "shard_indices",
+           "load_dataset", "make_loader", "normalize", "normalize_uint8", "sample_shape", "set_epoch", "shard_indices",
            "translate_images"]

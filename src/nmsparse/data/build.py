@@ -32,6 +32,15 @@ def build_loaders(d: DataConfig, device: torch.device, *, seed: int = 0, channel
     return train, test
 
 
+def set_epoch(loader, epoch: int, skip_batches: int = 0) -> None:
+    """Choose the epoch a train loader's next pass runs (its order and augmentation), without its first
+    `skip_batches` batches (a run resumed from a checkpoint inside that epoch)."""
+    if isinstance(loader, TensorLoader):
+        loader.set_epoch(epoch, skip_batches)
+    else:
+        loader.sampler.set_epoch(epoch, skip=min(skip_batches * loader.batch_size, loader.sampler.num_samples))
+
+
 def normalize_uint8(x: torch.Tensor, device, name: str = "imagefolder") -> torch.Tensor:
     """A uint8 image batch (as the image-folder loader yields it) in float, normalised by dataset `name`'s stats."""
     mean, std = STATS[name]

@@ -76,13 +76,26 @@ HOW_TO = {
 
 
 def _root_candidates() -> list[Path]:
-    env = os.environ.get("NMSPARSE_DATA")
+    """Where the data folder is looked for when $NMSPARSE_DATA is not set: ../shared/data from the cwd, then
+    beside the checkout."""
     repo = Path(__file__).resolve().parents[3]  # <repo>/src/nmsparse/data/datasets.py
-    return ([Path(env)] if env else []) + [Path.cwd() / ".." / "shared" / "data", repo.parent / "shared" / "data"]
+    return [Path.cwd() / ".." / "shared" / "data", repo.parent / "shared" / "data"]
 
 
 def default_data_root() -> Path:
-    """The data folder: the first existing of $NMSPARSE_DATA, ../shared/data from the cwd, and <repo>/../shared/data."""
+    """The data folder: $NMSPARSE_DATA when set (an error when it is not a directory), else the first existing of
+    ../shared/data from the cwd and <repo>/../shared/data."""
+    env = os.environ.get("NMSPARSE_DATA")
+    if env:
+        path = Path(env).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"NMSPARSE_DATA={env} does not exist: set it to the folder that holds the "
+                                    f"datasets (e.g. mnist/, fashion-mnist/), or unset it to use ../shared/data")
+        if not path.is_dir():
+            raise NotADirectoryError(f"NMSPARSE_DATA={env} is a file, not a directory: set it to the folder that "
+                                     f"holds the datasets (e.g. mnist/, fashion-mnist/), or unset it to use "
+                                     f"../shared/data")
+        return path.resolve()
     candidates = _root_candidates()
     for c in candidates:
         if c.is_dir():

@@ -7,15 +7,20 @@ import csv
 import statistics
 from pathlib import Path
 
-from .checkpoint import check_resume, load_checkpoint
-from .config import apply_overrides, config_from_dict, load_config
+from .checkpoint import check_resume, load_resumable, previous_path
+from .config import apply_overrides, config_from_dict, load_config, restate_sparsity
 from .distributed import is_main_process
 from .loop import CHECKPOINT, pattern_label, read_run, train
-from .plots import plot_curves
+from .plots import PLOTS_SKIPPED, can_plot, plot_curves
 
 
 def expand_sweeps(base: dict, sweeps: list[str]) -> list[dict]:
-    """`key=v1,v2,...` per sweep (a key ending in `.nm` takes 'n:m' values); the cross product of all."""
+    """`key=v1,v2,...` per sweep (a key ending in `.nm` takes 'n:m' values); the cross product of all.
+
+    A run's name says the swept value: the N:M, method or block sparsity its name states is replaced
+    ('fmnist SDGP rescale 2:4' swept over grad.nm=1:4 is 'fmnist SDGP rescale 1:4'); otherwise `key=value` is
+    appended (its last part, or for sparsity keys its section: 'digits dense grad.nm=1:4').
+    """
     variants = [base]
     for sweep in sweeps:
         if "=" not in sweep:
@@ -31,7 +36,14 @@ def expand_sweeps(base: dict, sweeps: list[str]) -> list[dict]:
                 else:
                     sets = [f"{key}={value}"]
                 d = apply_overrides(copy.deepcopy(v), sets)
-                d["name"] = f"{v.get('name', 'run')} {key.split('.')[-1]}={value}"
+                name = str(v.get("name", "run"))
+                if key == "sparsity" or key.startswith("sparsity."):
+                    name, complete = restate_sparsity(name, v, d)
+                    if not complete:
+                        name = f"{name} {key.removeprefix('sparsity.')}={value}"
+                else:
+                    name = f"{name} {key.split('.')[-1]}={value}"
+                d["name"] = name
                 out.append(d)
         variants = out
     return variants
@@ -93,18 +105,21 @@ def plan_runs(configs: list[dict], seeds: int, out_dir: str | Path, resume: bool
         for runs in plan:
             for cfg, run_dir in runs:
                 ckpt = run_dir / CHECKPOINT
-                if ckpt.exists():
-                    check_resume(ckpt, load_checkpoint(ckpt), cfg.to_dict())
+                if ckpt.exists() or previous_path(ckpt).exists():
+                    state, used, _ = load_resumable(ckpt)
+                    check_resume(used, state, cfg.to_dict())
     return plan
 
 
 def nm_columns(cfg) -> tuple[str, str]:
-    """('weight N:M', 'SDGP grad N:M') cells: '2:4', '4:8-T', 'block' for block weights, '-' for none."""
+    """('weight N:M', 'SDGP grad N:M') cells: '2:4', '4:8-T', the pattern of block weights ('block 8x8 50%'),
+    '-' for none."""
     s = cfg.sparsity
     w = g = "-"
     if s is not None and s.weight is not None:
         w = s.weight
-        w = "block" if hasattr(w, "block") else f"{w.n}:{w.m}{'-T' if w.transposable else ''}"
+        w = f"block {w.block[0]}x{w.block[1]} {w.sparsity:.0%}" if hasattr(w, "block") else \
+            f"{w.n}:{w.m}{'-T' if w.transposable else ''}"
     if s is not None and s.grad is not None:
         g = f"{s.grad.n}:{s.grad.m}"
     return w, g
@@ -130,7 +145,7 @@ def run_compare(configs: list[dict], seeds: int, out_dir: str | Path, log=print,
                      "seeds": len(accs), "accs": accs})
         curves[cfg.name] = histories
     if is_main_process():
-        write_outputs(rows, curves, out_dir)
+        write_outputs(rows, curves, out_dir, log)
     return rows
 
 
@@ -143,7 +158,8 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(rows: list[dict], curves: dict, out_dir: Path) -> None:
+def write_outputs(rows: list[dict], curves: dict, out_dir: Path, log=print) -> None:
+    """compare.md, compare.csv and (with matplotlib; else one line says how to get it) compare.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(format_table(rows) + "\n")
     with open(out_dir / "compare.csv", "w", newline="") as f:
@@ -152,7 +168,11 @@ def write_outputs(rows: list[dict], curves: dict, out_dir: Path) -> None:
         for r in rows:
             w.writerow([r["name"], r["pattern"], r["weight_nm"], r["grad_nm"], f"{r['mean']:.3f}", f"{r['std']:.3f}",
                         r["seeds"], " ".join(f"{a:.2f}" for a in r["accs"])])
-    plot_curves(curves, out_dir / "compare.png", title="nmsparse compare")
+    if can_plot():
+        plot_curves(curves, out_dir / "compare.png", title="nmsparse compare")
+    else:
+        (out_dir / "compare.png").unlink(missing_ok=True)  # an earlier run's plot would not show these rows
+        log(PLOTS_SKIPPED)
 
 
 def load_config_dicts(paths: list[str], overrides: list[str]) -> list[dict]:

@@ -60,7 +60,11 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"
     eval_every: int = 1  # epochs
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal, a line about every 30 s otherwise
+    # Checkpoints are written at every epoch end and also inside epochs, every k steps and/or every so many
+    # minutes (0: off); a run resumes exactly from any of them.
+    checkpoint_every_steps: int = 0
+    checkpoint_every_minutes: float = 10.0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -164,6 +168,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                          f"got {cfg.epochs!r}")
     _at_least("config.seed", cfg.seed, 0)
     _at_least("config.eval_every", cfg.eval_every, 1, " (evaluate every k epochs; the last epoch always is)")
+    _at_least("config.checkpoint_every_steps", cfg.checkpoint_every_steps, 0, " (0: only at epoch ends)")
+    if not (math.isfinite(cfg.checkpoint_every_minutes) and cfg.checkpoint_every_minutes >= 0):
+        raise ValueError(f"config.checkpoint_every_minutes must be a finite number >= 0 (0 is off), "
+                         f"got {cfg.checkpoint_every_minutes!r}")
     d = cfg.data
     _at_least("config.data.batch_size", d.batch_size, 1)
     _at_least("config.data.test_batch_size", d.test_batch_size, 1)
@@ -211,16 +219,90 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return d
 
 
-def name_sparsity_overrides(d: dict, overrides: list[str]) -> dict:
-    """Append the --set sparsity... overrides to the run name (unless --set name= was given), so a run made
-    sparse from a dense config is not listed under the dense name, e.g. 'digits dense [sparsity.grad.n=1]'."""
+# How run names spell methods (configs/: 'fmnist SDGP max 2:4', 'imagenet resnet50 SR-STE 2:4').
+METHOD_NAMES = {"magnitude": "max", "random": "rnd", "srste": "SR-STE", "ste": "STE"}
+# The sparsity keys a run name can state (as N:M with -T, method, block shape, block sparsity).
+_STATED_KEYS = {"n", "m", "transposable", "method", "block", "sparsity"}
+
+
+def _sparsity_sections(d: dict) -> dict | None:
+    """{'weight': ..., 'grad': ...} of a config dict's sparsity, with defaults filled in; None when invalid."""
+    s = d.get("sparsity")
+    if not s:
+        return {"weight": None, "grad": None}
+    try:
+        s = SparsityConfig.from_dict(s).to_dict()
+    except (ValueError, TypeError):
+        return None
+    return {"weight": s.get("weight"), "grad": s.get("grad")}
+
+
+def _statements(section: dict | None) -> dict[str, str]:
+    """What a run name may say about a sparsity section, as the words it would use."""
+    if not section:
+        return {}
+    out = {}
+    if "n" in section and "m" in section:
+        out["nm"] = f"{section['n']}:{section['m']}{'-T' if section.get('transposable') else ''}"
+    if "method" in section:
+        out["method"] = section["method"]
+    if "block" in section:
+        out["block"] = "x".join(str(b) for b in section["block"])
+    if "sparsity" in section:
+        out["sparsity"] = f"{section['sparsity']:.0%}"
+    return out
+
+
+def restate_sparsity(name: str, before: dict, after: dict) -> tuple[str, bool]:
+    """`name` with the sparsity it states (N:M, method, block shape or sparsity) changed from `before`'s to `after`'s.
+
+    Returns (name, True) when the name now states every change (or there is none), and (name with what could be
+    changed, False) when a change cannot be said there: a section added or removed, another kind, a setting names
+    do not state, or a word that is not in the name exactly once (or that the other section shares).
+    """
+    a, b = _sparsity_sections(before), _sparsity_sections(after)
+    if a is None or b is None:
+        return name, False
+    tokens, complete = name.split(" "), True
+    for sec, other in (("weight", "grad"), ("grad", "weight")):
+        sa, sb = a[sec], b[sec]
+        if sa == sb:
+            continue
+        if sa is None or sb is None or sa.get("kind") != sb.get("kind"):
+            complete = False
+            continue
+        if {k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k)} - _STATED_KEYS:
+            complete = False
+        old, new, shared = _statements(sa), _statements(sb), _statements(a[other])
+        for what, word in old.items():
+            if new.get(what) == word:
+                continue
+            words = {word, METHOD_NAMES.get(word, word)} if what == "method" else {word}
+            hits = [i for i, t in enumerate(tokens) if t in words]
+            if len(hits) != 1 or shared.get(what) in words:
+                complete = False
+                continue
+            tokens[hits[0]] = METHOD_NAMES.get(new[what], new[what]) if what == "method" else new[what]
+    return " ".join(tokens), complete
+
+
+def name_sparsity_overrides(d: dict, overrides: list[str], before: dict | None = None) -> dict:
+    """Make the run name say what the --set sparsity... overrides changed (unless --set name= was given).
+
+    The N:M, method or block sparsity the name states is rewritten (`before`: the config before the overrides),
+    e.g. 'fmnist SDGP rescale 2:4' with --set sparsity.grad.n=1 becomes 'fmnist SDGP rescale 1:4'; what the name
+    cannot state is appended, so a run made sparse from a dense config is not listed under the dense name, e.g.
+    'digits dense [sparsity.grad.n=1]'.
+    """
     keys = [item.split("=", 1)[0].strip() for item in overrides]
     if "name" in keys:
         return d
     notes = [item.strip() for item, key in zip(overrides, keys) if key == "sparsity" or key.startswith("sparsity.")]
     if not notes:
         return d
-    return {**d, "name": f"{d.get('name', 'run')} [{', '.join(notes)}]"}
+    name, complete = restate_sparsity(str(d.get("name", "run")), before, d) if before is not None else \
+        (str(d.get("name", "run")), False)
+    return {**d, "name": name if complete else f"{name} [{', '.join(notes)}]"}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
@@ -236,8 +318,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raise ValueError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(d, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level")
+    overrides = list(overrides)
+    merged = apply_overrides(d, overrides)  # its errors name the --set option already
     try:
-        return config_from_dict(name_sparsity_overrides(apply_overrides(d, list(overrides)), list(overrides)))
+        return config_from_dict(name_sparsity_overrides(merged, overrides, d))
     except (ValueError, TypeError) as e:
-        where = f" in {path}" if path is not None else ""
-        raise ValueError(f"{e}{where}") from None
+        raise ValueError(f"{e}{_blame(d, overrides, str(e), path)}") from None
+
+
+def _error(d: dict, overrides: list[str]) -> str | None:
+    """The message config_from_dict gives for d with these overrides, None when it is valid."""
+    try:
+        config_from_dict(apply_overrides(d, overrides))
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def _blame(d: dict, overrides: list[str], message: str, path) -> str:
+    """' (from --set k=v, ...)' naming the --set options the error comes from, else ' in <file>'.
+
+    An option is to blame when leaving it out changes the error; when none is alone (a key set twice) but the
+    file without any option does not give this error, all of them are.
+    """
+    culprits = [o for i, o in enumerate(overrides) if _error(d, overrides[:i] + overrides[i + 1:]) != message]
+    if not culprits and overrides and _error(d, []) != message:
+        culprits = overrides
+    if culprits:
+        return " (from " + ", ".join(f"--set {o}" for o in culprits) + ")"
+    return f" in {path}" if path is not None else ""

@@ -52,3 +52,21 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` stacked in rank order (just `t[None]` outside torchrun); a collective: all ranks call it."""
+    if not dist.is_initialized():
+        return t.detach().clone()[None]
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    return torch.stack(parts)
+
+
+def rank0_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's `flag` on every rank (a collective under torchrun), so all ranks take the same branch."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())

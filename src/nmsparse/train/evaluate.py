@@ -10,7 +10,7 @@ from ..nn.sparsify import format_report, sparsity_report, weight_masks
 from . import distributed
 from .config import config_from_dict
 from .loop import loaders_for, read_run
-from .plots import plot_curves, plot_masks
+from .plots import PLOTS_SKIPPED, can_plot, plot_curves, plot_masks
 
 
 def load_trained(checkpoint: str | Path, device: str = "auto"):
@@ -31,8 +31,16 @@ def evaluate_checkpoint(checkpoint: str | Path, device: str = "auto") -> dict:
 
 
 def report_run(run_dir: str | Path) -> str:
-    """Markdown: per-epoch metrics and the sparsity report; writes curves.png and masks.png in run_dir."""
+    """Markdown: per-epoch metrics and the sparsity report; writes curves.png and masks.png in run_dir (with
+    matplotlib; without it the text says how to get them). A checkpoint file stands for its run directory."""
     run_dir = Path(run_dir)
+    ckpt = run_dir / "checkpoint.pt"
+    if run_dir.suffix == ".pt" and run_dir.is_file():
+        ckpt, run_dir = run_dir, run_dir.parent
+        if not (run_dir / "metrics.jsonl").exists():
+            raise ValueError(f"{ckpt} is a checkpoint, but {run_dir} has no metrics.jsonl: nmsparse report takes a "
+                             f"run directory written by nmsparse train (or its checkpoint.pt); for this checkpoint's "
+                             f"test accuracy use nmsparse eval {ckpt}")
     run = read_run(run_dir)
     if not run["metrics"]:
         raise ValueError(f"{run_dir} has no metrics.jsonl: not an nmsparse run directory, or no epoch finished")
@@ -40,18 +48,21 @@ def report_run(run_dir: str | Path) -> str:
             if any(k in r for r in run["metrics"])]
     rows = [[_fmt(r.get(k, "")) for k in keys] for r in run["metrics"]]
     parts = [f"# Run {run_dir}", "", markdown_table(keys, rows)]
-    plot_curves({run_dir.name: [run["metrics"]]}, run_dir / "curves.png")
-    parts += ["", f"Curves: {run_dir / 'curves.png'}"]
-    ckpt = run_dir / "checkpoint.pt"
+    plots = can_plot()
+    if plots:
+        plot_curves({run_dir.name: [run["metrics"]]}, run_dir / "curves.png")
+        parts += ["", f"Curves: {run_dir / 'curves.png'}"]
     if ckpt.exists():
         _, model, *_ = load_trained(ckpt, "cpu")
         report = sparsity_report(model)
         if report:
             parts += ["", "## Sparsity", "", format_report(report)]
             masks = weight_masks(model)
-            if masks:
+            if masks and plots:
                 plot_masks({k: v.cpu() for k, v in masks.items()}, run_dir / "masks.png")
                 parts += ["", f"Mask patterns: {run_dir / 'masks.png'}"]
+    if not plots:
+        parts += ["", PLOTS_SKIPPED]
     return "\n".join(parts)
 
 

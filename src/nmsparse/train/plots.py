@@ -15,6 +15,17 @@ MARKERS_UP_TO = 30  # curves with at most this many epochs get a marker per poin
 SEED_LINES_UP_TO = 3  # seeds are drawn as thin lines only when this few configs share the plot
 LEGEND_BELOW_FROM = 4  # with this many configs or more the legend goes below the panels
 LINESTYLES = ("-", "--", ":", "-.")  # after the 10 colours of tab10, the next 10 configs get the next style
+# matplotlib is the optional [plot] extra: without it runs, tables and reports are written and this line is printed.
+PLOTS_SKIPPED = "Plots skipped: matplotlib is not installed (pip install 'nmsparse[plot]' to get them)."
+
+
+def can_plot() -> bool:
+    """Whether matplotlib can be imported (the [plot] extra is installed)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _pyplot():
