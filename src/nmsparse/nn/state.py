@@ -8,7 +8,8 @@ weight, whose pruned entries SR-STE may regrow, the mask, the step counters) rid
 ``torch.load(weights_only=True)`` keep it, plain layers ignore it. A state dict rebuilt as a new
 dict (``{k: v for ...}``) or stored as safetensors loses it: loading such one into a sparsified
 layer recomputes the mask from the loaded (masked) weight, keeps the step counters, and warns.
-Older checkpoints with ``parametrizations.*`` and ``sdgp_step`` keys still load as they are.
+Older checkpoints with ``parametrizations.*`` and ``sdgp_step`` keys still load as they are, and
+FSDP2-sharded (DTensor) weights keep that layout (squash an unsharded model to export it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ _NO_META = ("nmsparse: a state dict without nmsparse's sparsity state was loaded
             "from its items or a safetensors file does not)")
 
 
+def _is_sharded(t) -> bool:
+    """A DTensor (FSDP2, tensor parallel): its masks cannot be computed shard-locally here."""
+    return hasattr(t, "placements") and hasattr(t, "to_local")
+
+
 def _masked_weight(module: nn.Module, tensor: str, p) -> torch.Tensor:
     """The weight the layer computes with outside training (its eval mask), read without counting a step."""
     original = getattr(module.parametrizations, tensor).original.detach()
@@ -43,8 +49,8 @@ def _save_weight(tensor: str):
     def hook(module, state_dict, prefix, local_metadata):
         p = find_parametrization(module, tensor)
         base = f"{prefix}parametrizations.{tensor}."
-        if base + "original" not in state_dict:
-            return
+        if base + "original" not in state_dict or _is_sharded(state_dict[base + "original"]):
+            return  # FSDP2's sharded (DTensor) weights keep the parametrization layout for its own loaders
         dense = state_dict.pop(base + "original")
         mask = state_dict.pop(base + "0.mask")
         step = state_dict.pop(base + "0.step")
@@ -78,6 +84,9 @@ def _load_weight(tensor: str):
 
 
 def _save_sdgp(module, state_dict, prefix, local_metadata):
+    weight = state_dict.get(prefix + "weight", state_dict.get(prefix + "parametrizations.weight.original"))
+    if _is_sharded(weight):
+        return  # sharded by FSDP2: the whole layer keeps the earlier layout
     step = state_dict.pop(prefix + "sdgp_step", None)
     if step is not None:
         local_metadata.setdefault(META, {})["sdgp_step"] = step
