@@ -25,6 +25,8 @@ __all__ = ["prune_grad_fast", "tile24_prune_grad", "sdgp_linear_dx", "sparse24_a
            "weight24_applies", "weight24_linear", "weight24_linear_dx", "triton_failure"]
 
 _triton_failure: str | None = None
+# The methods the Triton kernel computes; the others stay on the torch path.
+TRITON_METHODS = ("magnitude", "random", "rescale")
 
 
 def triton_failure() -> str | None:
@@ -55,7 +57,7 @@ def prune_grad_fast(g: torch.Tensor, n: int, m: int, method: str, dim: int,
     "random" draws from the kernel's Philox stream seeded by ``generator.initial_seed()``
     (reproducible from the layer's (seed, step), but not the same choice as torch's stream).
     """
-    if method not in reference.PRUNE_METHODS or g.requires_grad or torch.compiler.is_compiling():
+    if method not in TRITON_METHODS or g.requires_grad or torch.compiler.is_compiling():
         return None
     if _triton_failure is not None or not use_triton(g, m):
         return None
@@ -121,7 +123,7 @@ def sdgp_linear_dx(gy: torch.Tensor, weight: torch.Tensor, n: int, m: int, metho
         def sparse_fn():
             return ss.sdgp_dx_tile24(g2, weight)
     else:
-        if not use_triton(gy, m):
+        if method not in TRITON_METHODS or not use_triton(gy, m):
             return None
         from .triton_prune import prune, seed_from_generator
 
