@@ -7,3 +7,12 @@ from .nn import *  # noqa: F401,F403
 from .patterns import *  # noqa: F401,F403
 
 __all__ = list(patterns.__all__) + list(formats.__all__) + list(nn.__all__)
+
+
+def __getattr__(name):
+    # nmsparse.gradient_fidelity (train/fidelity.py), imported on first use: `import nmsparse` stays light.
+    if name == "gradient_fidelity":
+        from .train.fidelity import gradient_fidelity
+
+        return gradient_fidelity
+    raise AttributeError(f"module 'nmsparse' has no attribute {name!r}")

@@ -110,6 +110,7 @@ def mc_groups(m):
     return torch.stack(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,m", NM)
 def test_mvue_exact_mean_and_variance_over_u(n, m):
     """E over u of the systematic design, on a fine midpoint grid (the output is piecewise constant
@@ -132,6 +133,7 @@ def test_mvue_exact_mean_and_variance_over_u(n, m):
     assert (p <= 1).all() and (p >= 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", UNBIASED)
 @pytest.mark.parametrize("n,m", NM)
 def test_unbiased_by_monte_carlo(method, n, m):
@@ -190,6 +192,7 @@ def test_nonfinite_kept_identity_and_reproducible(method):
     assert torch.equal(cl, a)  # groups follow the logical channel dim
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", UNBIASED)
 def test_layers_expected_input_gradient_is_dense(method):
     """One sample repeated K times: each copy's dY groups draw their own choice, so the mean of

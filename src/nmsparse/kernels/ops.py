@@ -25,8 +25,8 @@ __all__ = ["prune_grad_fast", "tile24_prune_grad", "sdgp_linear_dx", "sparse24_a
            "weight24_applies", "weight24_linear", "weight24_linear_dx", "triton_failure"]
 
 _triton_failure: str | None = None
-# The methods the Triton kernel computes; the others stay on the torch path.
-TRITON_METHODS = ("magnitude", "random", "rescale")
+# The methods the Triton kernel computes (all but tile24, which has PyTorch's own kernel).
+TRITON_METHODS = reference.PRUNE_METHODS
 
 
 def triton_failure() -> str | None:
@@ -63,7 +63,7 @@ def prune_grad_fast(g: torch.Tensor, n: int, m: int, method: str, dim: int,
         return None
     from .triton_prune import prune, seed_from_generator
 
-    seed = seed_from_generator(generator) if method == "random" else 0
+    seed = seed_from_generator(generator) if method in reference.STOCHASTIC_METHODS else 0
     return _guarded(lambda: prune(g, n, m, method, dim, seed=seed, eps=eps))
 
 
@@ -127,7 +127,7 @@ def sdgp_linear_dx(gy: torch.Tensor, weight: torch.Tensor, n: int, m: int, metho
             return None
         from .triton_prune import prune, seed_from_generator
 
-        seed = seed_from_generator(generator) if method == "random" else 0
+        seed = seed_from_generator(generator) if method in reference.STOCHASTIC_METHODS else 0
 
         def dense_fn():
             return prune(gy, n, m, method, -1, seed=seed, eps=eps).reshape(g2.shape) @ weight

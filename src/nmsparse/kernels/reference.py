@@ -24,7 +24,7 @@ import torch
 from ..patterns.checks import check_dim, check_divisible, check_float_tensor, check_nm
 from ..common.text import did_you_mean
 from ..patterns.nm import magnitude_key, nm_mask, topn_in_groups
-from .unbiased import UNBIASED_METHODS, mvue_grouped, random_unbiased_grouped
+from .unbiased import UNBIASED_METHODS, channels_last_shape, prune_mvue_layout, random_unbiased_grouped
 
 __all__ = [
     "PRUNE_METHODS", "STOCHASTIC_METHODS", "SEED_STRIDE", "check_prune_nm", "prune_reference", "plane_dims", "triton_rand", "random_keys_reference",
@@ -112,11 +112,10 @@ def prune_reference(g: torch.Tensor, n: int, m: int, method: str = "magnitude", 
 def prune_checked(g: torch.Tensor, n: int, m: int, method: str, d: int, generator, eps: float) -> torch.Tensor:
     """``prune_reference`` for arguments already validated (d non-negative): the torch path of prune_grad."""
     # Channels innermost: free for channels_last conv grads and Linear grads, one copy otherwise.
+    if method == "mvue":  # in g's own layout; one uniform per group, drawn in channels-last group order
+        return prune_mvue_layout(g, n, m, d, lambda shape: torch.rand(
+            channels_last_shape(shape, d), generator=generator, device=g.device, dtype=torch.float32).movedim(-1, d))
     gc = g.movedim(d, -1).contiguous()
-    if method == "mvue":
-        flat = gc.view(-1, m)
-        u = torch.rand(flat.shape[0], generator=generator, device=gc.device, dtype=torch.float32)
-        return _restride(mvue_grouped(flat, n, u).view(gc.shape), d, g)
     if method in ("random", "random-unbiased"):
         keys = torch.rand(gc.shape, generator=generator, device=gc.device, dtype=torch.float32)
         keys.masked_fill_(~torch.isfinite(gc), 2.0)  # above any draw: non-finite entries stay
