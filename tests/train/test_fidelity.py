@@ -56,6 +56,7 @@ def test_unbiased_bias_sits_at_its_noise_floor_and_magnitudes_does_not():
         r = by[(method, "2")]  # layer 2's dX: its own pruned dY times W
         assert r["relvar_dx"] > 0 and r["bias_dx"] <= 4 * r["bias_floor_dx"]
     assert by[("mvue", "2")]["relvar_dx"] < by[("random-unbiased", "2")]["relvar_dx"]
+    assert by[("mvue", "2")]["cos_mean_dx"] > 0.99  # 200 draws average to the dense direction
     mag = by[("magnitude", "2")]
     assert mag["relvar_dx"] == pytest.approx(0, abs=1e-20) and mag["bias_dx"] > 1e-3
     assert by[("magnitude", "8")]["cos_dw"] == pytest.approx(1)  # the top layer's dW is dense
@@ -83,7 +84,7 @@ def test_command_writes_table_csv_png(tmp_path, capsys):
                  "--set", "progress=false", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| dense |" in text and "| mvue |" in text
-    assert (out / "fidelity.csv").read_text().startswith("method,layer,kind,cos_dx")
+    assert (out / "fidelity.csv").read_text().startswith("method,layer,kind,cos_dx,norm_dx")
     assert (out / "fidelity.png").stat().st_size > 1000 and (out / "fidelity.md").exists()
 
 

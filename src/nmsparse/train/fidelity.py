@@ -11,7 +11,10 @@ dW (a layer's dW changes when a layer above it prunes):
 - ``bias``: ||mean over the K draws - dense|| / ||dense||;
 - ``relvar``: mean over the draws of ||g - mean||^2 / ||dense||^2 (0 for K = 1);
 - ``bias_floor``: sqrt(relvar / (K - 1)), what ``bias`` shows for an unbiased method from the
-  draws' noise alone (a method is biased where ``bias`` is well above it).
+  draws' noise alone (a method is biased where ``bias`` is well above it);
+- ``cos_mean``: cosine of the mean over the K draws with the dense gradient: the direction of
+  the expected gradient ("random", whose expectation is n/m times dense, is biased in scale only:
+  its cos_mean tends to 1 as K grows; magnitude's stays where it is).
 
 ``gradient_fidelity`` returns one row per (method, layer); ``fidelity_command`` is
 ``nmsparse fidelity`` (a table, CSV and PNG).
@@ -34,10 +37,10 @@ from ..nn.sdgp import SDGP_METHODS, SDGPConv2d, SDGPLinear
 from ..nn.sparsify import squash
 
 __all__ = ["gradient_fidelity", "parse_method", "format_fidelity", "write_fidelity", "plot_fidelity",
-           "add_fidelity_arguments", "fidelity_command", "FIELDS"]
+           "add_fidelity_arguments", "fidelity_command", "FIELDS", "STATS"]
 
-FIELDS = ("method", "layer", "kind", "cos_dx", "norm_dx", "bias_dx", "relvar_dx", "bias_floor_dx",
-          "cos_dw", "norm_dw", "bias_dw", "relvar_dw", "bias_floor_dw")
+STATS = ("cos", "norm", "bias", "relvar", "bias_floor", "cos_mean")
+FIELDS = ("method", "layer", "kind") + tuple(f"{s}_{k}" for k in ("dx", "dw") for s in STATS)
 DEFAULT_METHODS = ("dense", "magnitude", "rescale", "random", "random-unbiased", "mvue")
 
 
@@ -93,7 +96,7 @@ def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, seed: in
 def _stats(draws: list[torch.Tensor], dense: torch.Tensor) -> dict:
     nd = float(dense.norm())
     if nd == 0 or not math.isfinite(nd):
-        return dict(cos=math.nan, norm=math.nan, bias=math.nan, relvar=math.nan, bias_floor=math.nan)
+        return dict.fromkeys(STATS, math.nan)
     stack = torch.stack(draws)
     norms = stack.norm(dim=1)
     cos = (stack @ dense) / (norms.clamp(min=1e-300) * nd)
@@ -101,7 +104,8 @@ def _stats(draws: list[torch.Tensor], dense: torch.Tensor) -> dict:
     k = len(draws)
     relvar = float(((stack - mean) ** 2).sum(1).mean()) / nd**2
     return dict(cos=float(cos.mean()), norm=float(norms.mean()) / nd, bias=float((mean - dense).norm()) / nd,
-                relvar=relvar, bias_floor=math.sqrt(relvar / (k - 1)) if k > 1 else 0.0)
+                relvar=relvar, bias_floor=math.sqrt(relvar / (k - 1)) if k > 1 else 0.0,
+                cos_mean=float(mean @ dense) / max(float(mean.norm()) * nd, 1e-300))
 
 
 def gradient_fidelity(model: nn.Module, batch, methods=DEFAULT_METHODS, draws: int = 8, *, n: int = 2, m: int = 4,
@@ -149,7 +153,7 @@ def gradient_fidelity(model: nn.Module, batch, methods=DEFAULT_METHODS, draws: i
             for key, ref, idx in (("dx", ddx, 0), ("dw", ddw, 1)):
                 got = [s[layer][idx] for s in samples]
                 st = (_stats(got, ref) if ref is not None and all(g is not None for g in got)
-                      else dict.fromkeys(("cos", "norm", "bias", "relvar", "bias_floor"), math.nan))
+                      else dict.fromkeys(STATS, math.nan))
                 row.update({f"{stat}_{key}": v for stat, v in st.items()})
             rows.append(row)
     bar.close()
@@ -162,10 +166,10 @@ def _fmt(v) -> str:
 
 def format_fidelity(rows: list[dict]) -> str:
     """A Markdown table: one line per (method, layer)."""
-    headers = ["method", "layer", "cos dX", "norm dX", "bias dX", "relvar dX", "noise floor dX",
-               "cos dW", "bias dW", "relvar dW"]
-    keys = ["method", "layer", "cos_dx", "norm_dx", "bias_dx", "relvar_dx", "bias_floor_dx", "cos_dw", "bias_dw",
-            "relvar_dw"]
+    headers = ["method", "layer", "cos dX", "norm dX", "bias dX", "noise floor dX", "relvar dX", "cos mean dX",
+               "cos dW", "bias dW", "relvar dW", "cos mean dW"]
+    keys = ["method", "layer", "cos_dx", "norm_dx", "bias_dx", "bias_floor_dx", "relvar_dx", "cos_mean_dx", "cos_dw",
+            "bias_dw", "relvar_dw", "cos_mean_dw"]
     return markdown_table(headers, [[_fmt(r[k]) for k in keys] for r in rows])
 
 
@@ -179,15 +183,17 @@ def write_fidelity(rows: list[dict], path: str | Path) -> Path:
 
 
 def plot_fidelity(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    """cos(dX), bias(dX), relvar(dX) and cos(dW) across layers, one line per method."""
+    """cos(dX), bias(dX), relvar(dX), cos of the mean dX and cos(dW) across layers, one line per method."""
     from .plots import _pyplot
 
     plt = _pyplot()
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
     for ax, (key, label) in zip(axes, [("cos_dx", "cosine of dX to dense"), ("bias_dx", "bias of dX (relative)"),
-                                       ("relvar_dx", "relative variance of dX"), ("cos_dw", "cosine of dW to dense")]):
+                                       ("relvar_dx", "relative variance of dX"),
+                                       ("cos_mean_dx", "cosine of mean dX to dense"),
+                                       ("cos_dw", "cosine of dW to dense")]):
         for i, meth in enumerate(methods):
             vals = {r["layer"]: r[key] for r in rows if r["method"] == meth}
             ax.plot(range(len(layers)), [vals.get(lay, math.nan) for lay in layers], marker="o", label=meth,
