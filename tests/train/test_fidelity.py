@@ -55,10 +55,12 @@ def test_unbiased_bias_sits_at_its_noise_floor_and_magnitudes_does_not():
     for method in ("mvue", "random-unbiased"):
         r = by[(method, "2")]  # layer 2's dX: its own pruned dY times W
         assert r["relvar_dx"] > 0 and r["bias_dx"] <= 4 * r["bias_floor_dx"]
+        assert r["bias_excess_dx"] <= 0.5 * r["bias_dx"]
     assert by[("mvue", "2")]["relvar_dx"] < by[("random-unbiased", "2")]["relvar_dx"]
     assert by[("mvue", "2")]["cos_mean_dx"] > 0.99  # 200 draws average to the dense direction
     mag = by[("magnitude", "2")]
     assert mag["relvar_dx"] == pytest.approx(0, abs=1e-20) and mag["bias_dx"] > 1e-3
+    assert mag["bias_excess_dx"] == pytest.approx(mag["bias_dx"])
     assert by[("magnitude", "8")]["cos_dw"] == pytest.approx(1)  # the top layer's dW is dense
 
 

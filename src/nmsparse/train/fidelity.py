@@ -12,6 +12,8 @@ dW (a layer's dW changes when a layer above it prunes):
 - ``relvar``: mean over the draws of ||g - mean||^2 / ||dense||^2 (0 for K = 1);
 - ``bias_floor``: sqrt(relvar / (K - 1)), what ``bias`` shows for an unbiased method from the
   draws' noise alone (a method is biased where ``bias`` is well above it);
+- ``bias_excess``: sqrt(max(0, bias^2 - bias_floor^2)), the bias with the draws' noise removed
+  (bias^2 - floor^2 estimates ||E[g] - dense||^2 / ||dense||^2 without bias);
 - ``cos_mean``: cosine of the mean over the K draws with the dense gradient: the direction of
   the expected gradient ("random", whose expectation is n/m times dense, is biased in scale only:
   its cos_mean tends to 1 as K grows; magnitude's stays where it is).
@@ -39,7 +41,7 @@ from ..nn.sparsify import squash
 __all__ = ["gradient_fidelity", "parse_method", "format_fidelity", "write_fidelity", "plot_fidelity",
            "add_fidelity_arguments", "fidelity_command", "FIELDS", "STATS"]
 
-STATS = ("cos", "norm", "bias", "relvar", "bias_floor", "cos_mean")
+STATS = ("cos", "norm", "bias", "relvar", "bias_floor", "bias_excess", "cos_mean")
 FIELDS = ("method", "layer", "kind") + tuple(f"{s}_{k}" for k in ("dx", "dw") for s in STATS)
 DEFAULT_METHODS = ("dense", "magnitude", "rescale", "random", "random-unbiased", "mvue")
 
@@ -103,8 +105,10 @@ def _stats(draws: list[torch.Tensor], dense: torch.Tensor) -> dict:
     mean = stack.mean(0)
     k = len(draws)
     relvar = float(((stack - mean) ** 2).sum(1).mean()) / nd**2
-    return dict(cos=float(cos.mean()), norm=float(norms.mean()) / nd, bias=float((mean - dense).norm()) / nd,
-                relvar=relvar, bias_floor=math.sqrt(relvar / (k - 1)) if k > 1 else 0.0,
+    bias = float((mean - dense).norm()) / nd
+    floor = math.sqrt(relvar / (k - 1)) if k > 1 else 0.0
+    return dict(cos=float(cos.mean()), norm=float(norms.mean()) / nd, bias=bias, relvar=relvar, bias_floor=floor,
+                bias_excess=math.sqrt(max(0.0, bias * bias - floor * floor)),
                 cos_mean=float(mean @ dense) / max(float(mean.norm()) * nd, 1e-300))
 
 
@@ -166,10 +170,10 @@ def _fmt(v) -> str:
 
 def format_fidelity(rows: list[dict]) -> str:
     """A Markdown table: one line per (method, layer)."""
-    headers = ["method", "layer", "cos dX", "norm dX", "bias dX", "noise floor dX", "relvar dX", "cos mean dX",
-               "cos dW", "bias dW", "relvar dW", "cos mean dW"]
-    keys = ["method", "layer", "cos_dx", "norm_dx", "bias_dx", "bias_floor_dx", "relvar_dx", "cos_mean_dx", "cos_dw",
-            "bias_dw", "relvar_dw", "cos_mean_dw"]
+    headers = ["method", "layer", "cos dX", "norm dX", "bias dX", "noise floor dX", "bias - noise dX", "relvar dX",
+               "cos mean dX", "cos dW", "bias - noise dW", "relvar dW", "cos mean dW"]
+    keys = ["method", "layer", "cos_dx", "norm_dx", "bias_dx", "bias_floor_dx", "bias_excess_dx", "relvar_dx",
+            "cos_mean_dx", "cos_dw", "bias_excess_dw", "relvar_dw", "cos_mean_dw"]
     return markdown_table(headers, [[_fmt(r[k]) for k in keys] for r in rows])
 
 
