@@ -9,3 +9,12 @@ from .prune import adaprune, magnitude_prune, prune_trained_model
 
 __all__ = (list(patterns.__all__) + list(formats.__all__) + list(nn.__all__)
            + ["adaprune", "magnitude_prune", "prune_trained_model"])
+
+
+def __getattr__(name):
+    # nmsparse.gradient_fidelity (train/fidelity.py), imported on first use: `import nmsparse` stays light.
+    if name == "gradient_fidelity":
+        from .train.fidelity import gradient_fidelity
+
+        return gradient_fidelity
+    raise AttributeError(f"module 'nmsparse' has no attribute {name!r}")

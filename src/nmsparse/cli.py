@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_arguments(pr)
     pr.set_defaults(func=prune_command)
 
+    from .train.fidelity import add_fidelity_arguments, fidelity_command
+
+    fi = sub.add_parser("fidelity", help="how far each gradient-pruning method moves dX and dW from dense backprop")
+    add_fidelity_arguments(fi)
+    fi.set_defaults(func=fidelity_command)
+
     b = sub.add_parser("bench", help="benchmarks that compare against a baseline measured in the same run")
     bsub = b.add_subparsers(dest="suite", required=True)
     bp = bsub.add_parser("patterns", help="mask computation times on 1024^2 and 4096^2 float32 weights")

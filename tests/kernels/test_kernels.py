@@ -21,6 +21,7 @@ from torch.sparse._semi_structured_conversions import _sparse_semi_structured_ti
 from nmsparse.kernels import reference as ref
 from nmsparse.kernels import semi_structured as ss
 from nmsparse.kernels import triton_prune as tp
+from nmsparse.kernels import unbiased
 from nmsparse.nn.sdgp import prune_grad
 from nmsparse.patterns.nm import is_nm, nm_mask
 from nmsparse.patterns.transposable import transposable_mask
@@ -43,6 +44,7 @@ TARGETS = [pytest.param("cpu", marks=interp_only, id="interp"),
            pytest.param("cuda", marks=gpu_kernels, id="cuda")]
 HALF = [torch.float32, torch.float16, torch.bfloat16]
 MS = [4, 8, 16, 32]
+UNBIASED = {"mvue": unbiased.prune_mvue_reference, "random-unbiased": unbiased.prune_random_unbiased_reference}
 INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
 
@@ -263,6 +265,9 @@ def _check_against_reference(x, n, m, method, dim, exact=True):
     out, mask = tp.prune(x, n, m, method, dim, return_mask=True, seed=11)
     if method == "random":
         expect = ref.prune_random_reference(x.cpu(), n, m, dim, seed=11)
+    elif method in UNBIASED:
+        expect = UNBIASED[method](x.cpu(), n, m, dim, seed=11)
+        exact = exact and method != "mvue"  # group sums in another order: equal up to rounding
     else:
         expect = ref.prune_reference(x.cpu(), n, m, method, dim)
     assert out.stride() == expect.stride() and out.dtype == x.dtype and out.device == x.device
@@ -271,7 +276,8 @@ def _check_against_reference(x, n, m, method, dim, exact=True):
     else:
         torch.testing.assert_close(out.cpu(), expect, rtol=2e-6 if x.dtype == torch.float32 else 8e-3,
                                    atol=0, equal_nan=True)
-    assert is_nm(mask.cpu(), n, m, dim=dim)
+    if method != "mvue":  # (mvue keeps every nonzero of a group with fewer than n: counted by its test)
+        assert is_nm(mask.cpu(), n, m, dim=dim)
     if method != "rescale":  # (rescale turns a plane holding inf or NaN into NaN throughout)
         assert torch.equal(torch.where(mask.cpu(), x.cpu(), 0).isnan(), out.cpu().isnan())
     return out, mask
@@ -302,6 +308,24 @@ def test_random_matches_philox_reference(target, m):
     x = sample((3, m, 4), torch.float16, seed=m, ties=False).to(target)
     out, mask = _check_against_reference(x, m // 2, m, "random", 1)
     assert bool(mask.cpu()[~torch.isfinite(x.cpu())].all())  # non-finite always kept
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("m", MS)
+def test_unbiased_match_their_references(target, dtype, m):
+    """The Triton "mvue" and "random-unbiased" equal the reference stream (the kernel's own uniforms),
+    with ties, zeros, NaN and inf; mvue keeps exactly n where a group has n nonzeros or more."""
+    for i, n in enumerate(sorted({1, m // 2, m - 1, m})):
+        for ties in (False, True):
+            x = sample((2, 2 * m, 5), dtype, seed=100 * m + 10 * i + ties, ties=ties).to(target)
+            for method in UNBIASED:
+                _check_against_reference(x, n, m, method, 1, exact=method != "mvue")
+            out = tp.prune(x, n, m, "mvue", 1, seed=11).cpu()
+            fin = torch.isfinite(x.cpu()).movedim(1, -1).reshape(-1, m).all(1)
+            kept = (out != 0).movedim(1, -1).reshape(-1, m).sum(1)
+            nonzero = (x.cpu() != 0).movedim(1, -1).reshape(-1, m).sum(1)
+            assert torch.equal(kept[fin], nonzero[fin].clamp(max=n))
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -18,6 +18,9 @@ from nmsparse.nn.sdgp import (SDGP_METHODS, SDGPConv2d, SDGPLinear, prune_grad, 
 
 # the methods for any n:m ("tile24" is 2:4 only and has its own tests below)
 NM_METHODS = tuple(m for m in SDGP_METHODS if m != "tile24")
+# Methods whose kept values are g's own (the unbiased ones scale them: tests/kernels/test_unbiased.py).
+MASK_METHODS = ("magnitude", "random", "rescale")
+UNBIASED_METHODS = ("random-unbiased", "mvue")
 
 EPS = 1e-4
 
@@ -49,6 +52,15 @@ def ref_prune(g, n, m, method, dim, mask=None):
         full = x.abs().sum(dims, keepdim=True)
         p = p * full / (p.abs().sum(dims, keepdim=True) + EPS)
     return p
+
+
+def layer_ref_prune(G, n, m, method, dim, seed):
+    """What a layer's backward feeds to dX for dY = G at generator seed `seed`, in float64. The
+    unbiased methods' choice comes from prune_grad (their values: tests/kernels/test_unbiased.py)."""
+    if method in UNBIASED_METHODS:
+        return prune_grad(G, n, m, method, dim, torch.Generator().manual_seed(seed)).double()
+    mask = random_mask(G, n, m, dim, seed) if method == "random" else None
+    return ref_prune(G, n, m, method, dim, mask)
 
 
 def group_counts(t, m, dim):
@@ -87,7 +99,7 @@ def grad_cases(draw):
     return x.to(dtype), n, m, dim
 
 
-@given(grad_cases(), st.sampled_from(NM_METHODS))
+@given(grad_cases(), st.sampled_from(MASK_METHODS))
 def test_prune_grad_matches_reference(case, method):
     g, n, m, dim = case
     seed = 123
@@ -224,8 +236,7 @@ def test_conv_gradients_match_float64_reference(c):
     x64 = x0.double().requires_grad_()
     y64 = F.conv2d(x64, w64, b64, c["stride"], c["padding"], c["dilation"], c["groups"])
     G = torch.randn(y64.shape)
-    mask = (random_mask(G, c["n"], c["m"], 1, seed_of(c["seed"])) if c["method"] == "random" else None)
-    pruned = ref_prune(G, c["n"], c["m"], c["method"], 1, mask)
+    pruned = layer_ref_prune(G, c["n"], c["m"], c["method"], 1, seed_of(c["seed"]))
     dx_ref, = torch.autograd.grad(y64, x64, pruned, retain_graph=True)
     dp_ref = torch.autograd.grad(y64, [w64] + ([b64] if c["bias"] else []), G.double())
     grads = []
@@ -257,8 +268,7 @@ def test_linear_gradients_match_float64_reference(m, fin, lead, bias, method, se
     b64 = lin.bias.detach().double().requires_grad_() if bias else None
     y64 = F.linear(x64, w64, b64)
     G = torch.randn(y64.shape)
-    mask = random_mask(G, n, m, -1, seed_of(seed)) if method == "random" else None
-    dx_ref, = torch.autograd.grad(y64, x64, ref_prune(G, n, m, method, -1, mask), retain_graph=True)
+    dx_ref, = torch.autograd.grad(y64, x64, layer_ref_prune(G, n, m, method, -1, seed_of(seed)), retain_graph=True)
     dp_ref = torch.autograd.grad(y64, [w64] + ([b64] if bias else []), G.double())
     lin(x).backward(G)
     for a, b in zip([x.grad] + [p.grad for p in lin.parameters()], [dx_ref, *dp_ref]):

@@ -22,7 +22,7 @@ def run_torchrun(tmp_path, method):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
-@pytest.mark.parametrize("method", ["rescale", "random"])
+@pytest.mark.parametrize("method", ["rescale", "random", "mvue"])
 @pytest.mark.slow
 def test_ddp_two_processes(tmp_path, method):
     r0, r1 = run_torchrun(tmp_path, method)

@@ -125,3 +125,60 @@ def partial_sums_kernel(x_ptr, full_ptr, kept_ptr, S, C, n_sb, n_cb, sxb, sxs, s
         off = (b * n_sb + pid_s) * C + c
         tl.store(full_ptr + off, tl.sum(ax, axis=0), mask=c < C)
         tl.store(kept_ptr + off, tl.sum(kx, axis=0), mask=c < C)
+
+
+@triton.jit
+def _column(t, j, i: tl.constexpr):
+    """t[..., i] of a 3-D tile, broadcast back along the last axis (t >= -1 where it matters)."""
+    return tl.expand_dims(tl.max(tl.where(j == i, t, -1.0), axis=2), 2)
+
+
+@triton.jit(do_not_specialize=["seed", "rng_offset"])
+def mvue_kernel(x_ptr, out_ptr, S, C, n_sb, n_cb, sxb, sxs, sxc, sob, sos, soc, n_keep, seed, rng_offset,
+                M: tl.constexpr, BLOCK_S: tl.constexpr, GROUPS: tl.constexpr):
+    """SDGP "mvue" (see kernels/unbiased.py): per group of M, water-filling probabilities
+    p_i = min(1, c|x_i|) with sum n_keep, systematic sampling with u = tl.rand(seed, rng_offset + k)
+    for the group's channels-last number k, kept values x_i / p_i (sign(x_i) * S / r). Float32 math."""
+    pid_s, cb, b, s3, c3, valid, x = _load_tile(x_ptr, S, C, n_sb, n_cb, sxb, sxs, sxc, BLOCK_S, GROUPS, M)
+    j = tl.arange(0, M)[None, None, :]
+    finite = tl.abs(x) < float("inf")
+    a = tl.where(finite, tl.abs(x), 0.0)
+    # rank: entries beating this one (larger, or equal and earlier), as reference._water_fill's stable sort
+    rank = tl.zeros(a.shape, dtype=tl.int32)
+    for i in tl.static_range(M):
+        ai = _column(a, j, i)
+        rank += ((ai > a) | ((ai == a) & (j > i))).to(tl.int32)
+    rankf = rank.to(tl.float32)
+    tail = tl.zeros(a.shape, dtype=tl.float32)  # sum of the entries ranked at or after this one
+    for i in tl.static_range(M):
+        ai = _column(a, j, i)
+        ri = _column(rankf, j, i)
+        tail += tl.where(ri >= rankf, ai, 0.0)
+    nf = n_keep * 1.0
+    fits = (rankf < nf) & ((nf - rankf) * a <= tail)
+    jstar = tl.expand_dims(tl.min(tl.where(fits, rankf, nf), axis=2), 2)
+    nonzero = a > 0
+    few = tl.expand_dims(tl.sum(nonzero.to(tl.int32), axis=2), 2) <= n_keep
+    capped = tl.where(few, nonzero, rankf < jstar)
+    r = tl.where(few, 0.0, nf - jstar)
+    free = tl.where(capped, 0.0, a)
+    s = tl.expand_dims(tl.sum(free, axis=2), 2)
+    ratio = tl.where(r > 0, r / tl.where(s > 0, s, 1.0), 0.0)
+    q = free * ratio
+    pos = q > 0
+    last = tl.expand_dims(tl.max(tl.where(pos, j, -1), axis=2), 2)
+    cum = tl.zeros(a.shape, dtype=tl.float32)  # inclusive prefix sums, left to right
+    prev = tl.zeros(a.shape, dtype=tl.float32)  # exclusive
+    for i in tl.static_range(M):
+        qi = _column(q, j, i)
+        cum += tl.where(j >= i, qi, 0.0)
+        prev += tl.where(j > i, qi, 0.0)
+    cum = tl.where(j >= last, r, tl.minimum(cum, r))
+    prev = tl.where(j > last, r, tl.minimum(prev, r))
+    group = ((b * S + s3) * C + c3) // M
+    u = tl.rand(seed, rng_offset + group)
+    drawn = pos & (tl.ceil(cum - u) > tl.ceil(prev - u))
+    mag = tl.where(r > 0, s / tl.where(r > 0, r, 1.0), 0.0)
+    value = tl.where(x > 0, mag, tl.where(x < 0, -mag, 0.0))
+    vals = tl.where(capped | (~finite), x, tl.where(drawn, value, 0.0))
+    tl.store(out_ptr + (b * sob + s3 * sos + c3 * soc), vals.to(out_ptr.dtype.element_ty), mask=valid)

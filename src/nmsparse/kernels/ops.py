@@ -25,6 +25,8 @@ __all__ = ["prune_grad_fast", "tile24_prune_grad", "sdgp_linear_dx", "sparse24_a
            "weight24_applies", "weight24_linear", "weight24_linear_dx", "triton_failure"]
 
 _triton_failure: str | None = None
+# The methods the Triton kernel computes (all but tile24, which has PyTorch's own kernel).
+TRITON_METHODS = reference.PRUNE_METHODS
 
 
 def triton_failure() -> str | None:
@@ -55,13 +57,13 @@ def prune_grad_fast(g: torch.Tensor, n: int, m: int, method: str, dim: int,
     "random" draws from the kernel's Philox stream seeded by ``generator.initial_seed()``
     (reproducible from the layer's (seed, step), but not the same choice as torch's stream).
     """
-    if method not in reference.PRUNE_METHODS or g.requires_grad or torch.compiler.is_compiling():
+    if method not in TRITON_METHODS or g.requires_grad or torch.compiler.is_compiling():
         return None
     if _triton_failure is not None or not use_triton(g, m):
         return None
     from .triton_prune import prune, seed_from_generator
 
-    seed = seed_from_generator(generator) if method == "random" else 0
+    seed = seed_from_generator(generator) if method in reference.STOCHASTIC_METHODS else 0
     return _guarded(lambda: prune(g, n, m, method, dim, seed=seed, eps=eps))
 
 
@@ -121,11 +123,11 @@ def sdgp_linear_dx(gy: torch.Tensor, weight: torch.Tensor, n: int, m: int, metho
         def sparse_fn():
             return ss.sdgp_dx_tile24(g2, weight)
     else:
-        if not use_triton(gy, m):
+        if method not in TRITON_METHODS or not use_triton(gy, m):
             return None
         from .triton_prune import prune, seed_from_generator
 
-        seed = seed_from_generator(generator) if method == "random" else 0
+        seed = seed_from_generator(generator) if method in reference.STOCHASTIC_METHODS else 0
 
         def dense_fn():
             return prune(gy, n, m, method, -1, seed=seed, eps=eps).reshape(g2.shape) @ weight

@@ -22,15 +22,19 @@ import numpy as np
 import torch
 
 from ..patterns.checks import check_dim, check_divisible, check_float_tensor, check_nm
+from ..common.text import did_you_mean
 from ..patterns.nm import magnitude_key, nm_mask, topn_in_groups
+from .unbiased import UNBIASED_METHODS, channels_last_shape, prune_mvue_layout, random_unbiased_grouped
 
 __all__ = [
-    "PRUNE_METHODS", "SEED_STRIDE", "check_prune_nm", "prune_reference", "plane_dims", "triton_rand", "random_keys_reference",
+    "PRUNE_METHODS", "STOCHASTIC_METHODS", "SEED_STRIDE", "check_prune_nm", "prune_reference", "plane_dims", "triton_rand", "random_keys_reference",
     "prune_random_reference", "srste_reference", "TILE24_ALGORITHMS", "tile24_mask",
     "tile24_reference", "tile24_prune_grad", "sorting_network",
 ]
 
-PRUNE_METHODS = ("magnitude", "random", "rescale")
+PRUNE_METHODS = ("magnitude", "random", "rescale") + UNBIASED_METHODS
+# Methods that draw random numbers: a layer hands their backward a generator seeded from (seed, step).
+STOCHASTIC_METHODS = ("random",) + UNBIASED_METHODS
 # A layer's backward number `step` draws its random choices from seed * SEED_STRIDE + step (nn.sdgp's
 # torch generators and the Triton kernels' Philox stream alike), so a reloaded model continues identically.
 SEED_STRIDE = 1_000_003
@@ -49,7 +53,7 @@ def _check_prune_args(g, n, m, method, dim) -> tuple[int, int, int]:
     n, m = check_prune_nm(n, m)
     d = check_dim(g, dim)
     if method not in PRUNE_METHODS:
-        raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {PRUNE_METHODS}, got {method!r}{did_you_mean(method, PRUNE_METHODS)}")
     check_divisible(g.shape[d], m, f"g's channel dim {dim}", g.shape)
     return n, m, d
 
@@ -97,7 +101,9 @@ def prune_reference(g: torch.Tensor, n: int, m: int, method: str = "magnitude", 
     position); "random" keeps n positions drawn from `generator`'s torch.rand stream (non-finite
     entries are always kept); "rescale" is magnitude followed by scaling each (sample, channel)
     plane (see ``plane_dims``) by sum|g| / (sum|pruned g| + eps), computed in float32
-    (float64 for float64 g).
+    (float64 for float64 g). "random-unbiased" is "random" times m / n; "mvue" keeps n per group
+    with the minimum-variance unbiased inclusion probabilities, one uniform per group from
+    `generator` (see ``kernels.unbiased``).
     """
     n, m, d = _check_prune_args(g, n, m, method, dim)
     return prune_checked(g, n, m, method, d, generator, eps)
@@ -106,11 +112,17 @@ def prune_reference(g: torch.Tensor, n: int, m: int, method: str = "magnitude", 
 def prune_checked(g: torch.Tensor, n: int, m: int, method: str, d: int, generator, eps: float) -> torch.Tensor:
     """``prune_reference`` for arguments already validated (d non-negative): the torch path of prune_grad."""
     # Channels innermost: free for channels_last conv grads and Linear grads, one copy otherwise.
+    if method == "mvue":  # in g's own layout; one uniform per group, drawn in channels-last group order
+        return prune_mvue_layout(g, n, m, d, lambda shape: torch.rand(
+            channels_last_shape(shape, d), generator=generator, device=g.device, dtype=torch.float32).movedim(-1, d))
     gc = g.movedim(d, -1).contiguous()
-    if method == "random":
+    if method in ("random", "random-unbiased"):
         keys = torch.rand(gc.shape, generator=generator, device=gc.device, dtype=torch.float32)
         keys.masked_fill_(~torch.isfinite(gc), 2.0)  # above any draw: non-finite entries stay
         mask = topn_keys(keys.view(-1, m), n).view(gc.shape)
+        if method == "random-unbiased":
+            out = random_unbiased_grouped(gc.view(-1, m), mask.view(-1, m), n).view(gc.shape)
+            return _restride(out, d, g)
     elif torch.compiler.is_compiling():
         mask = topn_keys(magnitude_key(gc.detach()).view(-1, m), n).view(gc.shape)
     else:

@@ -1,4 +1,4 @@
-"""Triton N:M pruning: SDGP's gradient pruning (magnitude, random, rescale) and SR-STE masking.
+"""Triton N:M pruning: SDGP's gradient pruning (every method but tile24) and SR-STE masking.
 
 All functions take CUDA tensors (compiled kernels) or CPU tensors (the same kernels run by the
 Triton interpreter: slow, for tests). They match ``nmsparse.kernels.reference``:
@@ -13,6 +13,13 @@ Triton interpreter: slow, for tests). They match ``nmsparse.kernels.reference``:
   a uniform n-subset of each group, reproducible from (seed, offset) and independent of the
   memory layout; ``reference.prune_random_reference`` computes the same on a CPU, bit for bit.
   Non-finite entries are always kept, as in the torch method.
+- "random-unbiased": "random"'s kernel, then the kept values times m / n (bit for bit the
+  torch method's product, given the same choice).
+- "mvue": its own kernel (``_triton_kernels.mvue_kernel``): the water-filling and systematic
+  sampling of ``kernels.unbiased`` in float32, one uniform ``tl.rand(seed, offset + k)`` per
+  group k (channels-last order); ``unbiased.prune_mvue_reference`` computes the same on a CPU
+  (equal up to float rounding of the group sums, which moves a choice only when u falls
+  within a rounding error of an interval's end).
 
 Supported: float16, bfloat16, float32; m in SUPPORTED_M; 1 <= n <= m.
 """
@@ -26,6 +33,7 @@ import torch
 
 from ..patterns.checks import check_dim, check_divisible, check_float_tensor
 from .reference import PRUNE_METHODS, SEED_STRIDE, _check_seed, check_prune_nm
+from .unbiased import UNBIASED_METHODS
 
 __all__ = ["SUPPORTED_M", "SUPPORTED_DTYPES", "triton_available", "interpreting", "prune",
            "srste_mask_apply", "seed_from_generator", "step_seed"]
@@ -144,6 +152,8 @@ def _scale_mode(method: str, ndim: int, d: int) -> str:
 def _run(x: torch.Tensor, n: int, m: int, d: int, method: str, seed: int, offset: int, eps: float,
          want_out: bool, want_mask: bool, multiply: bool, mode: str):
     k = _kernels(x.device)
+    if method in UNBIASED_METHODS and n == m:
+        method = "magnitude"  # n == m keeps everything as it is
     plane_batch = mode == "batch"
     xv = _view(x, d, keep_batch=plane_batch)
     out = torch.empty_like(x) if want_out else None
@@ -178,6 +188,13 @@ def _run(x: torch.Tensor, n: int, m: int, d: int, method: str, seed: int, offset
             M=m, BLOCK_S=block_s, GROUPS=groups, ROW=row)
         scale = full.sum(1) / (kept.sum(1) + eps)
         ss = (0, 1, 0) if row else (C, 0, 1)
+    if method == "mvue":  # its own kernel; the kept mask is where the output is nonzero (or NaN)
+        k.mvue_kernel[(B * n_cb * n_sb,)](
+            x, out, S, C, n_sb, n_cb, sxb, sxs, sxc, sob, sos, soc, n, seed, offset,
+            M=m, BLOCK_S=block_s, GROUPS=groups)
+        if mask is not None:
+            mask.copy_((out != 0) | out.isnan())
+        return out, mask
     dummy = x  # pointer arguments that a constexpr flag leaves unused
     bf16_bits = out is not None and scale is not None and out.dtype == torch.bfloat16
     k.prune_kernel[(B * n_cb * n_sb,)](
@@ -186,9 +203,12 @@ def _run(x: torch.Tensor, n: int, m: int, d: int, method: str, seed: int, offset
         scale if scale is not None else dummy,
         S, C, n_sb, n_cb, sxb, sxs, sxc, sob, sos, soc, *ss,
         n, seed, offset,
-        M=m, BLOCK_S=block_s, GROUPS=groups, RANDOM=method == "random", SCALE=scale is not None,
+        M=m, BLOCK_S=block_s, GROUPS=groups, RANDOM=method in ("random", "random-unbiased"),
+        SCALE=scale is not None,
         MULTIPLY=multiply, STORE_OUT=out is not None, STORE_MASK=mask is not None,
         BF16_BITS=bf16_bits)
+    if method == "random-unbiased" and out is not None and n < m:
+        out.mul_(m / n)  # the same product as the torch method's, on the kept entries
     return out, mask
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 
-from ..common.text import check_keys
+from ..common.text import check_keys, did_you_mean
 from .sdgp import SDGP_METHODS, check_sdgp_settings
 from .sparse_cores import check_kernel
 from .weight import check_block_settings, check_nm_settings
@@ -30,13 +30,14 @@ class GradSparsity:
 
     n: int = 2
     m: int = 4
-    method: str = "rescale"  # "magnitude" | "random" | "rescale" | "tile24" (2:4 only)
+    method: str = "rescale"  # "magnitude" | "random" | "rescale" | "random-unbiased" | "mvue" | "tile24" (2:4 only)
     layers: str = "conv"  # "conv" (the reference: convs with > 3 input channels) | "conv+linear"
     seed: int = 0
 
     def __post_init__(self):
         if self.method not in SDGP_METHODS:
-            raise ValueError(f"grad.method must be one of {SDGP_METHODS}, got {self.method!r}")
+            raise ValueError(f"grad.method must be one of {SDGP_METHODS}, got {self.method!r}"
+                             f"{did_you_mean(self.method, SDGP_METHODS)}")
         if self.layers not in ("conv", "conv+linear"):
             raise ValueError(f"grad.layers must be 'conv' or 'conv+linear', got {self.layers!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

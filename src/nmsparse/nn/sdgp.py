@@ -14,7 +14,8 @@ from torch.nn.utils import parametrize
 
 from ..kernels import ops
 from ..kernels.ops import prune_grad_fast
-from ..kernels.reference import PRUNE_METHODS, SEED_STRIDE, check_prune_nm, prune_checked
+from ..common.text import did_you_mean
+from ..kernels.reference import PRUNE_METHODS, SEED_STRIDE, STOCHASTIC_METHODS, check_prune_nm, prune_checked
 from ..patterns.checks import check_dim, check_divisible, check_float_tensor
 
 # "tile24": 2:4 chosen by the fused prune-and-compress route of 2:4 sparse tensor cores (greedy in
@@ -28,7 +29,7 @@ __all__ = ["prune_grad", "SDGP_METHODS", "SDGPConv2d", "SDGPLinear", "sdgp_conv2
 def check_sdgp_settings(n, m, method: str | None = None) -> tuple[int, int]:
     """SDGP's n:m (1 <= n <= m) and method, validated with messages naming the argument; returns (n, m)."""
     if method is not None and method not in SDGP_METHODS:
-        raise ValueError(f"method must be one of {SDGP_METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {SDGP_METHODS}, got {method!r}{did_you_mean(method, SDGP_METHODS)}")
     n, m = check_prune_nm(n, m)
     if method == "tile24" and (n, m) != (2, 4):
         raise ValueError(f"method 'tile24' is the 2:4 tensor-core pattern: it needs n=2, m=4, got {n}:{m}")
@@ -51,6 +52,11 @@ def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: 
     "tile24" (2:4 only) keeps what the fused route of 2:4 sparse tensor cores keeps: g as
     (positions, channels) in tiles of 4 x 4, at most 2 per row and per column, greedily by |g|
     (``kernels.reference.tile24_prune_grad``; PyTorch's tile kernel on an sm80+ GPU).
+    The unbiased methods (E[out] = g; ``nmsparse.kernels.unbiased``): "random-unbiased" is
+    "random" times m / n; "mvue" keeps n per group, entry i with probability
+    p_i = min(1, c|g_i|) (sum p_i = n) and the value g_i / p_i (a group with at most n nonzeros
+    keeps them unscaled), drawing one uniform per group from `generator`: the least variance of
+    any unbiased n-per-group estimator.
     """
     check_float_tensor(g, "g")
     n, m = check_sdgp_settings(n, m, method)
@@ -214,17 +220,17 @@ class _SDGPMixin:
         self.register_buffer("sdgp_step", torch.zeros((), dtype=torch.int64, device=device))
 
     def _step_generator(self, *inputs: torch.Tensor | None) -> torch.Generator | None:
-        """Counts forwards that record a backward; for "random", that backward's generator."""
+        """Counts forwards that record a backward; for the random methods, that backward's generator."""
         if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
             return None
-        gen = self._generator(inputs[0].device) if self.method == "random" else None
+        gen = self._generator(inputs[0].device) if self.method in STOCHASTIC_METHODS else None
         with torch.no_grad():
             self.sdgp_step.add_(1)
         return gen
 
     @torch.compiler.disable  # reads the step on the host: a clean graph break under torch.compile
     def _generator(self, device: torch.device) -> torch.Generator:
-        # One host read per forward, only for "random": the seed must be a Python int.
+        # One host read per forward, only for the random methods: the seed must be a Python int.
         seed = (self.seed * SEED_STRIDE + int(self.sdgp_step)) % (1 << 64)
         return torch.Generator(device=device).manual_seed(seed)
 
@@ -267,7 +273,7 @@ class _SDGPMixin:
 class SDGPConv2d(_SDGPMixin, nn.Conv2d):
     """nn.Conv2d with SDGP: the input gradient uses the output gradient pruned n:m along channels.
 
-    `sdgp_step` counts forwards that record a backward; "random" draws its choice for step s
+    `sdgp_step` counts forwards that record a backward; "random" (and "random-unbiased", "mvue") draws its choice for step s
     from a generator seeded with seed * 1_000_003 + s, so a reloaded model continues identically.
     """
 
