@@ -200,8 +200,10 @@ def plot_fidelity(rows: list[dict], path: str | Path, title: str = "") -> Path:
                                        ("cos_dw", "cosine of dW to dense")]):
         for i, meth in enumerate(methods):
             vals = {r["layer"]: r[key] for r in rows if r["method"] == meth}
-            ax.plot(range(len(layers)), [vals.get(lay, math.nan) for lay in layers], marker="o", label=meth,
-                    color=f"C{i % 10}")
+            ax.plot(range(len(layers)), [vals.get(lay, math.nan) for lay in layers], marker="os^"[i // 10 % 3],
+                    linestyle=("-", "--", ":")[i // 10 % 3], label=meth, color=f"C{i % 10}")
+        if key == "relvar_dx":
+            ax.set_yscale("symlog", linthresh=1e-2)
         ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
