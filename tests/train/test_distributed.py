@@ -13,10 +13,11 @@ sys.path.insert(0, str(HERE))
 import ddp_worker  # noqa: E402
 
 
-def run_torchrun(tmp_path, method):
+def run_torchrun(tmp_path, method, worker: str = "ddp_worker.py"):
+    """Two gloo processes of `worker` (in this folder); each saves rank<r>.pt in tmp_path."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE)] + sys.path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "ddp_worker.py"), str(tmp_path), method]
+           str(HERE / worker), str(tmp_path), method]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

@@ -4,39 +4,28 @@ A sparsified model (SR-STE 2:4 weights, SDGP rescale 2:4 on the data gradient) s
 trains like one process on the whole batch.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from nmsparse.nn.state import remove_plain_layout
-
 from nmsparse import is_nm
+from nmsparse.nn.state import remove_plain_layout
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import ddp_worker  # noqa: E402
+from test_distributed import run_torchrun  # noqa: E402
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
     pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2)", allow_module_level=True)
 
 
-def run_torchrun(tmp_path, method):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE)] + sys.path))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "fsdp_worker.py"), str(tmp_path), method]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-
-
 @pytest.mark.slow
 def test_fully_shard_two_processes_equal_one(tmp_path):
-    r0, r1 = run_torchrun(tmp_path, "rescale")
+    r0, r1 = run_torchrun(tmp_path, "rescale", "fsdp_worker.py")
     # the weights really were sharded: the parametrized originals and the dense layers' parameters
     assert "2.parametrizations.weight.original" in r0["sharded"] and "8.weight" in r0["sharded"]
     single = ddp_worker.train(ddp_worker.build("rescale"), steps=5)

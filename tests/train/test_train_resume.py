@@ -15,6 +15,7 @@ from nmsparse.train import loop
 from nmsparse.train.checkpoint import check_config, config_differences, load_checkpoint, save_checkpoint
 from nmsparse.train.config import load_config
 from nmsparse.train.loop import train
+from test_train_loop import stop_at  # Ctrl-C inside the loop
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ROOT / "configs" / "digits-dense.yaml"
@@ -173,18 +174,6 @@ def test_config_differences_name_only_what_differs():
         check_config("run/checkpoint.pt", {"config": nm}, block)
 
 
-def interrupt_at(monkeypatch, at_step: int) -> None:
-    """Make train() see Ctrl-C just before it takes step `at_step` (as a KeyboardInterrupt from the loop)."""
-    real = loop.lr_factor
-
-    def lr_factor(name, step, *args):
-        if step == at_step:
-            raise KeyboardInterrupt
-        return real(name, step, *args)
-
-    monkeypatch.setattr(loop, "lr_factor", lr_factor)
-
-
 def same_weights(a: Path, b: Path) -> bool:
     sa, sb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -196,7 +185,7 @@ def test_mid_epoch_checkpoints_resume_bit_exact_and_a_truncated_one_falls_back(t
     sets = ["epochs=2", "checkpoint_every_steps=5", "sparsity.weight.kind=nm", "sparsity.grad.method=random"]
     train(cfg(*sets), tmp_path / "ref", log=lambda *_: None)
     run = tmp_path / "run"
-    interrupt_at(monkeypatch, 32)  # 23 steps per epoch: inside epoch 2, after the checkpoint of step 30
+    stop_at(monkeypatch, 32)  # 23 steps per epoch: inside epoch 2, after the checkpoint of step 30
     with pytest.raises(KeyboardInterrupt) as e:
         train(cfg(*sets), run, log=lambda *_: None)
     assert isinstance(e.value, loop.TrainingInterrupted)

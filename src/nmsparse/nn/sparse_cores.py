@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..kernels import ops
-from .sdgp import SDGPLinear, _autocast, _check_layer, linear_param_grads, sdgp_linear, sdgp_linear_input_grad
+from .sdgp import SDGPLinear, _autocast, _linear, linear_param_grads, sdgp_linear_input_grad
 from .weight import NMWeightSparsity, find_parametrization
 
 __all__ = ["KERNELS", "SparseCoreLinear", "SparseCoreSDGPLinear", "to_sparse_core", "sparse_core_eligible",
@@ -149,10 +149,10 @@ class SparseCoreSDGPLinear(SDGPLinear, SparseCoreLinear):
         weight, bias = self.weight, self.bias  # read once: a parametrized weight is recomputed per read
         gen = self._step_generator(x, weight, bias)
         cast, _ = self._offer(x, weight, bias)
+        # n, m and the method were checked when the layer was built: the forward does not check them again.
         if cast is None:
-            return sdgp_linear(x, weight, bias, self.n, self.m, self.method, gen)
-        n, m = _check_layer(cast[0], cast[1], self.n, self.m, self.method, "out-feature")
-        return _SparseCoreLinearFn.apply(*cast, False, (n, m, self.method, gen))
+            return _linear(x, weight, bias, self.n, self.m, self.method, gen)
+        return _SparseCoreLinearFn.apply(*cast, False, (self.n, self.m, self.method, gen))
 
     @classmethod
     def from_sdgp(cls, module: SDGPLinear) -> "SparseCoreSDGPLinear":
