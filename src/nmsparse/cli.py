@@ -78,8 +78,12 @@ def _train(args) -> int:
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     summary = train(cfg, out, resume=not args.restart)
     if _is_main_process():
-        print(f"\n{cfg.name}: final test top-1 {summary['final_test_acc']:.2f}% "
-              f"(best {summary['best_test_acc']:.2f}%); run directory {out}/")
+        if summary["metric"] == "val_loss":
+            result = (f"final validation loss {summary['final']:.4f} nats/char, perplexity "
+                      f"{summary['final_val_ppl']:.2f} (best loss {summary['best']:.4f})")
+        else:
+            result = f"final test top-1 {summary['final']:.2f}% (best {summary['best']:.2f}%)"
+        print(f"\n{cfg.name}: {result}; run directory {out}/")
     return 0
 
 

@@ -24,7 +24,8 @@ from .loader import TensorLoader
 __all__ = ["DATASETS", "STATS", "NUM_CLASSES", "SAMPLE_SHAPES", "sample_shape", "default_data_root", "load_dataset",
            "make_loader"]
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "tinyshakespeare", "text")
+TEXT_DATASETS = ("tinyshakespeare", "text")  # character-level corpora (data/text.py): classes = the vocabulary
 # Per-channel mean and std of the training images in [0, 1] units (imagefolder: ImageNet's).
 STATS = {
     "digits": ((0.3050,), (0.3756,)),
@@ -111,6 +112,8 @@ def load_dataset(name: str, root: str | Path | None = None, split: str = "train"
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if name in TEXT_DATASETS:
+        raise ValueError(f"{name!r} is a text corpus, not an image dataset: read it with nmsparse.data.text_corpus")
     split = "test" if split == "val" else split
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")

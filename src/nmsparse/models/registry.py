@@ -8,6 +8,7 @@ from typing import Callable
 
 from torch import nn
 
+from .gpt import GPT
 from .resnet import ResNet9, regnetx_400mf, resnet18, resnet50
 from .small import MLP, SmallCNN
 from .vgg import vgg16
@@ -26,6 +27,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "vit_tiny": vit_tiny,
     "vit": ViT,
     "vgg16": vgg16,
+    "gpt": GPT,
 }
 
 
@@ -53,14 +55,18 @@ def build_model(name: str, **kwargs) -> nn.Module:
 
 
 def build_for_data(name: str, kwargs: dict, sample_shape, num_classes: int) -> nn.Module:
-    """Build model `name` for samples of shape (C, H, W) and `num_classes` classes.
+    """Build model `name` for samples of shape (C, H, W) (images) or (T,) (token sequences) and `num_classes`
+    classes (the vocabulary of a language model).
 
-    The classes, input channels, image size and flattened input size are passed to the builder
-    where it takes them, unless `kwargs` sets them.
+    The classes, input channels, image size and flattened input size (or vocabulary and block size) are passed
+    to the builder where it takes them, unless `kwargs` sets them.
     """
-    c, h, w = tuple(sample_shape)
     accepted = inspect.signature(MODELS.get(name, build_model)).parameters
-    derived = {"num_classes": num_classes, "in_channels": c, "image_size": h, "in_features": c * h * w}
+    if len(sample_shape) == 1:
+        derived = {"vocab_size": num_classes, "block_size": int(sample_shape[0])}
+    else:
+        c, h, w = tuple(sample_shape)
+        derived = {"num_classes": num_classes, "in_channels": c, "image_size": h, "in_features": c * h * w}
     full = {k: v for k, v in derived.items() if k in accepted}
     full.update(kwargs)
     return build_model(name, **full)

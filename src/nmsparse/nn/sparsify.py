@@ -81,8 +81,12 @@ def _nothing_selected(model: nn.Module, config: SparsityConfig, filter_fn, what:
         linears = not for_grad or config.grad.layers == "conv+linear"
         how = "the default filter (convs with > 3 input channels" + (", Linears but the last)" if linears else ")")
     shown = (", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "")) if layers else "none"
+    hint = ""
+    if for_grad and filter_fn is None and config.include is None and config.grad.layers == "conv" and \
+            any(isinstance(m, nn.Linear) for m in model.modules()):
+        hint = "; for the Linear layers (a transformer, an MLP) set grad.layers: conv+linear"
     return ValueError(f"no layer selected for {what} sparsity: {how} with exclude={config.exclude} matched none of "
-                      f"the model's Conv2d/Linear layers ({shown})")
+                      f"the model's Conv2d/Linear layers ({shown}){hint}")
 
 
 def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterFn | None = None, *,

@@ -11,6 +11,7 @@ import yaml
 
 from ..models.checkpoint import load_checkpoint, save_checkpoint  # noqa: F401  (the run's checkpoint I/O)
 from .schedule import LENGTH_INDEPENDENT_SCHEDULES
+from .config import config_from_dict
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming it.
 # sparsity.weight.kernel picks where products run, not what they compute (older checkpoints lack it).
@@ -87,7 +88,12 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 
 def check_config(path: str | Path, state: dict, current: dict) -> None:
     """ValueError listing the keys (other than RESUMABLE_DIFFERENCES) where `current` differs from the saved config."""
-    diffs = config_differences(state.get("config", {}), current)
+    saved = state.get("config", {})
+    try:  # keys added to the config since the checkpoint was written compare as their defaults
+        saved = config_from_dict(saved).to_dict()
+    except (ValueError, KeyError, TypeError):
+        pass
+    diffs = config_differences(saved, current)
     if diffs:
         raise ValueError(f"checkpoint {path} was written by a different config ({'; '.join(diffs)}); "
                          f"use the same config to resume, or another --out (or --restart) to start a new run")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 import statistics
 from pathlib import Path
 
@@ -137,11 +138,12 @@ def run_compare(configs: list[dict], seeds: int, out_dir: str | Path, log=print,
         accs, histories = [], []
         for cfg, run_dir in runs:
             summary = train(cfg, run_dir, resume=resume, log=log)
-            accs.append(summary["final_test_acc"])
+            accs.append(summary["final"])
+            metric = summary.get("metric", "test_acc")
             histories.append(read_run(run_dir)["metrics"])
         weight_nm, grad_nm = nm_columns(cfg)
         rows.append({"name": cfg.name, "pattern": pattern_label(cfg), "weight_nm": weight_nm, "grad_nm": grad_nm,
-                     "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                     "metric": metric, "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "seeds": len(accs), "accs": accs})
         curves[cfg.name] = histories
     if is_main_process():
@@ -150,11 +152,17 @@ def run_compare(configs: list[dict], seeds: int, out_dir: str | Path, log=print,
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| run | pattern | weight N:M | SDGP grad N:M | top-1 (%) mean +- std | seeds |",
-             "|---|---|---|---|---|---|"]
+    """The Markdown table: one row per config, the headline metric's mean +- std over seeds (top-1 accuracy, or
+    validation loss and perplexity for language models)."""
+    text = any(r.get("metric") == "val_loss" for r in rows)
+    label = "val loss (nats/char) mean +- std | perplexity" if text else "top-1 (%) mean +- std"
+    lines = [f"| run | pattern | weight N:M | SDGP grad N:M | {label} | seeds |",
+             "|---|---|---|---|---|---|" + ("---|" if text else "")]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['pattern']} | {r['weight_nm']} | {r['grad_nm']} | "
-                     f"{r['mean']:.2f} +- {r['std']:.2f} | {r['seeds']} |")
+        value = f"{r['mean']:.2f} +- {r['std']:.2f}"
+        if text:
+            value = f"{r['mean']:.4f} +- {r['std']:.4f} | {math.exp(r['mean']):.2f}"
+        lines.append(f"| {r['name']} | {r['pattern']} | {r['weight_nm']} | {r['grad_nm']} | {value} | {r['seeds']} |")
     return "\n".join(lines)
 
 
@@ -164,10 +172,10 @@ def write_outputs(rows: list[dict], curves: dict, out_dir: Path, log=print) -> N
     (out_dir / "compare.md").write_text(format_table(rows) + "\n")
     with open(out_dir / "compare.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "pattern", "weight_nm", "grad_nm", "mean", "std", "seeds", "accuracies"])
+        w.writerow(["run", "pattern", "weight_nm", "grad_nm", "metric", "mean", "std", "seeds", "values"])
         for r in rows:
-            w.writerow([r["name"], r["pattern"], r["weight_nm"], r["grad_nm"], f"{r['mean']:.3f}", f"{r['std']:.3f}",
-                        r["seeds"], " ".join(f"{a:.2f}" for a in r["accs"])])
+            w.writerow([r["name"], r["pattern"], r["weight_nm"], r["grad_nm"], r.get("metric", "test_acc"),
+                        f"{r['mean']:.4f}", f"{r['std']:.4f}", r["seeds"], " ".join(f"{a:.4f}" for a in r["accs"])])
     if can_plot():
         plot_curves(curves, out_dir / "compare.png", title="nmsparse compare")
     else:

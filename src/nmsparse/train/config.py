@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..common.text import check_keys, did_you_mean
-from ..data import DATASETS, DataConfig
+from ..data import DATASETS, TEXT_DATASETS, DataConfig
 from ..models import model_argument_error
 from ..nn.config import SparsityConfig
 from .schedule import SCHEDULES
@@ -33,6 +33,9 @@ class OptimConfig:
     weight_decay: float = 5e-4
     decay_norm_and_bias: bool = False  # the references exclude norm parameters (and biases) from decay
     label_smoothing: float = 0.0
+    beta1: float = 0.9  # adamw
+    beta2: float = 0.999  # adamw (nanoGPT's small models: 0.99)
+    grad_clip: float = 0.0  # max global gradient norm (0: off)
     batch_lr_scaling: bool = False  # lr is given per 256 images (ffcv style) when true
 
 
@@ -179,6 +182,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     _at_least("config.data.cutout", d.cutout, 0, " (side of the zeroed square in pixels; 0 is off)")
     _at_least("config.data.workers", d.workers, 0, " (0 loads in the main process)")
     _at_least("config.data.image_size", d.image_size, 1)
+    _at_least("config.data.block_size", d.block_size, 1, " (characters per training sequence)")
+    _at_least("config.data.steps_per_epoch", d.steps_per_epoch, 0)
+    _at_least("config.data.val_blocks", d.val_blocks, 0, " (0: the whole validation split)")
+    if d.name in TEXT_DATASETS:
+        if d.steps_per_epoch < 1:
+            raise ValueError(f"config.data.steps_per_epoch must be >= 1 for text data ({d.name}): the random-block "
+                             f"batches between evaluations, e.g. 250, got {d.steps_per_epoch}")
+        if d.name == "text" and not d.path:
+            raise ValueError("config.data.path is required for data.name: text (the UTF-8 file to train on)")
+        _in_range("config.data.val_fraction", d.val_fraction, 0, 1, high_open=True)
+        if d.val_fraction == 0:
+            raise ValueError("config.data.val_fraction must be > 0: the validation split is the last fraction")
     o = cfg.optim
     if not (math.isfinite(o.lr) and o.lr > 0):
         raise ValueError(f"config.optim.lr must be a finite number > 0, got {o.lr!r}")
@@ -186,6 +201,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
         raise ValueError(f"config.optim.weight_decay must be a finite number >= 0, got {o.weight_decay!r}")
     _in_range("config.optim.label_smoothing", o.label_smoothing, 0, 1, high_open=True)
+    _in_range("config.optim.beta1", o.beta1, 0, 1, high_open=True)
+    _in_range("config.optim.beta2", o.beta2, 0, 1, high_open=True)
+    if not (math.isfinite(o.grad_clip) and o.grad_clip >= 0):
+        raise ValueError(f"config.optim.grad_clip must be a finite number >= 0 (0 is off), got {o.grad_clip!r}")
     s = cfg.schedule
     if not (math.isfinite(s.warmup_epochs) and s.warmup_epochs >= 0):
         raise ValueError(f"config.schedule.warmup_epochs must be a finite number >= 0, got {s.warmup_epochs!r}")

@@ -24,8 +24,8 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from ..data import NUM_CLASSES, build_loaders, normalize_uint8, set_epoch
-from ..models import autocast_dtype, build_from_record, evaluate, model_record
+from ..data import build_loaders, normalize_uint8, num_classes, set_epoch
+from ..models import autocast_dtype, build_from_record, evaluate, headline, model_record
 from ..models.evaluate import autocast
 from ..nn.sparsify import sparsify, sparsity_report
 from . import distributed
@@ -51,8 +51,9 @@ def loaders_for(cfg: TrainConfig, device: torch.device, rank: int = 0, world: in
 
 
 def record_for(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> dict:
-    """The checkpoint's model record: cfg.model for samples of this shape and the dataset's classes."""
-    return model_record(cfg.model.name, cfg.model.kwargs, sample_shape, NUM_CLASSES[cfg.data.name])
+    """The checkpoint's model record: cfg.model for samples of this shape and the dataset's classes (a text
+    corpus's vocabulary)."""
+    return model_record(cfg.model.name, cfg.model.kwargs, sample_shape, num_classes(cfg.data))
 
 
 def _set_determinism(cfg: TrainConfig) -> None:
@@ -66,6 +67,13 @@ def _set_determinism(cfg: TrainConfig) -> None:
 def _step_seed(seed: int, step: int, rank: int) -> int:
     """The global RNG's seed for one training step (dropout and the like): a function of seed, step and rank."""
     return int(np.random.SeedSequence([seed, step, rank, 3]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of class logits (B, C), or of a language model's (B, T, V) logits per token."""
+    if logits.dim() == 3:
+        logits, y = logits.flatten(0, 1), y.flatten()
+    return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
 
 
 def _on_terminal() -> bool:
@@ -177,9 +185,12 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
                     for g in opt.param_groups:
                         g["lr"] = lr
                     with autocast(device, amp_dtype):
-                        loss = F.cross_entropy(net(x), y, label_smoothing=cfg.optim.label_smoothing)
+                        loss = loss_fn(net(x), y, cfg.optim.label_smoothing)
                     opt.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
+                    if cfg.optim.grad_clip:
+                        scaler.unscale_(opt)
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                     scaler.step(opt)
                     scaler.update()
                     loss_sum += loss.detach().float() * len(y)
@@ -189,8 +200,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
                     now = time.perf_counter()
                     if lines and now - line_t >= PROGRESS_EVERY_S:
                         rate = (seen - line_seen) * info.world_size / max(now - line_t, 1e-9)
+                        unit = "images" if y.dim() == 1 else "sequences"
                         log(f"{cfg.name}: epoch {epoch + 1}/{n_epochs}, step {step}/{total}, "
-                            f"loss {float(loss_sum) / max(seen, 1):.4f}, {rate:.0f} images/s")
+                            f"loss {float(loss_sum) / max(seen, 1):.4f}, {rate:.0f} {unit}/s")
                         line_t, line_seen = now, seen
                     if ckpt is None or batch >= steps_per_epoch or step >= total:
                         continue  # the epoch-end checkpoint follows
@@ -210,8 +222,11 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
                 row = {"epoch": epoch, "step": step, "lr": lr,
                        "train_loss": float(distributed.all_reduce_mean(loss_sum / max(seen, 1))),
                        "epoch_time_s": round(train_time, 3)}
-                if epoch % cfg.eval_every == 0 or epoch == n_epochs or step >= total:
-                    row.update(evaluate(model, test_loader, device, amp_dtype, cfg.tta_flip))
+                last_epoch = epoch == n_epochs or step >= total
+                if epoch % cfg.eval_every == 0 or last_epoch:
+                    # A text loader evaluating a sample of the validation blocks gives the whole split at the end.
+                    loader = test_loader.full() if last_epoch and hasattr(test_loader, "full") else test_loader
+                    row.update(evaluate(model, loader, device, amp_dtype, cfg.tta_flip))
                 history.append(row)
                 if main:
                     save({"epoch": epoch, "step": step}, history[:-1])
@@ -220,6 +235,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
                     last, last_save = (ckpt, epoch, step, 0), time.perf_counter()
                 if info.is_main:
                     acc = f", test acc {row['test_acc']:.2f}%" if "test_acc" in row else ""
+                    if "val_loss" in row:
+                        acc = f", val loss {row['val_loss']:.4f} (perplexity {row['val_ppl']:.2f})"
                     log(f"{cfg.name}: epoch {epoch}/{n_epochs}, train loss {row['train_loss']:.4f}{acc} "
                         f"({train_time:.1f} s)")
         except KeyboardInterrupt as e:
@@ -254,12 +271,22 @@ def _describe_run(out: Path, cfg: TrainConfig, metrics: MetricsLog, history: lis
 
 
 def _summary(cfg: TrainConfig, model: nn.Module, history: list[dict], seconds: float) -> dict:
-    evals = [r for r in history if "test_acc" in r]
+    """The run's result: `metric` names the headline number (test_acc, or val_loss for a language model), `final`
+    and `best` are its values (also under final_<metric> and best_<metric>)."""
+    evals = [r for r in history if "test_acc" in r or "val_loss" in r]
+    key, _, higher = headline(evals[-1] if evals else {})
+    values = [r[key] for r in evals]
+    best = (max if higher else min)(values) if values else None
+    extra = {"final_val_ppl": evals[-1]["val_ppl"]} if key == "val_loss" and evals else {}
     return {
         "name": cfg.name,
         "pattern": pattern_label(cfg),
-        "final_test_acc": evals[-1]["test_acc"] if evals else None,
-        "best_test_acc": max(r["test_acc"] for r in evals) if evals else None,
+        "metric": key,
+        "final": values[-1] if values else None,
+        "best": best,
+        f"final_{key}": values[-1] if values else None,
+        f"best_{key}": best,
+        **extra,
         "epochs": history[-1]["epoch"] if history else 0,
         "train_seconds_this_session": round(seconds, 2),
         "sparsity": sparsity_report(model),

@@ -98,11 +98,14 @@ def curves_figure(runs: dict[str, list[list[dict]]], title: str = ""):
     last_epoch = 1
     multi_seed = False
     losses = []
+    # Language models are judged by validation loss (lower is better), classifiers by test accuracy.
+    text = any("val_loss" in r for seeds in runs.values() for rows in seeds for r in rows)
+    metric = "val_loss" if text else "test_acc"
     for i, (label, seeds) in enumerate(runs.items()):
         style = config_style(i)
         multi_seed |= len(seeds) > 1
         name = f"{label} ({len(seeds)} seeds)" if len(seeds) > 1 else label
-        for ax, key in ((ax_acc, "test_acc"), (ax_loss, "train_loss")):
+        for ax, key in ((ax_acc, metric), (ax_loss, "train_loss")):
             epochs, mean, std = mean_std(seeds, key)
             if not epochs:
                 continue
@@ -124,7 +127,11 @@ def curves_figure(runs: dict[str, list[list[dict]]], title: str = ""):
                         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=style["color"],
                                 linewidth=0.6, alpha=0.45, gid="seed")
     spread = ", mean +- std over seeds" if multi_seed else ""
-    ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"test accuracy{spread}")
+    if text:
+        ax_acc.set(xlabel="epoch (data.steps_per_epoch steps)", ylabel="validation loss (nats/char)",
+                   title=f"validation loss{spread}")
+    else:
+        ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title=f"test accuracy{spread}")
     # A log axis once the loss falls by more than 10x; a linear one reads better over a shorter range.
     log = bool(losses) and min(losses) > 0 and max(losses) / min(losses) > 10
     ax_loss.set(xlabel="epoch", ylabel="train loss (log)" if log else "train loss", title=f"train loss{spread}")
