@@ -22,6 +22,8 @@ from nmsparse.models import build_for_data
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 ALL = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+TEXT = [p for p in ALL if p.startswith("shakespeare/")]  # language models: tested below
+IMAGES = [p for p in ALL if p not in TEXT]
 SAMPLE_SHAPES = {"cifar10": (3, 32, 32), "imagefolder": (3, 224, 224), "fashion-mnist": (1, 28, 28),
                  "mnist": (1, 28, 28), "digits": (1, 8, 8)}
 
@@ -93,7 +95,7 @@ def test_every_published_row_has_its_config():
     assert shipped == set(PUBLISHED)
 
 
-@pytest.mark.parametrize("path", ALL)
+@pytest.mark.parametrize("path", IMAGES)
 def test_config_loads_builds_and_sparsifies(path, monkeypatch):
     cfg, model = built(path)
     assert cfg.data.name in SAMPLE_SHAPES
@@ -258,3 +260,21 @@ def test_imagenet_recipes(path):
         w = cfg.sparsity.weight
         assert isinstance(w, WeightBlock)
         assert (w.block, w.sparsity, w.score, w.schedule) == ((8, 8), 0.5, "l2", "oneshot")
+
+
+@pytest.mark.parametrize("path", TEXT)
+def test_shakespeare_configs_are_nanogpts_recipe_and_sparsify_every_linear_but_the_tied_head(path):
+    cfg = load_config(CONFIGS / path)
+    assert cfg.data.name == "tinyshakespeare" and cfg.epochs * cfg.data.steps_per_epoch == 2000
+    assert (cfg.data.block_size, cfg.data.batch_size, cfg.model.kwargs) == (
+        64, 12, {"n_layer": 4, "n_head": 4, "n_embd": 128, "dropout": 0.0, "bias": False, "tie_weights": True})
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.beta2, cfg.optim.grad_clip) == ("adamw", 1e-3, 0.99, 1.0)
+    model = build_for_data(cfg.model.name, cfg.model.kwargs, (cfg.data.block_size,), 65)
+    if cfg.sparsity is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify(model, cfg.sparsity)
+    converted = {name for name, *_ in sparse_layers(model)}
+    assert converted == {name for name, mod in model.named_modules()
+                         if isinstance(mod, nn.Linear) and name != "lm_head"} and len(converted) == 16

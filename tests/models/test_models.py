@@ -190,7 +190,7 @@ def test_vit_argument_checks():
 
 def test_registry_errors():
     assert set(MODELS) == {"resnet9", "resnet18", "resnet50", "regnetx_400mf", "small_cnn", "mlp",
-                           "vit_tiny", "vit", "vgg16"}
+                           "vit_tiny", "vit", "vgg16", "gpt"}
     with pytest.raises(ValueError, match="did you mean 'resnet18'") as err:
         build_model("resnet_18")
     assert all(name in str(err.value) for name in MODELS)

@@ -13,7 +13,7 @@ DIGITS = ROOT / "configs" / "digits-dense.yaml"
 
 BAD = {
     "data.name=fmnist": r"config.data.name must be one of digits, mnist, fashion-mnist, cifar10, imagefolder, "
-                        r"got 'fmnist'; did you mean 'fashion-mnist'\?",
+                        r"tinyshakespeare, text, got 'fmnist'; did you mean 'fashion-mnist'\?",
     "data.name=fashion_mnist": r"did you mean 'fashion-mnist'\?",
     "data.name=cifar": r"did you mean 'cifar10'\?",
     "amp=fp8": r"config.amp must be one of auto, bf16, fp16, off, got 'fp8'",
