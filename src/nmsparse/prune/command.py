@@ -244,7 +244,8 @@ def prune_command(args) -> int:
     try:
         prune_checkpoint(args.checkpoint, args.pattern, args.sparsity, args.calib, args.iters, args.out,
                          batch=args.batch, absorb_mean=args.absorb_mean, magnitude_only=args.magnitude_only,
-                         method=args.method, blocksize=args.blocksize, percdamp=args.percdamp, device=args.device, seed=args.seed, log=print)
+                         method=args.method, blocksize=args.blocksize, percdamp=args.percdamp,
+                         device=args.device, seed=args.seed, log=print)
     except (ValueError, OSError) as e:
         print(f"nmsparse prune: error: {e}", file=sys.stderr)
         return 2

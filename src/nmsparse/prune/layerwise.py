@@ -89,7 +89,8 @@ def _conv_pads(mod: nn.Conv2d) -> tuple[int, int, int, int]:
 
 @dataclass
 class LayerView:
-    """One layer as ``y = X W2^T``: ``weight2d`` (out, K) float64, ``inputs`` (groups, rows, K), ``set_weight2d``."""
+    """One layer as ``y = X W2^T``: ``weight2d`` (out, K), a float64 copy; ``inputs`` (groups, rows, K);
+    ``set_weight2d`` writes a 2-D weight back."""
 
     name: str
     mod: nn.Module
@@ -100,7 +101,7 @@ class LayerView:
 
     def weight2d(self) -> torch.Tensor:
         w = self.mod.weight.detach()
-        return (conv_to_2d(w) if w.dim() == 4 else w).to(torch.float64)
+        return (conv_to_2d(w) if w.dim() == 4 else w).to(torch.float64, copy=True)
 
     def set_weight2d(self, w2: torch.Tensor) -> None:
         w = self.mod.weight

@@ -42,7 +42,8 @@ def _gram(x: torch.Tensor, acc: torch.Tensor | None) -> torch.Tensor:
 
 def check_sparsegpt_settings(blocksize, percdamp, m: int) -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1 or blocksize % m:
-        raise ValueError(f"blocksize (columns per lazy update) must be a positive multiple of M = {m}, got {blocksize!r}")
+        raise ValueError(f"blocksize (columns per lazy update) must be a positive multiple of M = {m}, "
+                         f"got {blocksize!r}")
     if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not 0 <= percdamp < float("inf"):
         raise ValueError(f"percdamp (dampening, a fraction of the mean Hessian diagonal) must be a float >= 0, "
                          f"got {percdamp!r}")
@@ -130,9 +131,9 @@ def sparsegpt_prune(model: nn.Module, calib_x: torch.Tensor, pattern: str | Patt
                     filter_fn: FilterFn | None = None, blocksize: int = 128, percdamp: float = 0.01, *,
                     chunk: int = 32) -> OneShotReport:
     """Prune the selected layers of model to pattern ("2:4", "4:8", "4:8-T", any N:M or N:M-T) by SparseGPT on
-    calibration data, in place (see the module doc), and return the report; each layer's entry adds
-    ``obs_loss`` (the OBS loss the algorithm tracks) and ``rel_error`` (||X dW^T||^2 / ||X W^T||^2 on the
-    layer's calibration inputs).
+    calibration data, in place (see nmsparse.prune.sparsegpt's module doc), and return the report; each
+    layer's entry adds ``obs_loss`` (the OBS loss the algorithm tracks) and ``rel_error``
+    (||X dW^T||^2 / ||X W^T||^2 on the layer's calibration inputs).
 
     ``calib_x``: a batch that ``model(calib_x)`` takes, first dim = samples, fed in chunks of ``chunk``
     samples: (n, T) token ids (torch.long) for a language model, (n, C, H, W) images for a CNN.

@@ -54,7 +54,8 @@ def _prune_layer(view: LayerView, sum_squares: torch.Tensor, rows: int, p: Patte
 def wanda_prune(model: nn.Module, calib_x: torch.Tensor, pattern: str | Pattern, filter_fn: FilterFn | None = None,
                 *, chunk: int = 32) -> OneShotReport:
     """Prune the selected layers of model to pattern ("2:4", "4:8", "4:8-T", any N:M or N:M-T) by Wanda's
-    score |W_ij| * ||X_j||_2 on calibration data, in place (see the module doc), and return the report.
+    score |W_ij| * ||X_j||_2 on calibration data, in place (see nmsparse.prune.wanda's module doc), and
+    return the report.
 
     ``calib_x``: a batch that ``model(calib_x)`` takes, first dim = samples, fed in chunks of ``chunk``
     samples: (n, T) token ids (torch.long) for a language model, (n, C, H, W) images for a CNN.
