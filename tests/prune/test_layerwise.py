@@ -42,6 +42,17 @@ def test_conv_as_matrix_product(kwargs):
     torch.testing.assert_close(view.weight2d(), w2 * 2)
 
 
+@pytest.mark.parametrize("layer,shape", [(nn.Linear(8, 4), (7, 5, 8)), (nn.Linear(8, 4), (8,)),
+                                         (nn.Conv2d(4, 4, 3, padding=1), (7, 4, 5, 5)),
+                                         (nn.Conv2d(4, 4, 3, padding=1), (4, 5, 5))])
+def test_input_pieces_are_whole_samples(layer, shape):
+    view = LayerView("l", layer)
+    x = torch.randn(shape)
+    pieces = list(view.input_pieces(x, max_elements=40))  # one sample per piece
+    assert len(pieces) == (7 if len(shape) in (3, 4) and shape[0] == 7 else 1)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), view.inputs(x))
+
+
 def test_linear_flattens_leading_dims():
     lin = nn.Linear(8, 4)
     x = torch.randn(2, 5, 8)

@@ -15,7 +15,9 @@ magnitude pruning and AdaPrune either; swap it for an ``nn.Linear`` with weight 
 
 ``prune_layerwise`` runs a method over the selected layers in forward order. Each layer's calibration
 statistic is summed over the inputs it receives in ``model(calib_x)`` (fed in chunks) with the layers before
-it already pruned (sequential, as both papers do), then the method prunes that layer, in place.
+it already pruned (sequential, as both papers do), then the method prunes that layer, in place. Each
+layer costs one pass of the model over calib_x; X is built in float64, in pieces of whole samples of at
+most about 2^25 values (256 MB), and only the summed statistic is kept.
 """
 
 from __future__ import annotations
@@ -126,6 +128,19 @@ class LayerView:
         cols = cols.reshape(n, g, mod.in_channels // g, kh, kw, length).permute(1, 0, 5, 3, 4, 2)
         return cols.reshape(g, n * length, kh * kw * (mod.in_channels // g))
 
+    def input_pieces(self, x: torch.Tensor, max_elements: int = 1 << 25):
+        """``inputs`` of one call in pieces of whole samples, each X about max_elements float64 values at
+        most (a conv's patches are kh*kw times its input), so a large chunk never builds one huge X."""
+        batched = x.dim() >= (2 if isinstance(self.mod, nn.Linear) else 4)
+        if not batched or len(x) <= 1:
+            yield self.inputs(x)
+            return
+        per_sample = x[0].numel() * (1 if isinstance(self.mod, nn.Linear) else self.mod.kernel_size[0]
+                                     * self.mod.kernel_size[1])
+        step = max(1, max_elements // max(per_sample, 1))
+        for s in range(0, len(x), step):
+            yield self.inputs(x[s:s + step])
+
     def rows_of_group(self, g: int) -> slice:
         per = self.mod.weight.shape[0] // self.groups
         return slice(g * per, (g + 1) * per)
@@ -217,8 +232,8 @@ def prune_layerwise(model: nn.Module, calib_x: torch.Tensor, pattern: str | Patt
             acc: dict = {"sum": None, "rows": 0}
 
             def on_call(inp, _out, view=view, acc=acc):
-                x = view.inputs(inp)
-                acc["sum"], acc["rows"] = stat(x, acc["sum"]), acc["rows"] + x.shape[1]
+                for x in view.input_pieces(inp):
+                    acc["sum"], acc["rows"] = stat(x, acc["sum"]), acc["rows"] + x.shape[1]
 
             stream(model, mod, calib_x, chunk, on_call)
             if acc["rows"] == 0:
