@@ -211,7 +211,7 @@ def prune_layerwise(model: nn.Module, calib_x: torch.Tensor, pattern: str | Patt
                     method: str, stat: Stat, prune_layer: PruneLayer, chunk: int,
                     check_layer: Callable[[str, nn.Module, Pattern], None] | None = None) -> OneShotReport:
     """Prune model's selected layers in place, in forward order (see the module doc). Everything that can be
-    refused (pattern, layer kinds and shapes, calib_x, ``check_layer``) is refused before any layer changes."""
+    refused (pattern, chunk, layer shapes, ``check_layer``, calib_x) is refused before any layer changes."""
     t0 = time.perf_counter()
     p = parse_pattern(pattern)
     check_nm_pattern(p, method)
