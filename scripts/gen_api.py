@@ -27,7 +27,7 @@ PACKAGES = [
     ("nmsparse", "The top level: masks, compressed formats, sparse training (re-exported from patterns, formats, nn)."),
     ("nmsparse.models", "Models, the model registry, checkpoints that rebuild their model, evaluation."),
     ("nmsparse.data", "Dataset readers and the seeded in-memory loader."),
-    ("nmsparse.prune", "One-shot pruning of a trained model: magnitude to a pattern, AdaPrune."),
+    ("nmsparse.prune", "One-shot pruning of a trained model: magnitude to a pattern, AdaPrune, Wanda, SparseGPT."),
     ("nmsparse.compile", "Deployment: compact files, per-layer plans and estimates on hardware profiles, CPU execution."),
 ]
 # The training package's entry points (module, names): nmsparse.train re-exports nothing.

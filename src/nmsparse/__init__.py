@@ -5,10 +5,10 @@ from .common import __version__
 from .formats import *  # noqa: F401,F403
 from .nn import *  # noqa: F401,F403
 from .patterns import *  # noqa: F401,F403
-from .prune import adaprune, magnitude_prune, prune_trained_model
+from .prune import adaprune, magnitude_prune, prune_trained_model, sparsegpt_prune, wanda_prune
 
 __all__ = (list(patterns.__all__) + list(formats.__all__) + list(nn.__all__)
-           + ["adaprune", "magnitude_prune", "prune_trained_model"])
+           + ["adaprune", "magnitude_prune", "prune_trained_model", "wanda_prune", "sparsegpt_prune"])
 
 
 def __getattr__(name):

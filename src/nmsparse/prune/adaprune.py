@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layerwise import capture, forward_order
 from .magnitude import (FilterFn, Pattern, absorb_mean_, check_pattern_fits, parse_pattern, prunable_layers,
                         weight_mask)
 
@@ -32,42 +33,6 @@ def check_settings(iters, batch, prefix: str = "") -> None:
                                   ("batch", batch, 1, "cached samples per Adam step")):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{prefix}{key} ({what}) must be an int >= {low}, got {value!r}")
-
-
-@torch.no_grad()
-def _forward_order(model: nn.Module, layers, x: torch.Tensor) -> list[tuple[str, nn.Module]]:
-    """The layers sorted by the order of their first call in a forward pass on x (uncalled ones last)."""
-    order: dict[str, int] = {}
-
-    def seen(name):
-        def hook(*_a):  # returns None: the layer's output is left alone
-            order.setdefault(name, len(order))
-        return hook
-
-    hooks = [mod.register_forward_hook(seen(name)) for name, mod in layers]
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sorted(layers, key=lambda nm: order.get(nm[0], len(layers) + 1))
-
-
-@torch.no_grad()
-def _capture(model: nn.Module, mod: nn.Module, x: torch.Tensor, chunk: int, want: str) -> torch.Tensor:
-    """The input (want='in') or output (want='out') of mod over every call in model(x), concatenated."""
-    got: list[torch.Tensor] = []
-
-    def hook(_m, inp, out):
-        got.append((inp[0] if want == "in" else out).detach().clone())
-
-    h = mod.register_forward_hook(hook)
-    try:
-        for s in range(0, len(x), chunk):
-            model(x[s:s + chunk])
-    finally:
-        h.remove()
-    return torch.cat(got)
 
 
 @torch.no_grad()
@@ -115,15 +80,15 @@ def adaprune(model: nn.Module, calib_x: torch.Tensor, pattern: str | Pattern, *,
     model.eval()
     dense = copy.deepcopy(model).eval()
     dense_mods = dict(dense.named_modules())
-    layers = _forward_order(model, layers, calib_x[:1])
+    layers = forward_order(model, layers, calib_x[:1])
     gen = torch.Generator(device="cpu").manual_seed(seed)
     it = layers
     if progress:
         from tqdm import tqdm
         it = tqdm(layers, desc="adaprune")
     for name, mod in it:
-        x = _capture(model, mod, calib_x, chunk, "in")
-        y = _capture(dense, dense_mods[name], calib_x, chunk, "out")
+        x = capture(model, mod, calib_x, chunk, "in")
+        y = capture(dense, dense_mods[name], calib_x, chunk, "out")
         w = mod.weight
         with torch.no_grad():
             mask = weight_mask(w, p)
