@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..common.system import check_parent_dirs, resolve_device
-from ..data import NUM_CLASSES, STATS, DataConfig, TensorLoader, build_loaders, load_dataset, normalize_uint8
+from ..data import (NUM_CLASSES, STATS, TEXT_DATASETS, DataConfig, TensorLoader, build_loaders, calibration_blocks,
+                    load_dataset, normalize_uint8, text_corpus)
 from ..models import autocast_dtype, evaluate, load_model, save_checkpoint
 from ..nn.sparsify import squash
 from .adaprune import adaprune, check_settings, recalibrate_bn
@@ -27,7 +28,11 @@ from .wanda import wanda_prune
 def calibration_set(d: DataConfig, dev, n: int, seed: int = 0, channels_last: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """n normalised, un-augmented training images of data config `d`: the first n of a seeded shuffle, at most
-    ceil(n / classes) per class (so n = classes gives one image per class)."""
+    ceil(n / classes) per class (so n = classes gives one image per class). For a text corpus: n random
+    training blocks of the config's block size, as (inputs, next characters)."""
+    if d.name in TEXT_DATASETS:
+        blocks = calibration_blocks(text_corpus(d), n, d.block_size + 1, seed).to(dev)
+        return blocks[:, :-1], blocks[:, 1:]
     if d.name == "imagefolder":
         train_loader, _ = build_loaders(d, dev, seed=seed)
         xs, ys, got = [], [], 0
@@ -88,10 +93,13 @@ class Metric:
 
 def checkpoint_metric(cfg: dict, dev) -> Metric:
     """The metric of a checkpoint's model on its held-out data: test accuracy (%) for the image classifiers
-    `nmsparse train` writes (a language model would report its validation loss here instead)."""
+    `nmsparse train` writes, the loss on the whole validation split (nats/char) for a language model."""
     data = DataConfig(**cfg["data"])
     _, test_loader = build_loaders(data, dev, channels_last=cfg.get("channels_last", False))
     amp = autocast_dtype(cfg.get("amp", "auto"), dev)
+    if data.name in TEXT_DATASETS:
+        full = test_loader.full()
+        return Metric("loss", "validation loss", " nats/char", lambda m: evaluate(m, full, dev, amp)["val_loss"])
     return Metric("acc", "test accuracy", "%",
                   lambda m: evaluate(m, test_loader, dev, amp, cfg.get("tta_flip", False))["test_acc"])
 
@@ -140,7 +148,8 @@ def prune_checkpoint(checkpoint: str | Path, pattern: str, sparsity: float | Non
     metric = checkpoint_metric(cfg, dev)
     model = squash(model).to(dev).eval()
     check_pattern_fits(prunable_layers(model), p)
-    n = calib if calib is not None else CALIB_LAYERWISE if method in ("wanda", "sparsegpt") else NUM_CLASSES[data.name]
+    layerwise = method in ("wanda", "sparsegpt") or data.name in TEXT_DATASETS
+    n = calib if calib is not None else CALIB_LAYERWISE if layerwise else NUM_CLASSES[data.name]
     calib_x, _ = calibration_set(data, dev, n, seed, cfg.get("channels_last", False))
     mk = metric.key
     res = {"pattern": str(p), "calib": len(calib_x), "calib_asked": n, "iters": iters, "method": method,
@@ -149,7 +158,10 @@ def prune_checkpoint(checkpoint: str | Path, pattern: str, sparsity: float | Non
     mag = magnitude_prune(copy.deepcopy(model), p)
     res["magnitude_seconds"] = time.perf_counter() - t0
     res[f"magnitude_{mk}"] = metric.fn(mag)
-    res[f"magnitude_bn_{mk}"] = metric.fn(recalibrate_bn(copy.deepcopy(mag) if method == "magnitude" else mag, calib_x))
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn:  # without batch norms the recalibrated model is the magnitude one
+        res[f"magnitude_bn_{mk}"] = metric.fn(recalibrate_bn(copy.deepcopy(mag) if method == "magnitude" else mag,
+                                                             calib_x))
     final = mag
     if method != "magnitude":
         del mag
@@ -164,7 +176,7 @@ def prune_checkpoint(checkpoint: str | Path, pattern: str, sparsity: float | Non
             report = sparsegpt_prune(model, calib_x, p, blocksize=blocksize, percdamp=percdamp).layers
         res[f"{method}_seconds"] = time.perf_counter() - t0
         res[f"{method}_{mk}"] = metric.fn(model)
-        if method != "adaprune" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if method != "adaprune" and has_bn:
             res[f"{method}_bn_{mk}"] = metric.fn(recalibrate_bn(copy.deepcopy(model), calib_x))
         res["layers"] = report
         final = model
