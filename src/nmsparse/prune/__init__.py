@@ -11,9 +11,10 @@ A new one-shot method is one new file here beside these.
 from .adaprune import adaprune, check_settings, recalibrate_bn
 from .command import calibration_set, prune_checkpoint
 from .convert import frozen_config, prune_trained_model
-from .magnitude import (PATTERNS, Pattern, absorb_mean_, magnitude_prune, parse_pattern, prunable_layers, prune_blocks,
-                        weight_mask)
+from .magnitude import (PATTERNS, Pattern, absorb_mean_, layer_mask, magnitude_prune, parse_pattern, prunable_layers,
+                        prune_blocks, weight_mask)
 
 __all__ = ["adaprune", "magnitude_prune", "recalibrate_bn", "parse_pattern", "Pattern", "PATTERNS", "weight_mask",
+           "layer_mask",
            "absorb_mean_", "prunable_layers", "prune_blocks", "check_settings", "prune_checkpoint", "calibration_set", "prune_trained_model",
            "frozen_config"]
