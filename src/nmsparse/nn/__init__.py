@@ -10,7 +10,8 @@ from .weight import BlockWeightSparsity, NMWeightSparsity
 
 __all__ = [
     "SparsityConfig", "WeightNM", "WeightBlock", "GradSparsity",
-    "prune_grad", "SDGPConv2d", "SDGPLinear", "SDGPConv1D", "SparseCoreLinear", "NMWeightSparsity", "BlockWeightSparsity",
+    "prune_grad", "SDGPConv2d", "SDGPLinear", "SDGPConv1D", "SparseCoreLinear", "NMWeightSparsity",
+    "BlockWeightSparsity",
     "sparsify", "default_filter", "sparsity_report", "format_report", "squash", "weight_masks",
     "SADTracker", "to_semi_structured",
 ]

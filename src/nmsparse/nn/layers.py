@@ -66,7 +66,7 @@ def out_features(module: nn.Module) -> int:
 
 
 def layout_note(module: nn.Module, tensor: str = "weight") -> str:
-    """" (stored (in, out), as transformers' Conv1D)" for an (in, out) weight, else ""; for messages."""
+    """For messages: a note on an (in, out) weight's layout (which dim N:M groups run along), else ""."""
     return f" (stored (in, out) by {type(module).__name__}; groups run along its dim 0)" \
         if weight_in_out(module, tensor) else ""
 

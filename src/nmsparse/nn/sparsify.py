@@ -77,7 +77,8 @@ def _prepared(name: str, mod: nn.Module, tensor: str, prepare, config: SparsityC
         return prepare()
     except ValueError as e:
         what = _qualified(name, tensor)
-        msg = f"layer {what!r} ({type(mod).__name__} {tuple(getattr(mod, tensor).shape)}{layout_note(mod, tensor)}): {e}"
+        shape = tuple(getattr(mod, tensor).shape)
+        msg = f"layer {what!r} ({type(mod).__name__} {shape}{layout_note(mod, tensor)}): {e}"
         if config.on_incompatible == "skip":
             warnings.warn(f"nmsparse.sparsify: skipping {msg}", stacklevel=3)
             return None
@@ -116,9 +117,9 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterF
     keeps the model's output layer dense, found from the model itself (``filters.output_layers``;
     pass ``example_inputs`` to find it by a forward pass). nn.MultiheadAttention's q, k, v projection
     weights take weight sparsity like any Linear's, and so do Hugging Face transformers' Conv1D layers
-    (GPT-2; weight stored (in, out), grouped along its input features, dim 0). A selected layer of a type
-    whose weight layout nmsparse does not know is an error naming it. Call it before building the optimizer: parameters
-    keep their identity. The state dict keeps the plain layout (``nn.state``): a plain model loads it.
+    (GPT-2; weight stored (in, out), grouped along its input features, dim 0). A selected layer of a
+    type whose weight layout nmsparse does not know is an error naming it (``nn.layers``). Call it
+    before building the optimizer: parameters keep their identity. The state dict keeps the plain layout (``nn.state``): a plain model loads it.
     """
     if isinstance(config, dict):
         config = SparsityConfig.from_dict(config)
