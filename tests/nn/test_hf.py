@@ -200,10 +200,11 @@ def test_weight_and_sdgp_together_on_gpt2_then_squash():
     torch.testing.assert_close(logits(model, x), logits(twin, x))
 
 
-@pytest.mark.parametrize("squashed", [True, False])
-def test_gpt2_save_pretrained_reloads_as_a_plain_model(tmp_path, squashed):
+@pytest.mark.parametrize("squashed,sdgp", [(True, False), (False, False), (False, True)])
+def test_gpt2_save_pretrained_reloads_as_a_plain_model(tmp_path, squashed, sdgp):
     model = gpt2()
-    sparsify(model, SparsityConfig(weight=WeightNM(2, 4)))
+    grad = GradSparsity(2, 4, layers="conv+linear") if sdgp else None
+    sparsify(model, SparsityConfig(weight=WeightNM(2, 4), grad=grad))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = ids()
     model.train()
@@ -219,6 +220,36 @@ def test_gpt2_save_pretrained_reloads_as_a_plain_model(tmp_path, squashed):
     for name, mod in conv1ds(plain):
         assert type(mod) is Conv1D and is_nm(mod.weight, 2, 4, dim=0), name
     assert not is_nm(plain.lm_head.weight, 2, 4, dim=1)
+
+
+def test_gpt2_state_dict_resumes_a_sparsified_twin_exactly():
+    cfg = SparsityConfig(weight=WeightNM(2, 4), grad=GradSparsity(2, 4, method="random", layers="conv+linear"))
+    model = sparsify(gpt2(), cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = ids()
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        model(x, labels=x).loss.backward()
+        opt.step()
+    state = model.state_dict()
+    assert "transformer.h.0.attn.c_attn.weight" in state and not any("parametrizations" in k for k in state)
+    twin = sparsify(gpt2(seed=5), cfg)
+    twin.load_state_dict(state)
+    for k, v in nmsparse.weight_masks(model).items():
+        assert torch.equal(nmsparse.weight_masks(twin)[k], v)
+    torch.testing.assert_close(logits(twin, x), logits(model, x), rtol=0, atol=0)
+    rebuilt = sparsify(gpt2(seed=6), SparsityConfig(weight=WeightNM(2, 4)))
+    with pytest.warns(UserWarning, match="masks were recomputed"):
+        rebuilt.load_state_dict({k: v for k, v in state.items()})   # metadata lost: masks from the masked weights
+    for name, mod in conv1ds(rebuilt):
+        assert torch.equal(nw.current_mask(mod), state[name + ".weight"] != 0)   # (in, out), as stored
+    torch.testing.assert_close(logits(rebuilt, x), logits(model, x), rtol=0, atol=0)
+
+
+def test_sdgp_on_gpt2_with_the_default_layers_says_how_to_add_conv1d():
+    with pytest.raises(ValueError, match=r"no layer selected for gradient.*layers='conv\+linear'"):
+        sparsify(gpt2(), SparsityConfig(grad=GradSparsity(2, 4)))
 
 
 def test_llama_default_selection_squash_and_save_pretrained(tmp_path):

@@ -93,7 +93,8 @@ def _nothing_selected(model: nn.Module, config: SparsityConfig, filter_fn, what:
         how = f"include={config.include}"
     else:
         linears = not for_grad or config.grad.layers == "conv+linear"
-        how = "the default filter (convs with > 3 input channels" + (", Linears but the last)" if linears else ")")
+        how = "the default filter (convs with > 3 input channels" + (", Linears/Conv1Ds but the last)" if linears else
+                                                                     "; GradSparsity(layers='conv+linear') adds Linears)")
     shown = (", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "")) if layers else "none"
     unknown = unknown_weight_layers(model)
     others = "" if not unknown else (
