@@ -2,7 +2,7 @@
 
 from .config import GradSparsity, SparsityConfig, WeightBlock, WeightNM
 from .export import to_semi_structured
-from .sdgp import SDGPConv2d, SDGPLinear, prune_grad
+from .sdgp import SDGPConv1D, SDGPConv2d, SDGPLinear, prune_grad
 from .sparse_cores import SparseCoreLinear
 from .sparsify import (SADTracker, default_filter, format_report, sparsify, sparsity_report, squash,
                        weight_masks)
@@ -10,7 +10,8 @@ from .weight import BlockWeightSparsity, NMWeightSparsity
 
 __all__ = [
     "SparsityConfig", "WeightNM", "WeightBlock", "GradSparsity",
-    "prune_grad", "SDGPConv2d", "SDGPLinear", "SparseCoreLinear", "NMWeightSparsity", "BlockWeightSparsity",
+    "prune_grad", "SDGPConv2d", "SDGPLinear", "SDGPConv1D", "SparseCoreLinear", "NMWeightSparsity",
+    "BlockWeightSparsity",
     "sparsify", "default_filter", "sparsity_report", "format_report", "squash", "weight_masks",
     "SADTracker", "to_semi_structured",
 ]

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .layers import is_linear_like, is_weight_layer, out_features
+
 FilterFn = Callable[[nn.Module, str], bool]
 _NAME_FIRST = {"name", "fqn", "layer_name", "module_name", "path", "qualname"}
 _MODULE_FIRST = {"module", "mod", "layer", "m", "submodule"}
@@ -34,16 +36,16 @@ OUTPUT_NAMES = ("lm_head", "head", "classifier", "fc", "output", "out", "logits"
 
 
 def final_classifier(model: nn.Module) -> str | None:
-    """Name of the last nn.Linear in registration order (the fallback of ``output_layers``)."""
+    """Name of the last nn.Linear (or transformers Conv1D) in registration order (the fallback of ``output_layers``)."""
     last = None
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
+        if is_linear_like(mod):
             last = name
     return last
 
 
 def output_layers(model: nn.Module, example_inputs=None) -> set[str]:
-    """The Linear layer(s) that produce the model's output, which the references keep dense.
+    """The Linear (or Conv1D) layer(s) that produce the model's output, which the references keep dense.
 
     With ``example_inputs`` (a tensor or a tuple of positional inputs): the last Linear called in
     one forward pass (eval mode, no gradients, modes restored). Without: a Linear whose weight is
@@ -51,7 +53,7 @@ def output_layers(model: nn.Module, example_inputs=None) -> set[str]:
     the last Linear named like an output layer (lm_head, head, classifier, fc, output, ...); else
     the last Linear registered. Registration order alone misleads when the head is built first.
     """
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in model.named_modules() if is_linear_like(m)]
     if not linears:
         return set()
     if example_inputs is not None:
@@ -62,7 +64,7 @@ def output_layers(model: nn.Module, example_inputs=None) -> set[str]:
         return tied
     named = [n for n, _ in linears if n.rsplit(".", 1)[-1] in OUTPUT_NAMES]
     vocab = {e.num_embeddings for e in embeddings}
-    by_vocab = [n for n, m in linears if m.out_features in vocab and m.out_features > 1]
+    by_vocab = [n for n, m in linears if out_features(m) in vocab and out_features(m) > 1]
     if len(by_vocab) > 1:  # a hidden width may equal the vocabulary by chance: the names decide
         by_vocab = [n for n in by_vocab if n in named]
     if len(by_vocab) == 1:
@@ -88,14 +90,15 @@ def _last_called(model: nn.Module, linears, example_inputs) -> str | None:
 
 def default_filter(model: nn.Module, include_linear: bool = True, outputs: set[str] | None = None) -> FilterFn:
     """The references' choice: every Conv2d except a stem with <= 3 input channels, and (when
-    include_linear) every Linear and nn.MultiheadAttention except the output layer (``outputs``, by
-    default ``output_layers(model)``). Takes (module, name) or (name, module)."""
+    include_linear) every Linear, transformers Conv1D and nn.MultiheadAttention except the output layer
+    (``outputs``, by default ``output_layers(model)``). Embeddings are never chosen. Takes (module, name)
+    or (name, module)."""
     heads = output_layers(model) if outputs is None else outputs
 
     def keep(name: str, mod: nn.Module) -> bool:
         if isinstance(mod, nn.Conv2d):
             return mod.in_channels > 3
-        if isinstance(mod, (nn.Linear, nn.MultiheadAttention)):
+        if is_linear_like(mod) or isinstance(mod, nn.MultiheadAttention):
             return include_linear and name not in heads
         return False
 
@@ -143,9 +146,9 @@ def _selects(fn, pairs) -> int | None:
 
 
 def _tried_order(fn, model: nn.Module) -> str:
-    """Run fn over the model's Conv2d/Linear layers in both orders: the old order wins only where torchao's
+    """Run fn over the model's Conv2d/Linear/Conv1D layers in both orders: the old order wins only where torchao's
     raises or selects nothing while the old one runs and selects something."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = [(n, m) for n, m in model.named_modules() if is_weight_layer(m)]
     new = _selects(fn, [(m, n) for n, m in layers])
     if new:
         return "module"

@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import GradSparsity, WeightBlock, WeightNM
-from .sdgp import SDGPConv2d, SDGPLinear
+from .layers import SUPPORTED, is_hf_conv1d, out_features
+from .sdgp import SDGPConv1D, SDGPConv2d, SDGPLinear
 from .sparse_cores import sparse_core_eligible, to_sparse_core
 from .state import plain_layout
 from .weight import BlockWeightSparsity, NMWeightSparsity
@@ -38,13 +39,14 @@ class Handler:
 
 
 def _weight(build: Callable):
-    """A weight handler's prepare: one parametrization per layer, checked against the weight's shape.
+    """A weight handler's prepare: one parametrization per layer, set up for the weight's layout (an (in, out)
+    Conv1D weight is grouped along its input features, as a Linear's) and checked against its shape.
 
     With ``kernel="auto"`` (WeightNM) an eligible Linear first becomes a SparseCoreLinear, whose products
     run on 2:4 sparse tensor cores where the dispatcher measured them faster.
     """
     def prepare(cfg, name: str, mod: nn.Module, index: int, tensor: str = "weight"):
-        p = build(cfg)
+        p = build(cfg).orient(mod, tensor)
         p.check_weight(getattr(mod, tensor).shape, tensor)
 
         def apply(model: nn.Module) -> None:
@@ -71,10 +73,17 @@ def _block_weight(cfg: WeightBlock) -> BlockWeightSparsity:
 
 
 def _sdgp(cfg: GradSparsity, name: str, mod: nn.Module, index: int, tensor: str = "weight"):
-    out = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
+    if isinstance(mod, nn.Conv2d):
+        cls, out = SDGPConv2d, mod.out_channels
+    elif isinstance(mod, nn.Linear):
+        cls, out = SDGPLinear, mod.out_features
+    elif is_hf_conv1d(mod):  # the product with W^T, as a Linear's
+        cls, out = SDGPConv1D, out_features(mod)
+    else:
+        raise ValueError(f"SDGP swaps the layer for an SDGP version, which exists for {SUPPORTED}, not for "
+                         f"{type(mod).__name__}; exclude it (weight sparsity may still apply)")
     if out % cfg.m:
         raise ValueError(f"SDGP groups the {out} output channels by m={cfg.m}, which does not divide them")
-    cls = SDGPConv2d if isinstance(mod, nn.Conv2d) else SDGPLinear
 
     def apply(model: nn.Module) -> None:
         # Each layer gets its own stream of random choices, reproducible from the config's seed.

@@ -12,8 +12,9 @@ from ..patterns.diversity import SAD, sad
 from .config import SparsityConfig
 from .filters import (FilterFn, as_name_module, default_filter, final_classifier, mha_projections, name_filter,
                       output_layers)
+from .layers import SUPPORTED, is_weight_layer, layout_note, unknown_layer, unknown_weight_layers
 from .registry import handler_for, set_submodule
-from .sdgp import SDGPConv2d, SDGPLinear
+from .sdgp import SDGP_LAYERS
 from .sparse_cores import SparseCoreLinear
 from .state import parametrized_tensors, remove_plain_layout
 from .weight import find_parametrization
@@ -38,12 +39,16 @@ def _plan(model: nn.Module, config: SparsityConfig, keep, for_grad: bool, output
                                 outputs=outputs)
     excluded = name_filter(config.exclude)
     mha = mha_projections(model) if for_grad else set()
+    unknown = {n for n, _ in unknown_weight_layers(model)} if explicit else set()
     plan = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.MultiheadAttention) and not for_grad and chosen(name, mod) and not excluded(name, mod):
             plan += [(name, mod, tensor) for tensor in _mha_tensors(mod)]
             continue
-        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or not chosen(name, mod) or excluded(name, mod):
+        if name in unknown and chosen(name, mod) and not excluded(name, mod):
+            _refuse_unknown(name, mod, config)
+            continue
+        if not is_weight_layer(mod) or not chosen(name, mod) or excluded(name, mod):
             continue
         if name in mha:  # SDGP replaces forward(), which nn.MultiheadAttention never calls
             if explicit:
@@ -58,13 +63,22 @@ def _plan(model: nn.Module, config: SparsityConfig, keep, for_grad: bool, output
     return plan
 
 
+def _refuse_unknown(name: str, mod: nn.Module, config: SparsityConfig) -> None:
+    """A selected layer whose weight layout nmsparse does not know: an error, or a warning under skip."""
+    msg = unknown_layer(name, mod)
+    if config.on_incompatible != "skip":
+        raise ValueError(msg + " (pass on_incompatible='skip' to leave such layers dense)")
+    warnings.warn(f"nmsparse.sparsify: skipping {msg}", stacklevel=4)
+
+
 def _prepared(name: str, mod: nn.Module, tensor: str, prepare, config: SparsityConfig):
     """prepare() (the handler's check and set-up), or None with a warning when skipping is allowed."""
     try:
         return prepare()
     except ValueError as e:
         what = _qualified(name, tensor)
-        msg = f"layer {what!r} ({type(mod).__name__} {tuple(getattr(mod, tensor).shape)}): {e}"
+        shape = tuple(getattr(mod, tensor).shape)
+        msg = f"layer {what!r} ({type(mod).__name__} {shape}{layout_note(mod, tensor)}): {e}"
         if config.on_incompatible == "skip":
             warnings.warn(f"nmsparse.sparsify: skipping {msg}", stacklevel=3)
             return None
@@ -72,21 +86,26 @@ def _prepared(name: str, mod: nn.Module, tensor: str, prepare, config: SparsityC
 
 
 def _nothing_selected(model: nn.Module, config: SparsityConfig, filter_fn, what: str, for_grad: bool) -> ValueError:
-    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = [n for n, m in model.named_modules() if is_weight_layer(m)]
     if filter_fn is not None:
         how = "filter_fn (called as filter_fn(module, name), torchao's order)"
     elif config.include is not None:
         how = f"include={config.include}"
     else:
         linears = not for_grad or config.grad.layers == "conv+linear"
-        how = "the default filter (convs with > 3 input channels" + (", Linears but the last)" if linears else ")")
+        how = "the default filter (convs with > 3 input channels" + (", Linears/Conv1Ds but the last)" if linears else
+                                                                     "; GradSparsity(layers='conv+linear') adds Linears)")
     shown = (", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "")) if layers else "none"
-    hint = ""
+    unknown = unknown_weight_layers(model)
+    others = "" if not unknown else (
+        f"; layers whose weight layout nmsparse does not know, so never selected: "
+        + ", ".join(f"{n} ({type(m).__name__})" for n, m in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
+        + f" (nmsparse sparsifies {SUPPORTED} layers)")
     if for_grad and filter_fn is None and config.include is None and config.grad.layers == "conv" and \
             any(isinstance(m, nn.Linear) for m in model.modules()):
-        hint = "; for the Linear layers (a transformer, an MLP) set grad.layers: conv+linear"
+        others += "; for the Linear layers (a transformer, an MLP) set grad.layers: conv+linear"
     return ValueError(f"no layer selected for {what} sparsity: {how} with exclude={config.exclude} matched none of "
-                      f"the model's Conv2d/Linear layers ({shown}){hint}")
+                      f"the model's Conv2d/Linear/Conv1D layers ({shown}){others}")
 
 
 def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterFn | None = None, *,
@@ -101,16 +120,17 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterF
     at all is an error, and so is a selection that on_incompatible="skip" empties. The default filter
     keeps the model's output layer dense, found from the model itself (``filters.output_layers``;
     pass ``example_inputs`` to find it by a forward pass). nn.MultiheadAttention's q, k, v projection
-    weights take weight sparsity like any Linear's. Call it before building the optimizer: parameters
-    keep their identity. The state dict keeps the plain layout (``nn.state``): a plain model loads it.
+    weights take weight sparsity like any Linear's, and so do Hugging Face transformers' Conv1D layers
+    (GPT-2; weight stored (in, out), grouped along its input features, dim 0). A selected layer of a
+    type whose weight layout nmsparse does not know is an error naming it (``nn.layers``). Call it
+    before building the optimizer: parameters keep their identity. The state dict keeps the plain layout (``nn.state``): a plain model loads it.
     """
     if isinstance(config, dict):
         config = SparsityConfig.from_dict(config)
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"config must be a SparsityConfig or a dict, got {type(config).__name__}")
     for name, mod in model.named_modules():
-        if any(find_parametrization(mod, t) for t in parametrized_tensors(mod)) or isinstance(mod, (SDGPConv2d,
-                                                                                                  SDGPLinear)):
+        if any(find_parametrization(mod, t) for t in parametrized_tensors(mod)) or isinstance(mod, SDGP_LAYERS):
             raise ValueError(f"layer {name!r} is already sparsified; call squash(model) first to start over")
     keep = as_name_module(filter_fn, model) if filter_fn is not None else None
     outputs = output_layers(model, example_inputs) if keep is None and config.include is None else set()
@@ -141,7 +161,7 @@ def sparse_layers(model: nn.Module):
     """(name, module, weight parametrization or None, is_sdgp) for every converted layer. A parametrized
     tensor other than ``weight`` (nn.MultiheadAttention's in_proj_weight) is listed as ``<layer>.<tensor>``."""
     for name, mod in model.named_modules():
-        is_sdgp = isinstance(mod, (SDGPConv2d, SDGPLinear))
+        is_sdgp = isinstance(mod, SDGP_LAYERS)
         found = False
         for tensor in parametrized_tensors(mod):
             p = find_parametrization(mod, tensor)
@@ -198,8 +218,8 @@ def format_report(rows: list[dict]) -> str:
 
 @torch.no_grad()
 def squash(model: nn.Module) -> nn.Module:
-    """Back to plain nn.Conv2d / nn.Linear (and plain nn.MultiheadAttention) with the masked weights baked in
-    (dense with zeros), in place."""
+    """Back to plain nn.Conv2d / nn.Linear / transformers Conv1D (and plain nn.MultiheadAttention) with the masked
+    weights baked in (dense with zeros), in place."""
     for name, mod in list(model.named_modules()):
         tensors = [t for t in parametrized_tensors(mod) if find_parametrization(mod, t) is not None]
         if tensors:
@@ -210,7 +230,7 @@ def squash(model: nn.Module) -> nn.Module:
             for tensor in tensors:
                 parametrize.remove_parametrizations(mod, tensor, leave_parametrized=True)
         remove_plain_layout(mod)
-        if isinstance(mod, (SDGPConv2d, SDGPLinear, SparseCoreLinear)):
+        if isinstance(mod, SDGP_LAYERS + (SparseCoreLinear,)):
             set_submodule(model, name, mod.to_dense())
     return model
 

@@ -4,7 +4,7 @@ Register with ``apply(module, p)`` (or ``torch.nn.utils.parametrize.register_par
 ``module.weight`` then reads W * mask and the dense W lives in
 ``module.parametrizations.weight.original``. Each parametrization keeps two persistent buffers:
 
-- ``mask``: bool, W's shape: the mask of the last training step (or the initial one);
+- ``mask``: bool, W's shape (as W is stored): the mask of the last training step (or the initial one);
 - ``step``: int64 scalar: the number of training steps seen so far.
 
 A *training step* is a forward in training mode with autograd enabled. Forwards in eval mode,
@@ -12,6 +12,11 @@ under ``torch.no_grad()`` or ``torch.inference_mode()`` neither count nor change
 The very first forward (the shape check that registration runs) only sets the mask up and
 does not count either. Whether a step recomputes the mask depends on the method and on
 ``step`` alone, so a model reloaded from its state_dict continues exactly as the original.
+
+Masks are computed on W's (out, in[, kh, kw]) view. For a weight stored (in, out), as
+transformers' Conv1D stores it (``nn.layers``), that view is W^T: ``apply`` and ``sparsify`` set
+the parametrization up for its layer's layout (``orient``), so N:M groups run along the input
+features there too.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..patterns.checks import check_fraction, check_nm
 from ..patterns.block import check_block, check_score, check_block_weight, block_scores, expand_block_grid
 from ..patterns.nm import nm_mask_checked
 from ..patterns.transposable import conv_from_2d, conv_to_2d, transposable_mask
+from .layers import weight_in_out
 
 NM_METHODS = ("srste", "ste", "fixed")
 MASK_METHODS = ("exact", "greedy")
@@ -82,8 +88,19 @@ class _MaskedWeight(nn.Module):
         # 1-D and empty until the first forward, which learns W's (2-D or 4-D) shape.
         self.register_buffer("mask", torch.ones(0, dtype=torch.bool))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.in_out = False  # W stored (in, out), as transformers' Conv1D: the hooks see W^T (see orient)
 
-    # Subclass hooks.
+    def orient(self, module: nn.Module, tensor: str = "weight") -> "_MaskedWeight":
+        """Set up for the layout of module.<tensor> (``nn.layers.weight_in_out``); returns self. ``apply`` and
+        ``sparsify`` call it; a parametrization registered by hand on a Conv1D needs it before registering."""
+        self.in_out = weight_in_out(module, tensor)
+        return self
+
+    def _view(self, t):
+        """W's layout <-> the (out, in) view the subclass hooks work in (a transpose for (in, out) weights)."""
+        return t.t() if self.in_out else t
+
+    # Subclass hooks: they take and return tensors in the (out, in) view.
     def _initial(self, w):  # the mask set up at the first forward or by reset_mask
         return self._compute(w)
 
@@ -94,18 +111,18 @@ class _MaskedWeight(nn.Module):
         raise NotImplementedError
 
     def _eval_mask(self, w):  # the mask used by a forward that is not a training step
-        return self.mask
+        return self._view(self.mask)
 
     def _multiply(self, w, mask):
         return w * mask
 
     def eval_mask(self, w: torch.Tensor) -> torch.Tensor:
         """The mask a forward that is not a training step applies to w."""
-        return self._eval_mask(w)
+        return self._view(self._eval_mask(self._view(w)))
 
     def initial_mask(self, w: torch.Tensor) -> torch.Tensor:
         """The mask the first forward (or reset_mask) would set up from w."""
-        return self._initial(w.detach()).to(torch.bool)
+        return self._view(self._initial(self._view(w.detach()))).to(torch.bool)
 
     def check_weight(self, shape, name: str = "weight") -> None:
         raise NotImplementedError
@@ -116,15 +133,15 @@ class _MaskedWeight(nn.Module):
                 raise ValueError(f"weight of shape {tuple(w.shape)} does not match the mask of shape "
                                  f"{tuple(self.mask.shape)} this parametrization was set up for")
             self.check_weight(w.shape)
-            self._set(self._initial(w))
+            self._set(self._view(self._initial(self._view(w))))
             mask = self.mask
         elif self.training and torch.is_grad_enabled():
             if self._due():
-                self._set(self._compute(w))
+                self._set(self._view(self._compute(self._view(w))))
             self.step += 1
             mask = self.mask
         else:
-            mask = self._eval_mask(w)
+            mask = self.eval_mask(w)
         return self._multiply(w, mask)
 
     def _ready(self) -> bool:
@@ -142,7 +159,7 @@ class _MaskedWeight(nn.Module):
         (called before, it would make the registration's check forward count as a step).
         """
         self.check_weight(w.shape)
-        self._set(self._initial(w.detach()))
+        self._set(self.initial_mask(w))
         return self.mask
 
     def density(self) -> float:
@@ -219,11 +236,13 @@ class NMWeightSparsity(_MaskedWeight):
 
     def check_weight(self, shape, name: str = "weight") -> None:
         """Raise ValueError (naming the dim, its size and m) if W of this shape cannot be grouped."""
-        shape = _check_rank(shape, name)
+        stored = shape = _check_rank(shape, name)
         conv = len(shape) == 4
-        dims = [("dim 1", "input channels" if conv else "input features", shape[1])]
+        d_in, d_out = (0, 1) if self.in_out else (1, 0)
+        shape = self._view(torch.empty(shape, device="meta")).shape
+        dims = [(f"dim {d_in}", "input channels" if conv else "input features", shape[1])]
         if self.transposable:
-            rows = ("dim 0", "output channels" if conv else "output features", shape[0])
+            rows = (f"dim {d_out}", "output channels" if conv else "output features", shape[0])
             if conv:  # the columns of the (Co, kh*kw*Ci) view that the tiles cover
                 dims[0] = ("kh*kw*Ci", f"columns of the (Co, kh*kw*Ci) view, {shape[2]}*{shape[3]}*{shape[1]}",
                            shape[1] * shape[2] * shape[3])
@@ -232,7 +251,7 @@ class NMWeightSparsity(_MaskedWeight):
             if size % self.m:
                 kind = f"transposable {self.n}:{self.m} tiles" if self.transposable else f"{self.n}:{self.m} groups"
                 raise ValueError(
-                    f"{name} of shape {shape}: {where} ({what}) has size {size}, which is not divisible "
+                    f"{name} of shape {stored}: {where} ({what}) has size {size}, which is not divisible "
                     f"by m={self.m} for {kind}; pad it to a multiple of {self.m} or choose an m that divides {size}")
 
     def _compute(self, w):
@@ -251,7 +270,7 @@ class NMWeightSparsity(_MaskedWeight):
     def _eval_mask(self, w):
         if self.method != "fixed" and not self.transposable:
             return self._compute(w)
-        return self.mask
+        return self._view(self.mask)
 
     def _multiply(self, w, mask):
         if self.method == "fixed":
@@ -285,7 +304,14 @@ class BlockWeightSparsity(_MaskedWeight):
 
     def check_weight(self, shape, name: str = "weight") -> None:
         """Raise ValueError (naming the dim, its size and the block) if W of this shape cannot be blocked."""
-        check_block_weight(torch.empty(_check_rank(shape, name), device="meta"), self.block, name)
+        stored = _check_rank(shape, name)
+        try:
+            check_block_weight(self._view(torch.empty(stored, device="meta")), self.block, name)
+        except ValueError as e:
+            if not self.in_out:
+                raise
+            raise ValueError(f"{e} (of the (out, in) view of the weight, which is stored (in, out): "
+                             f"shape {stored})") from None
 
     def target_sparsity(self, step: int) -> float:
         """Fraction of blocks that should be zero at a training step."""
@@ -297,7 +323,7 @@ class BlockWeightSparsity(_MaskedWeight):
 
     def _grid(self) -> torch.Tensor:
         """The (Co/bo, Ci/bi) kept-block grid of the current mask."""
-        mask = self.mask if self.mask.dim() == 2 else self.mask[:, :, 0, 0]
+        mask = self._view(self.mask) if self.mask.dim() == 2 else self.mask[:, :, 0, 0]
         return mask[:: self.block[0], :: self.block[1]]
 
     def _prune(self, w, grid):
@@ -344,13 +370,14 @@ def find_parametrization(module: nn.Module, name: str = "weight"):
 
 
 def apply(module: nn.Module, parametrization: _MaskedWeight, name: str = "weight") -> nn.Module:
-    """Register ``parametrization`` on ``module.<name>`` (checked, unsafe=False); returns module."""
+    """Register ``parametrization`` on ``module.<name>`` (oriented for its layout, checked, unsafe=False); returns
+    module."""
     if not isinstance(parametrization, _TYPES):
         raise TypeError(f"parametrization must be an NMWeightSparsity or BlockWeightSparsity, "
                         f"got {type(parametrization).__name__}")
     if find_parametrization(module, name) is not None:
         raise ValueError(f"{type(module).__name__}.{name} already has a weight sparsity parametrization")
-    parametrization.check_weight(getattr(module, name).shape, name)
+    parametrization.orient(module, name).check_weight(getattr(module, name).shape, name)
     parametrize.register_parametrization(module, name, parametrization, unsafe=False)
     return module
 

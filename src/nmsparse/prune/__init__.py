@@ -14,11 +14,12 @@ from .adaprune import adaprune, check_settings, recalibrate_bn
 from .command import calibration_set, prune_checkpoint
 from .convert import frozen_config, prune_trained_model
 from .layerwise import OneShotReport
-from .magnitude import (PATTERNS, Pattern, absorb_mean_, magnitude_prune, parse_pattern, prunable_layers, prune_blocks,
-                        weight_mask)
+from .magnitude import (PATTERNS, Pattern, absorb_mean_, layer_mask, magnitude_prune, parse_pattern, prunable_layers,
+                        prune_blocks, weight_mask)
 from .sparsegpt import sparsegpt_prune
 from .wanda import wanda_prune
 
 __all__ = ["adaprune", "magnitude_prune", "wanda_prune", "sparsegpt_prune", "OneShotReport", "recalibrate_bn",
-           "parse_pattern", "Pattern", "PATTERNS", "weight_mask", "absorb_mean_", "prunable_layers", "prune_blocks",
-           "check_settings", "prune_checkpoint", "calibration_set", "prune_trained_model", "frozen_config"]
+           "parse_pattern", "Pattern", "PATTERNS", "weight_mask", "layer_mask", "absorb_mean_", "prunable_layers",
+           "prune_blocks", "check_settings", "prune_checkpoint", "calibration_set", "prune_trained_model",
+           "frozen_config"]

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.layers import out_in_view
 from .layerwise import capture, forward_order
-from .magnitude import (FilterFn, Pattern, absorb_mean_, check_pattern_fits, parse_pattern, prunable_layers,
-                        weight_mask)
+from .magnitude import (FilterFn, Pattern, absorb_mean_, check_pattern_fits, layer_mask, parse_pattern,
+                        prunable_layers)
 
 def check_settings(iters, batch, prefix: str = "") -> None:
     """ValueError unless iters is an int >= 0 and batch an int >= 1 (prefix: "--" for CLI flags)."""
@@ -91,13 +92,13 @@ def adaprune(model: nn.Module, calib_x: torch.Tensor, pattern: str | Pattern, *,
         y = capture(dense, dense_mods[name], calib_x, chunk, "out")
         w = mod.weight
         with torch.no_grad():
-            mask = weight_mask(w, p)
+            mask = layer_mask(mod, p)  # in w's layout; computed on the (out, in) view (a Conv1D's W^T)
             dense_w = w.detach().clone()
             w.mul_(mask)
             mse_mag = F.mse_loss(mod(x), y).item()
             if absorb_mean:
                 w.copy_(dense_w)
-                absorb_mean_(w, mask, p)
+                absorb_mean_(out_in_view(mod, w), out_in_view(mod, mask), p)
             del dense_w
             mse_init = F.mse_loss(mod(x), y).item()
         groups = [{"params": [w], "lr": lr_w}]

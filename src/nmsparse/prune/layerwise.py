@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..patterns import conv_from_2d, conv_to_2d
+from ..nn.layers import is_linear_like, out_in_view
 from .magnitude import FilterFn, Pattern, check_pattern_fits, parse_pattern, prunable_layers
 
 CALIB_SHAPES = ("a batch that model(batch) takes, first dim = samples (n >= 1): (n, T) token ids (torch.long) "
@@ -102,11 +103,11 @@ class LayerView:
         return getattr(self.mod, "groups", 1)
 
     def weight2d(self) -> torch.Tensor:
-        w = self.mod.weight.detach()
+        w = out_in_view(self.mod).detach()  # a Conv1D's (in, out) weight as (out, in)
         return (conv_to_2d(w) if w.dim() == 4 else w).to(torch.float64, copy=True)
 
     def set_weight2d(self, w2: torch.Tensor) -> None:
-        w = self.mod.weight
+        w = out_in_view(self.mod)
         with torch.no_grad():
             w.copy_(conv_from_2d(w2, w.shape) if w.dim() == 4 else w2)
 
@@ -114,8 +115,8 @@ class LayerView:
         """The layer's input of one call as X (groups, rows, K), in float64."""
         x = x.detach().to(torch.float64)
         mod = self.mod
-        if isinstance(mod, nn.Linear):
-            return x.reshape(1, -1, mod.in_features)
+        if is_linear_like(mod):
+            return x.reshape(1, -1, out_in_view(mod).shape[1])
         if x.dim() == 3:  # an unbatched conv input
             x = x[None]
         pads = _conv_pads(mod)
@@ -131,18 +132,19 @@ class LayerView:
     def input_pieces(self, x: torch.Tensor, max_elements: int = 1 << 25):
         """``inputs`` of one call in pieces of whole samples, each X about max_elements float64 values at
         most (a conv's patches are kh*kw times its input), so a large chunk never builds one huge X."""
-        batched = x.dim() >= (2 if isinstance(self.mod, nn.Linear) else 4)
+        linear = is_linear_like(self.mod)
+        batched = x.dim() >= (2 if linear else 4)
         if not batched or len(x) <= 1:
             yield self.inputs(x)
             return
-        per_sample = x[0].numel() * (1 if isinstance(self.mod, nn.Linear) else self.mod.kernel_size[0]
+        per_sample = x[0].numel() * (1 if linear else self.mod.kernel_size[0]
                                      * self.mod.kernel_size[1])
         step = max(1, max_elements // max(per_sample, 1))
         for s in range(0, len(x), step):
             yield self.inputs(x[s:s + step])
 
     def rows_of_group(self, g: int) -> slice:
-        per = self.mod.weight.shape[0] // self.groups
+        per = out_in_view(self.mod).shape[0] // self.groups
         return slice(g * per, (g + 1) * per)
 
 

@@ -1,5 +1,9 @@
 """One-shot magnitude pruning to a pattern (N:M, transposable N:M-T, blocks), mean absorption, and the
-pattern names the prune command takes."""
+pattern names the prune command takes.
+
+Masks are computed on each layer's (out, in) view (``nn.layers.out_in_view``): a transformers Conv1D,
+whose weight is stored (in, out), is pruned along its input features like an nn.Linear.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 from torch import nn
 
 from ..nn.filters import as_name_module, default_filter
+from ..nn.layers import is_weight_layer, layout_note, out_in_view, unknown_layer, unknown_weight_layers
 from ..patterns import block_mask, conv_from_2d, conv_to_2d, nm_mask, transposable_mask
 
 FilterFn = Callable[[nn.Module, str], bool]  # torchao's order, as sparsify's
@@ -58,7 +63,7 @@ def parse_pattern(pattern: str | Pattern, sparsity: float | None = None) -> Patt
 
 
 def _check_layer(name: str, mod: nn.Module, p: Pattern) -> None:
-    w = mod.weight
+    w = out_in_view(mod)
     if p.kind == "nm":
         sizes, what = [(1, w.shape[1])], "input channels"
         divisor = (p.m,)
@@ -71,7 +76,8 @@ def _check_layer(name: str, mod: nn.Module, p: Pattern) -> None:
         divisor = p.block
     for (d, size), div in zip(sizes, divisor):
         if size % div:
-            raise ValueError(f"layer {name!r} (weight {tuple(w.shape)}) cannot take pattern {p}: "
+            raise ValueError(f"layer {name!r} (weight {tuple(w.shape)} as (out, in){layout_note(mod)}) cannot take "
+                             f"pattern {p}: "
                              f"{what} dim {d} has size {size}, not divisible by {div}; "
                              "exclude it with filter_fn or choose another pattern")
 
@@ -87,6 +93,12 @@ def weight_mask(w: torch.Tensor, pattern: str | Pattern, sparsity: float | None 
             return conv_from_2d(transposable_mask(conv_to_2d(w), p.n, p.m), w.shape).contiguous()
         return transposable_mask(w, p.n, p.m)
     return block_mask(w, p.block, p.sparsity)
+
+
+def layer_mask(mod: nn.Module, pattern: str | Pattern, sparsity: float | None = None) -> torch.Tensor:
+    """``weight_mask`` of a layer's weight, computed on its (out, in) view and returned in the weight's own
+    layout (transposed back for a Conv1D)."""
+    return out_in_view(mod, weight_mask(out_in_view(mod), pattern, sparsity))
 
 
 def _groups(t: torch.Tensor, p: Pattern) -> torch.Tensor:
@@ -129,9 +141,15 @@ def absorb_mean_(w: torch.Tensor, mask: torch.Tensor, pattern: str | Pattern) ->
 
 
 def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> list[tuple[str, nn.Module]]:
-    """Conv2d / Linear layers the filter selects (default: convs with in_channels > 3, Linears but the classifier)."""
+    """Conv2d / Linear / Conv1D layers the filter selects (default: convs with in_channels > 3, Linears and
+    Conv1Ds but the classifier). A filter_fn that selects a layer whose weight layout nmsparse does not know is
+    an error naming it."""
     keep = as_name_module(filter_fn, model) if filter_fn is not None else default_filter(model)
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and keep(n, m)]
+    if filter_fn is not None:
+        for name, mod in unknown_weight_layers(model):
+            if keep(name, mod):
+                raise ValueError(unknown_layer(name, mod))
+    return [(n, m) for n, m in model.named_modules() if is_weight_layer(m) and keep(n, m)]
 
 
 def check_pattern_fits(layers, p: Pattern) -> None:
@@ -147,27 +165,28 @@ def magnitude_prune(model: nn.Module, pattern: str | Pattern, filter_fn: FilterF
     layers = prunable_layers(model, filter_fn)
     check_pattern_fits(layers, p)
     for _, mod in layers:
-        mod.weight.mul_(weight_mask(mod.weight, p))
+        view = out_in_view(mod)  # a view: the product lands in the layer's weight
+        view.mul_(weight_mask(view, p))
     return model
 
 
 def prune_blocks(model: nn.Module, sparsity: float, block=(8, 8), dense_first: bool = True) -> list[str]:
-    """Zero the lowest-L2 ``sparsity`` of the blocks of every Conv2d/Linear whose channels the block divides
+    """Zero the lowest-L2 ``sparsity`` of the blocks of every Conv2d/Linear/Conv1D whose channels the block divides
     (all but the first conv when dense_first, as in the paper), in place. Returns the pruned layer names."""
     if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
         raise ValueError(f"prune sparsity must be in [0, 1), got {sparsity!r}")
     pruned, first = [], True
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            if not is_weight_layer(mod):
                 continue
             if isinstance(mod, nn.Conv2d) and first:
                 first = False
                 if dense_first:
                     continue
-            w = mod.weight
+            w = out_in_view(mod)
             if getattr(mod, "groups", 1) != 1 or w.shape[0] % block[0] or w.shape[1] % block[1]:
                 continue
-            mod.weight.mul_(block_mask(w, block, sparsity))
+            w.mul_(block_mask(w, block, sparsity))
             pruned.append(name)
     return pruned

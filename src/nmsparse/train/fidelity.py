@@ -35,7 +35,7 @@ from torch import nn
 
 from ..common.text import did_you_mean, markdown_table
 from ..nn import GradSparsity, SparsityConfig, sparsify
-from ..nn.sdgp import SDGP_METHODS, SDGPConv2d, SDGPLinear
+from ..nn.sdgp import SDGP_LAYERS, SDGP_METHODS
 from ..nn.sparsify import squash
 
 __all__ = ["gradient_fidelity", "parse_method", "format_fidelity", "write_fidelity", "plot_fidelity",
@@ -123,7 +123,7 @@ def gradient_fidelity(model: nn.Module, batch, methods=DEFAULT_METHODS, draws: i
     """
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a whole number >= 1, got {draws!r}")
-    if any(isinstance(mod, (SDGPConv2d, SDGPLinear)) for mod in model.modules()):
+    if any(isinstance(mod, SDGP_LAYERS) for mod in model.modules()):
         model = squash(copy.deepcopy(model))
     x, y = batch
     loss_fn = loss_fn or F.cross_entropy
