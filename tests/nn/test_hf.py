@@ -200,6 +200,15 @@ def test_weight_and_sdgp_together_on_gpt2_then_squash():
     torch.testing.assert_close(logits(model, x), logits(twin, x))
 
 
+def lm_steps(model, opt, x, steps):
+    """`steps` optimizer steps of the language-model loss on x (its own next tokens)."""
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x, labels=x).loss.backward()
+        opt.step()
+
+
 @pytest.mark.parametrize("squashed,sdgp", [(True, False), (False, False), (False, True)])
 def test_gpt2_save_pretrained_reloads_as_a_plain_model(tmp_path, squashed, sdgp):
     model = gpt2()
@@ -207,11 +216,7 @@ def test_gpt2_save_pretrained_reloads_as_a_plain_model(tmp_path, squashed, sdgp)
     sparsify(model, SparsityConfig(weight=WeightNM(2, 4), grad=grad))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = ids()
-    model.train()
-    for _ in range(2):
-        opt.zero_grad()
-        model(x, labels=x).loss.backward()
-        opt.step()
+    lm_steps(model, opt, x, 2)
     if squashed:
         squash(model)
     model.save_pretrained(tmp_path)
@@ -227,11 +232,7 @@ def test_gpt2_state_dict_resumes_a_sparsified_twin_exactly():
     model = sparsify(gpt2(), cfg)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = ids()
-    model.train()
-    for _ in range(2):
-        opt.zero_grad()
-        model(x, labels=x).loss.backward()
-        opt.step()
+    lm_steps(model, opt, x, 2)
     state = model.state_dict()
     assert "transformer.h.0.attn.c_attn.weight" in state and not any("parametrizations" in k for k in state)
     twin = sparsify(gpt2(seed=5), cfg)
