@@ -114,6 +114,10 @@ def _eval(args) -> int:
               f"kernel)")
         return 0
     res = evaluate_checkpoint(args.checkpoint, device=args.device)
+    if "val_loss" in res:
+        print(f"{args.checkpoint}: validation loss {res['val_loss']:.4f} nats/char, perplexity {res['val_ppl']:.2f}, "
+              f"next-character accuracy {res['val_acc']:.2f}% ({res['name']}, epoch {res['epoch']})")
+        return 0
     print(f"{args.checkpoint}: test top-1 {res['test_acc']:.2f}%, test loss {res['test_loss']:.4f} "
           f"({res['name']}, epoch {res['epoch']})")
     return 0

@@ -79,3 +79,30 @@ def test_compare_tables_validation_loss_and_perplexity(tmp_path, capsys):
 def test_train_prints_the_validation_loss(tmp_path, capsys):
     assert cli(["train", "--config", str(text_config(tmp_path)), "--out", str(tmp_path / "r")]) == 0
     assert "final validation loss" in capsys.readouterr().out
+
+
+def test_eval_and_report_of_a_text_run(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert cli(["train", "--config", str(text_config(tmp_path)), "--out", str(run)]) == 0
+    final = json.loads((run / "summary.json").read_text())["final_val_loss"]
+    capsys.readouterr()
+    assert cli(["eval", str(run / "checkpoint.pt")]) == 0
+    out = capsys.readouterr().out
+    assert f"validation loss {final:.4f} nats/char" in out and "perplexity" in out
+    assert cli(["report", str(run)]) == 0
+    assert "val_loss" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_prune_a_text_checkpoint_reports_validation_loss(tmp_path, capsys, method):
+    run = tmp_path / "r"
+    assert cli(["train", "--config", str(text_config(tmp_path)), "--out", str(run)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "pruned.pt"
+    assert cli(["prune", str(run / "checkpoint.pt"), "--pattern", "2:4", "--method", method, "--calib", "6",
+                "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "dense" in text and "nats/char" in text and "+ BN" not in text  # a GPT has no batch norms
+    model, _ = load_model(out)
+    w = model.blocks[0].mlp.c_fc.weight
+    assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all())

@@ -1,4 +1,5 @@
-"""`nmsparse eval` and `nmsparse report`: a checkpoint's test accuracy; a run's metrics, masks and plots."""
+"""`nmsparse eval` and `nmsparse report`: a checkpoint's test accuracy (or validation loss); a run's metrics, masks
+and plots."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def load_trained(checkpoint: str | Path, device: str = "auto"):
 def evaluate_checkpoint(checkpoint: str | Path, device: str = "auto") -> dict:
     """Test-set metrics of a training checkpoint (``nmsparse eval``), with the run's name and epoch."""
     cfg, model, test_loader, dev, state = load_trained(checkpoint, device)
-    res = evaluate(model, test_loader, dev, autocast_dtype(cfg.amp, dev), cfg.tta_flip)
+    loader = test_loader.full() if hasattr(test_loader, "full") else test_loader  # a text run: the whole split
+    res = evaluate(model, loader, dev, autocast_dtype(cfg.amp, dev), cfg.tta_flip)
     return {**res, "name": cfg.name, "epoch": state["epoch"]}
 
 
@@ -44,7 +46,8 @@ def report_run(run_dir: str | Path) -> str:
     run = read_run(run_dir)
     if not run["metrics"]:
         raise ValueError(f"{run_dir} has no metrics.jsonl: not an nmsparse run directory, or no epoch finished")
-    keys = [k for k in ("epoch", "step", "lr", "train_loss", "test_loss", "test_acc", "epoch_time_s")
+    keys = [k for k in ("epoch", "step", "lr", "train_loss", "test_loss", "test_acc", "val_loss", "val_ppl", "val_acc",
+                        "epoch_time_s")
             if any(k in r for r in run["metrics"])]
     rows = [[_fmt(r.get(k, "")) for k in keys] for r in run["metrics"]]
     parts = [f"# Run {run_dir}", "", markdown_table(keys, rows)]
