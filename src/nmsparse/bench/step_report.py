@@ -61,28 +61,32 @@ def plot_ratios(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     groups = list(dict.fromkeys((r["model"], r["mode"]) for r in rows))
     n = max(len([r for r in rows if (r["model"], r["mode"]) == g]) for g in groups)
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups) + 1.5, 0.32 * n + 1.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups) + 1.5, 0.32 * n + 2.0), squeeze=False)
     for k, (ax, (model, mode)) in enumerate(zip(axes[0], groups)):
         rs = [r for r in rows if (r["model"], r["mode"]) == (model, mode)]
         ys = list(range(len(rs)))
         colors = ["0.6" if r["meets"] is None else "C2" if r["meets"] else "C1" for r in rs]
-        ax.barh(ys, [r["ratio_median"] for r in rs], color=colors, label="median step / dense (green: target met)")
-        ax.scatter([r["ratio_mean"] for r in rs], ys, color="white", edgecolors="black", s=16, zorder=3,
-                   label="mean (amortised) / dense")
+        ax.barh(ys, [r["ratio_median"] for r in rs], color=colors)
+        ax.scatter([r["ratio_mean"] for r in rs], ys, color="white", edgecolors="black", s=16, zorder=3)
         tgt = [(r["target"], y) for r, y in zip(rs, ys) if r["target"] is not None]
-        if tgt:
-            ax.scatter([t for t, _ in tgt], [y for _, y in tgt], marker="|", s=260, linewidths=2.5, color="C3",
-                       zorder=4, label="target (issue #12)")
+        ax.scatter([t for t, _ in tgt], [y for _, y in tgt], marker="|", s=260, linewidths=2.5, color="C3", zorder=4)
         ax.axvline(1.0, color="black", linewidth=1)
         ax.set_yticks(ys, [r["method"] for r in rs] if k == 0 else [""] * len(rs))
         ax.set_ylim(len(rs) - 0.5, -0.5)
         ax.set_title(f"{model}, {mode}")
-        ax.set_xlabel("step time / dense step time")
+        ax.set_xlabel("step time / dense step time (bars: median)")
         ax.set_xlim(left=0)
-    axes[0][0].legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
+    handles = [Patch(color="C2", label="target met"), Patch(color="C1", label="target missed"),
+               Line2D([], [], marker="o", color="white", markeredgecolor="black", linestyle="", label="mean (amortised)"),
+               Line2D([], [], marker="|", color="C3", markersize=12, markeredgewidth=2.5, linestyle="",
+                      label="target (issue #12)")]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
