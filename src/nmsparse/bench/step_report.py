@@ -138,12 +138,14 @@ def add_step_arguments(p) -> None:
                    help="mask recompute interval of the transposable and gradual-block methods (default 40)")
     p.add_argument("--profile-steps", type=_count(0), default=d.profile_steps,
                    help="profiled steps per method (periodic methods: one recompute period); 0: no profile")
-    p.add_argument("--sparsify-repeats", type=_count(1), default=d.sparsify_repeats)
+    p.add_argument("--sparsify-repeats", type=_count(1), default=d.sparsify_repeats,
+                   help="builds whose sparsify time is the median (default 3)")
     for name in ("resnet_width", "resnet_batch", "image_size", "gpt_layers", "gpt_width", "gpt_heads",
                  "gpt_block", "gpt_batch", "gpt_vocab"):
-        p.add_argument("--" + name.replace("_", "-"), type=_count(1), default=getattr(d, name))
+        p.add_argument("--" + name.replace("_", "-"), type=_count(1), default=getattr(d, name), metavar="N",
+                       help=f"default {getattr(d, name)}")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", help="directory for step.md, step.csv and step.png")
+    p.add_argument("--out", metavar="DIR", help="directory for step.md, step.csv and step.png")
 
 
 def step_main(args) -> int:
