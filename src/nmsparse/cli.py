@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     bd = bsub.add_parser("deploy", help="block-sparse CPU execution vs dense per layer, against the cpu profile")
     add_deploy_arguments(bd)
     bd.set_defaults(func=deploy_main)
+    from .bench.step_report import add_step_arguments, step_main
+
+    bs = bsub.add_parser("step", help="training-step time of each sparsity method against dense, eager and compiled")
+    add_step_arguments(bs)
+    bs.set_defaults(func=step_main)
     return p
 
 

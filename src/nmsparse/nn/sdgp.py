@@ -18,6 +18,7 @@ from ..common.text import did_you_mean
 from ..kernels.reference import PRUNE_METHODS, SEED_STRIDE, STOCHASTIC_METHODS, check_prune_nm, prune_checked
 from ..patterns.checks import check_dim, check_divisible, check_float_tensor
 from .layers import is_hf_conv1d
+from .profiling import GRAD_PRUNE, scope
 
 # "tile24": 2:4 chosen by the fused prune-and-compress route of 2:4 sparse tensor cores (greedy in
 # 4 positions x 4 channels tiles; a transposable pattern), which can differ from "magnitude".
@@ -68,7 +69,12 @@ def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: 
 
 def _prune(g, n, m, method, d, generator=None, eps=1e-4):
     """prune_grad for validated arguments (d non-negative): the backward of the SDGP layers, whose settings
-    and channel count were checked when they were built."""
+    and channel count were checked when they were built. Profiled as ``nn.profiling.GRAD_PRUNE``."""
+    with scope(GRAD_PRUNE):
+        return _prune_unscoped(g, n, m, method, d, generator, eps)
+
+
+def _prune_unscoped(g, n, m, method, d, generator, eps):
     if method == "tile24":
         out = ops.tile24_prune_grad(g, d)
         # The tile's greedy choice may drop a NaN; keep non-finite entries so a scaler still sees them.

@@ -32,6 +32,7 @@ from ..patterns.block import check_block, check_score, check_block_weight, block
 from ..patterns.nm import nm_mask_checked
 from ..patterns.transposable import conv_from_2d, conv_to_2d, transposable_mask
 from .layers import weight_in_out
+from .profiling import MASK, MASKING, scope
 
 NM_METHODS = ("srste", "ste", "fixed")
 MASK_METHODS = ("exact", "greedy")
@@ -76,7 +77,8 @@ class _StraightThrough(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.decay:
             w, mask = ctx.saved_tensors
-            grad = grad + ctx.decay * w.masked_fill(mask, 0)
+            with scope(MASKING):
+                grad = grad + ctx.decay * w.masked_fill(mask, 0)
         return grad, None, None
 
 
@@ -137,12 +139,15 @@ class _MaskedWeight(nn.Module):
             mask = self.mask
         elif self.training and torch.is_grad_enabled():
             if self._due():
-                self._set(self._view(self._compute(self._view(w))))
+                with scope(MASK):
+                    self._set(self._view(self._compute(self._view(w))))
             self.step += 1
             mask = self.mask
         else:
-            mask = self.eval_mask(w)
-        return self._multiply(w, mask)
+            with scope(MASK):
+                mask = self.eval_mask(w)
+        with scope(MASKING):
+            return self._multiply(w, mask)
 
     def _ready(self) -> bool:
         return self.mask.dim() != 1

@@ -1,0 +1,123 @@
+"""`nmsparse bench step`: the suite end to end on tiny models, its table and files, and --methods checks.
+
+No timing assertions: how fast a method is belongs to the benchmark, not to the tests."""
+
+import csv
+
+import pytest
+
+from nmsparse.bench.step import METHODS, StepOptions, run_step_bench, select_methods
+from nmsparse.bench.step_report import format_result, table
+from nmsparse.cli import main
+
+TINY = dict(resnet_width=8, resnet_batch=2, image_size=8, gpt_layers=1, gpt_width=16, gpt_heads=2, gpt_block=8,
+            gpt_batch=2, gpt_vocab=17)
+FAST = dict(steps=2, warmup=1, block=1, recompute_every=2, profile_steps=1, sparsify_repeats=1)
+TINY_ARGS = ["--resnet-width", "8", "--resnet-batch", "2", "--image-size", "8", "--gpt-layers", "1", "--gpt-width",
+             "16", "--gpt-heads", "2", "--gpt-block", "8", "--gpt-batch", "2", "--steps", "2", "--warmup", "1",
+             "--block", "1", "--recompute-every", "2", "--profile-steps", "1", "--sparsify-repeats", "1"]
+SHARES = ("share_mask", "share_masking", "share_grad_prune", "share_rest")
+
+
+def quiet(*args):
+    pass
+
+
+def check_rows(rows, models, modes, methods):
+    assert [(r["model"], r["mode"], r["method"]) for r in rows] == [
+        (m, mode, name) for m in models for mode in modes for name in methods]
+    for r in rows:
+        assert r["steps"] == 2 and 0 < r["median_ms"] <= r["worst_ms"] and r["mean_ms"] > 0
+        if r["method"] == "dense":
+            assert r["ratio_median"] == 1.0 and r["ratio_mean"] == 1.0 and r["sparsify_s"] is None
+            assert r["target"] is None and r["peak_vs_dense"] == 1.0
+        else:
+            assert r["target"] in (1.10, 1.15) and isinstance(r["meets"], bool) and r["sparsify_s"] > 0
+        assert r["peak_mb"] > 0
+        if r["mode"] == "compile":
+            assert all(type(r[k]) is int and r[k] >= 0 for k in ("recompiles", "compiles_warmup", "graph_breaks"))
+            assert all(r[k] is None for k in SHARES)  # Dynamo drops profiler scopes: shares are eager only
+        else:
+            assert r["recompiles"] is None
+            assert all(r[k] >= 0 for k in SHARES) and sum(r[k] for k in SHARES) <= 1 + 1e-9
+
+
+@pytest.mark.slow
+def test_every_method_on_both_tiny_models_eager():
+    res = run_step_bench(StepOptions(compile="off", **TINY, **FAST), log=quiet)
+    check_rows(res["rows"], ["resnet18", "gpt"], ["eager"], list(METHODS))
+    by = {(r["model"], r["method"]): r for r in res["rows"]}
+    for model in ("resnet18", "gpt"):
+        # each method's own scope takes time: masks for the weight methods that recompute, SDGP's pruning
+        assert by[model, "srste-2:4"]["share_mask"] > 0 and by[model, "srste-2:4"]["share_masking"] > 0
+        assert by[model, "transposable-4:8-exact"]["share_mask"] > 0
+        assert by[model, "sdgp-rescale-2:4"]["share_grad_prune"] > 0 and by[model, "sdgp-rescale-2:4"]["share_mask"] == 0
+        assert by[model, "dense"]["share_rest"] == 1.0
+    text = format_result(res)
+    assert "load average (1/5/15 min):" in text and "machine:" in text and "(1 thread)" in text
+    for name in METHODS:
+        assert f"| {name} |" in text
+    assert text.count("| 1.00 | 1.00 |") >= 2  # dense's ratios, one row per model
+    # 2 timed steps are not two recompute periods of 2: the header says the amortised ratios are not representative
+    assert "NOTE 2 timed steps" in text
+
+
+@pytest.mark.slow
+def test_compiled_steps_count_recompiles_as_integers():
+    opts = StepOptions(models=("gpt",), methods=["fixed-2:4"], compile="both", compile_backend="eager", **TINY, **FAST)
+    res = run_step_bench(opts, log=quiet)
+    check_rows(res["rows"], ["gpt"], ["eager", "compile"], ["dense", "fixed-2:4"])
+    compiled = [r for r in res["rows"] if r["mode"] == "compile"]
+    assert all(r["compiles_warmup"] >= 1 for r in compiled)  # the warm-up compiled each model
+    assert "| gpt | compile | fixed-2:4 |" in table(res["rows"]) and "torch.compile backend eager" in res["header"][2]
+
+
+def test_methods_are_selected_by_name_or_pattern_with_dense_first():
+    assert select_methods(None) == list(METHODS)
+    assert select_methods(["sdgp-*"]) == ["dense"] + [m for m in METHODS if m.startswith("sdgp-")]
+    assert select_methods(["fixed-2:4", "dense"]) == ["dense", "fixed-2:4"]
+    with pytest.raises(ValueError, match=r"unknown method 'srste-24'; did you mean 'srste-2:4'\?"):
+        select_methods(["srste-24"])
+
+
+def test_bad_method_is_named_before_any_work(capsys):
+    assert main(["bench", "step", "--methods", "sdgp-rescale-2:4", "transposable-4:8-exakt"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'transposable-4:8-exakt'; did you mean 'transposable-4:8-exact'? Choose from dense," in err
+    assert main(["bench", "step", "--methods", "xyz"]) == 2
+    assert "unknown method 'xyz'. Choose from dense, srste-2:4," in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--compile", "sometimes"], ["--steps", "0"], ["--models", "vgg16"]])
+def test_bad_options_are_refused_by_the_parser(bad, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "step", *bad])
+    assert "error: argument" in capsys.readouterr().err
+
+
+def test_command_prints_the_table_and_writes_md_csv_png(tmp_path, capsys):
+    out = tmp_path / "step"
+    assert main(["bench", "step", "--models", "gpt", "--methods", "ste-2:4", "--compile", "off", *TINY_ARGS,
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| gpt | eager | ste-2:4 |" in printed and "load average" in printed
+    assert (out / "step.png").stat().st_size > 0
+    assert "| gpt | eager | dense |" in (out / "step.md").read_text()
+    rows = list(csv.DictReader(open(out / "step.csv")))
+    assert [r["method"] for r in rows] == ["dense", "ste-2:4"] and float(rows[0]["ratio_median"]) == 1.0
+
+
+def test_without_matplotlib_the_plot_is_skipped_with_a_note(tmp_path, capsys, no_matplotlib):
+    out = tmp_path / "step"
+    assert main(["bench", "step", "--models", "gpt", "--methods", "dense", "--compile", "off", *TINY_ARGS,
+                 "--profile-steps", "0", "--out", str(out)]) == 0
+    assert "Plots skipped" in capsys.readouterr().out
+    assert (out / "step.csv").exists() and not (out / "step.png").exists()
+    assert "| gpt | eager | dense |" in (out / "step.md").read_text()
+
+
+def test_out_must_not_be_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("")
+    assert main(["bench", "step", "--methods", "dense", "--out", str(f)]) == 2
+    assert "is a file" in capsys.readouterr().err
