@@ -550,3 +550,20 @@ def test_sdgp_linear_layer_on_sparse_cores(method):
     lin(x).backward(gy)
     want = prune_grad(gy.float().cpu(), 2, 4, method, dim=-1) @ lin.weight.detach().float().cpu()
     assert _rel(x.grad.float().cpu(), want) < 2e-2
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A build killed mid-way leaves torch's lock file, on which the next build would wait forever."""
+    import os
+    import time
+
+    from nmsparse.kernels._extensions import clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not clear_stale_lock(lock) and lock.exists()  # a build may be running
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        assert clear_stale_lock(lock)
+    assert not lock.exists() and not clear_stale_lock(lock)

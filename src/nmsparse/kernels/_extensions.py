@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -43,12 +44,33 @@ def build_extension(name: str, sources: str | Sequence[str], extra_cflags: Seque
     for p in paths:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     h.update((" ".join(extra_cflags) + "|" + " ".join(extra_ldflags) + "|" + torch.__version__).encode())
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import get_default_build_root, load
 
+    full = f"{name}_{h.hexdigest()[:10]}"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    for lock in [root / full / "lock", *root.glob(f"*/{full}/lock")]:  # torch adds e.g. py311_cpu/ by default
+        clear_stale_lock(lock)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return load(f"{name}_{h.hexdigest()[:10]}", [str(p) for p in paths], extra_cflags=list(extra_cflags),
+        return load(full, [str(p) for p in paths], extra_cflags=list(extra_cflags),
                     extra_ldflags=list(extra_ldflags), verbose=False)
+
+
+STALE_LOCK_S = 600.0  # a build takes about a minute; a lock this old was left by a killed process
+
+
+def clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove a build lock that a killed build left behind (torch would wait on it forever); True if removed."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    warnings.warn(f"removing the stale build lock {lock} ({age / 60:.0f} minutes old, left by an interrupted "
+                  f"build)", RuntimeWarning, stacklevel=3)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 class NativeExtension:
