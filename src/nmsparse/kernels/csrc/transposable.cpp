@@ -19,28 +19,89 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <functional>
+#include <iterator>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
 
 constexpr int MAXM = 64;  // rows and columns of a tile are held as 64-bit sets
 using u64 = uint64_t;
+constexpr double INF = std::numeric_limits<double>::infinity();
+constexpr float FINF = std::numeric_limits<float>::infinity();
+constexpr float ROUNDS_MAX = 1e30f;  // price rounds run in float: skipped for tiles beyond this
+
+typedef double v4d __attribute__((vector_size(32)));
+typedef int64_t v4l __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+template <typename V, typename S>
+inline V vload(const S* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+template <typename V, typename S>
+inline void vstore(S* p, V v) { std::memcpy(p, &v, sizeof v); }
 
 inline int lowest(u64 s) { return __builtin_ctzll(s); }
 
-struct Solver {
-  int m, n;
-  std::vector<double> a;  // m x m magnitudes of the current tile
-  u64 rowsel[MAXM], colsel[MAXM];  // kept columns of each row, kept rows of each column
-  double phr[MAXM], phc[MAXM], dr[MAXM], dc[MAXM];
-  int load[MAXM], predr[MAXM], predc[MAXM], idx[MAXM];
+// Order statistics across lines, many positions at once. src holds `lines` lines of `width`
+// values (stride P); line l is shifted by -shift[l]. For every position p, the lines are ranked by
+// src[l][p] - shift[l], descending, ties to the lower line; each value's rank goes to
+// use(p0, l, value, rank), a vector of L positions from p0 at a time.
+template <typename V, typename I, int L, typename S, typename F>
+inline void rank_lines(const S* src, const S* shift, int lines, int width, int P, S* buf, F use) {
+  for (int l = 0; l < lines; ++l)
+    for (int p0 = 0; p0 < width; p0 += L) vstore(buf + l * P + p0, vload<V>(src + l * P + p0) - shift[l]);
+  for (int p0 = 0; p0 < width; p0 += L) {
+    for (int l = 0; l < lines; ++l) {
+      const V vl = vload<V>(buf + l * P + p0);
+      I cnt = I{};
+      for (int k = 0; k < l; ++k) cnt -= vload<V>(buf + k * P + p0) >= vl;  // a true lane is -1
+      for (int k = l + 1; k < lines; ++k) cnt -= vload<V>(buf + k * P + p0) > vl;
+      use(p0, l, vl, cnt);
+    }
+  }
+}
 
-  Solver(int m_, int n_) : m(m_), n(n_), a(size_t(m_) * m_) {}
+inline u64 lane_bits(v4l mask) {
+#ifdef __AVX__
+  return u64(_mm256_movemask_pd(reinterpret_cast<__m256d>(mask)));
+#else
+  return u64(mask[0] & 1) | u64(mask[1] & 1) << 1 | u64(mask[2] & 1) << 2 | u64(mask[3] & 1) << 3;
+#endif
+}
+
+struct Solver {
+  int m, n, rounds, P;  // P: m rounded up to 8, the stride of every m x m array
+  u64 all;              // the bits of the m columns
+  // a: |w| of the tile by rows, at: by columns (double); af, aft: the same in float.
+  alignas(32) double a[MAXM * MAXM], at[MAXM * MAXM], bufd[MAXM * MAXM];
+  alignas(32) float af[MAXM * MAXM], aft[MAXM * MAXM], buff[MAXM * MAXM];
+  u64 rowsel[MAXM], colsel[MAXM];  // kept columns of each row, kept rows of each column
+  // Potentials (phic: columns, phir: rows), tentative (dc, dr) and settled (fc) distances,
+  // predecessors (predc: the row a column was reached from, predr: the column a row was).
+  alignas(32) double phic[MAXM], phir[MAXM], dc[MAXM], fc[MAXM], dr[MAXM], thetad[MAXM];
+  alignas(32) int64_t predc[MAXM];
+  alignas(32) float theta[MAXM], rho[MAXM];
+  int predr[MAXM], load[MAXM];
+  bool price;  // whether this tile runs the price rounds
+
+  Solver(int m_, int n_, int rounds_) : m(m_), n(n_), rounds(rounds_), P((m_ + 7) & ~7) {
+    all = m == 64 ? ~u64(0) : (u64(1) << m) - 1;
+    std::fill(std::begin(a), std::end(a), 0.0);
+    std::fill(std::begin(at), std::end(at), 0.0);
+    std::fill(std::begin(af), std::end(af), 0.f);
+    std::fill(std::begin(aft), std::end(aft), 0.f);
+    for (int k = 0; k < MAXM; ++k) { phic[k] = phir[k] = thetad[k] = 0.0; theta[k] = rho[k] = 0.f; }
+  }
 
   template <typename T>
   void load_tile(const T* w, int64_t ld) {
@@ -49,92 +110,143 @@ struct Solver {
     for (int i = 0; i < m; ++i) {
       for (int j = 0; j < m; ++j) {
         const double v = std::fabs(static_cast<double>(w[i * ld + j]));
-        a[i * m + j] = v;
+        a[i * P + j] = v;
         if (std::isfinite(v)) top = std::max(top, v); else finite = false;
       }
     }
-    if (finite) return;
-    // Above any finite sum of the tile (same rule as patterns.transposable._tile_weights).
-    const double big = std::min(top * 4.0 * m * m + 1.0, DBL_MAX / (4.0 * m * m));
-    for (int k = 0; k < m * m; ++k) if (!std::isfinite(a[k])) a[k] = big;
-  }
-
-  // Every row keeps its n largest (ties to the lower column); row potential = its n-th largest.
-  void start() {
-    for (int j = 0; j < m; ++j) { colsel[j] = 0; phc[j] = 0.0; }
-    for (int i = 0; i < m; ++i) {
-      const double* r = &a[i * m];
-      for (int j = 0; j < m; ++j) idx[j] = j;
-      auto before = [r](int x, int y) { return r[x] > r[y] || (r[x] == r[y] && x < y); };
-      std::nth_element(idx, idx + (n - 1), idx + m, before);
-      u64 s = 0;
-      double t = r[idx[n - 1]];
-      for (int k = 0; k < n; ++k) { s |= u64(1) << idx[k]; t = std::min(t, r[idx[k]]); }
-      rowsel[i] = s;
-      phr[i] = t;
-      for (u64 b = s; b; b &= b - 1) colsel[lowest(b)] |= u64(1) << i;
+    if (!finite) {  // above any finite sum of the tile (the rule of patterns.transposable._tile_weights)
+      const double big = std::min(top * 4.0 * m * m + 1.0, DBL_MAX / (4.0 * m * m));
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < m; ++j) if (!std::isfinite(a[i * P + j])) a[i * P + j] = big;
+      top = big;
     }
-    for (int j = 0; j < m; ++j) load[j] = __builtin_popcountll(colsel[j]);
+    price = rounds > 0 && top < ROUNDS_MAX;
+    for (int i = 0; i < m; ++i) {
+      for (int j = 0; j < m; ++j) {
+        const double v = a[i * P + j];
+        at[j * P + i] = v;
+        if (price) af[i * P + j] = aft[j * P + i] = static_cast<float>(v);
+      }
+    }
   }
 
-  // One shortest path from over-full column s to the nearest under-full column; moves one unit.
-  void augment(int s) {
-    const double inf = std::numeric_limits<double>::infinity();
-    for (int k = 0; k < m; ++k) { dr[k] = inf; dc[k] = inf; }
-    dc[s] = 0.0;
-    u64 doner = 0, donec = 0;
-    const u64 all = m == 64 ? ~u64(0) : (u64(1) << m) - 1;
+  // A dual-feasible start that leaves few columns over-full. Column prices theta come from a few
+  // alternating rounds of thresholds (each column's, then each row's, halfway between the n-th and
+  // (n+1)-th largest of the price-adjusted line), in float: any theta is valid, these are only
+  // good. Then every row keeps its n largest of a - theta (double; ties to the lower column).
+  // With potentials -theta (columns) and each row's n-th largest of a - theta (rows), every
+  // residual reduced cost is >= 0.
+  void start() {
+    for (int k = 0; k < m; ++k) { theta[k] = 0.f; rho[k] = 0.f; }
+    const int nn = n;
+    for (int r = 0; price && r < rounds; ++r) {
+      if (r > 0) {  // rho[i]: row i's threshold of a_ij - theta_j (lines: columns; positions: rows)
+        for (int p0 = 0; p0 < m; p0 += 8) vstore(rho + p0, v8f{});
+        rank_lines<v8f, v8i, 8>(aft, theta, m, m, P, buff, [&](int p0, int, v8f v, v8i c) {
+          vstore(rho + p0, vload<v8f>(rho + p0) + (((c == nn - 1) | (c == nn)) ? 0.5f * v : v8f{}));
+        });
+      }
+      for (int p0 = 0; p0 < m; p0 += 8) vstore(theta + p0, v8f{});
+      rank_lines<v8f, v8i, 8>(af, rho, m, m, P, buff, [&](int p0, int, v8f v, v8i c) {
+        vstore(theta + p0, vload<v8f>(theta + p0) + (((c == nn - 1) | (c == nn)) ? 0.5f * v : v8f{}));
+      });
+    }
+    for (int j = 0; j < m; ++j) { thetad[j] = theta[j]; phic[j] = -thetad[j]; phir[j] = 0.0; }
+    // Row i keeps its n best columns of a_ij - theta_j (lines: columns; positions: rows).
+    rank_lines<v4d, v4l, 4>(at, thetad, m, m, P, bufd, [&](int p0, int j, v4d v, v4l c) {
+      colsel[j] = (p0 ? colsel[j] : 0) | lane_bits(c < nn) << p0;
+      vstore(phir + p0, vload<v4d>(phir + p0) + ((c == nn - 1) ? v : v4d{}));  // the smallest kept
+    });
+    for (int i = 0; i < m; ++i) rowsel[i] = 0;
+    for (int j = 0; j < m; ++j) {
+      colsel[j] &= all;
+      for (u64 q = colsel[j]; q; q &= q - 1) rowsel[lowest(q)] |= u64(1) << j;
+    }
+  }
+
+  // Row i reached at distance di: offer its not-kept columns (keep (i, k): cost -a_ik), 4 at a time.
+  inline void relax_row(int i, double di, u64 blocked) {
+    const double* ai = a + i * P;
+    const v4l lane = {0, 1, 2, 3};
+    for (int k0 = 0; k0 < m; k0 += 4) {
+      v4d rc = phir[i] - vload<v4d>(ai + k0) - vload<v4d>(phic + k0);
+      rc = rc > v4d{} ? rc : v4d{};
+      const v4d cand = di + rc;
+      const v4d cur = vload<v4d>(dc + k0);
+      const v4l open = ((v4l{} + int64_t(blocked >> k0)) >> lane & 1) == v4l{};
+      const v4l better = (cand < cur) & open;
+      vstore(dc + k0, better ? cand : cur);
+      vstore(predc + k0, better ? (v4l{} + i) : vload<v4l>(predc + k0));
+    }
+  }
+
+  // One shortest residual path from the over-full columns (all at distance 0) to the nearest
+  // under-full one: Dijkstra on reduced costs over the columns, a row's distance being the best
+  // over the settled columns that keep it (cancel (i, j): cost +a_ij), re-offered when it improves.
+  // Moves one unit along the path and updates the potentials.
+  void augment() {
+    for (int k = 0; k < m; ++k) {
+      dc[k] = load[k] > n ? 0.0 : INF;
+      fc[k] = INF;
+      dr[k] = INF;
+      predc[k] = -1;
+    }
+    for (int k = m; k < ((m + 3) & ~3); ++k) dc[k] = INF;
+    u64 donec = ~all;
     int t = -1;
     double dist = 0.0;
     while (true) {
-      // The unsettled node at the smallest distance: columns first on ties, then the lower index.
-      int bc = -1, br = -1;
-      double vc = inf, vr = inf;
-      for (u64 b = all & ~donec; b; b &= b - 1) { const int j = lowest(b); if (dc[j] < vc) { vc = dc[j]; bc = j; } }
-      for (u64 b = all & ~doner; b; b &= b - 1) { const int i = lowest(b); if (dr[i] < vr) { vr = dr[i]; br = i; } }
-      TORCH_CHECK(bc >= 0 || br >= 0, "transposable_exact: no under-full column is reachable (internal error)");
-      if (bc >= 0 && vc <= vr) {
-        const int j = bc;
-        donec |= u64(1) << j;
-        if (load[j] < n) { t = j; dist = vc; break; }
-        for (u64 b = colsel[j] & ~doner; b; b &= b - 1) {  // cancel kept (i, j): cost +a_ij
-          const int i = lowest(b);
-          const double nd = vc + std::max(0.0, a[i * m + j] + phc[j] - phr[i]);
-          if (nd < dr[i]) { dr[i] = nd; predr[i] = j; }
-        }
-      } else {
-        const int i = br;
-        doner |= u64(1) << i;
-        const double* r = &a[i * m];
-        for (u64 b = all & ~rowsel[i] & ~donec; b; b &= b - 1) {  // keep new (i, j): cost -a_ij
-          const int j = lowest(b);
-          const double nd = vr + std::max(0.0, phr[i] - r[j] - phc[j]);
-          if (nd < dc[j]) { dc[j] = nd; predc[j] = i; }
+      // The nearest unsettled column; the lowest index on ties.
+      v4d lo = vload<v4d>(dc);
+      for (int k = 4; k < m; k += 4) { const v4d x = vload<v4d>(dc + k); lo = x < lo ? x : lo; }
+      const double v = std::min(std::min(lo[0], lo[1]), std::min(lo[2], lo[3]));
+      TORCH_CHECK(v < INF, "transposable_exact: no under-full column is reachable (internal error)");
+      int j = 0;
+      while (dc[j] != v) ++j;
+      dc[j] = INF;
+      fc[j] = v;
+      donec |= u64(1) << j;
+      if (load[j] < n) { t = j; dist = v; break; }
+      for (u64 q = colsel[j]; q; q &= q - 1) {
+        const int i = lowest(q);
+        const double di = v + std::max(0.0, a[i * P + j] + phic[j] - phir[i]);
+        if (di < dr[i]) {
+          dr[i] = di;
+          predr[i] = j;
+          relax_row(i, di, rowsel[i] | donec);
         }
       }
     }
-    for (int k = 0; k < m; ++k) {  // potentials += min(distance, distance to t): reduced costs stay >= 0
-      phr[k] += std::min(dr[k], dist);
-      phc[k] += std::min(dc[k], dist);
+    // Potentials += min(distance, distance to t): every reduced cost stays >= 0, the path's become 0.
+    for (int k = 0; k < m; ++k) {
+      phic[k] += std::min(fc[k], dist);
+      phir[k] += std::min(dr[k], dist);
     }
-    for (int j = t; j != s;) {
-      const int i = predc[j], jp = predr[i];
+    int j = t;
+    while (predc[j] >= 0) {
+      const int i = int(predc[j]), jp = predr[i];
       rowsel[i] = (rowsel[i] | (u64(1) << j)) & ~(u64(1) << jp);
       colsel[j] |= u64(1) << i;
       colsel[jp] &= ~(u64(1) << i);
       j = jp;
     }
-    --load[s];
+    --load[j];
     ++load[t];
   }
 
   void solve() {
     start();
-    for (int s = 0; s < m; ++s) {
-      while (load[s] > n) augment(s);
+    int excess = 0;
+    for (int j = 0; j < m; ++j) {
+      load[j] = __builtin_popcountll(colsel[j]);
+      excess += std::max(0, load[j] - n);
     }
+    while (excess-- > 0) augment();
   }
 };
+
+// Price rounds before the shortest paths (measured on Gaussian tiles: fewer paths pay for them).
+inline int rounds_for(int m) { return m <= 4 ? 0 : 2; }
 
 template <typename T>
 void solve_all(const torch::Tensor& w, torch::Tensor& out, int n, int m) {
@@ -144,7 +256,8 @@ void solve_all(const torch::Tensor& w, torch::Tensor& out, int n, int m) {
   // About 8 tiles of 8x8 per work item, fewer for larger tiles.
   const int64_t grain = std::max<int64_t>(1, 512 / (int64_t(m) * m));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    Solver sv(m, n);
+    auto sv_owner = std::make_unique<Solver>(m, n, rounds_for(m));
+    Solver& sv = *sv_owner;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = (t / tc) * m, c0 = (t % tc) * m;
       sv.load_tile(wv + r0 * C + c0, C);
