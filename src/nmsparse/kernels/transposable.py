@@ -37,7 +37,7 @@ NATIVE_MAX_M = 64  # the C++ solver keeps a tile's rows and columns as 64-bit se
 _WIDEN = (torch.float16, torch.bfloat16)
 
 _extension = NativeExtension("nmsparse_transposable", ["transposable.cpp"],
-                             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], arch=False)
+                             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
 
 
 def native_available() -> bool:
@@ -84,10 +84,13 @@ def uses_native(w: torch.Tensor, n: int, m: int, method: str = "exact") -> bool:
 def transposable_mask(w: torch.Tensor, n: int, m: int, method: str = "exact") -> torch.Tensor:
     """Bool mask of 2-D w whose every m x m tile keeps n entries per row and column.
 
-    Same contract as ``patterns.transposable_mask`` (method "exact" maximises each tile's kept sum
-    of |w|, "greedy" is the 2-approximation; NaN and inf count as the largest magnitude). "exact"
-    with 8 <= m <= 64 on a CPU tensor runs the compiled solver (``transposable_exact_native``);
-    everything else, and every case when the solver cannot be built, runs the PyTorch one.
+    method="exact" maximises the kept sum of |w| in each tile: by the compiled solver
+    (``nmsparse.kernels.transposable.transposable_exact_native``) for 8 <= m <= 64 on a CPU tensor,
+    else (other devices, m < 8, or no C++ build) by the PyTorch solvers of
+    ``nmsparse.patterns.transposable_mask`` (enumeration of the valid tiles for m <= 4, a batched
+    min-cost flow otherwise). Where a tile has several optimal masks the two may pick different
+    ones. method="greedy" is the fast 2-approximation: kept sum at least half the optimum, and
+    some rows or columns may keep fewer than n. NaN and inf count as the largest magnitude.
     """
     check_float_tensor(w, "w")
     n, m = check_nm(n, m)

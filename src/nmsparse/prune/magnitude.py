@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..nn.filters import as_name_module, default_filter
-from ..patterns import block_mask, conv_from_2d, conv_to_2d, nm_mask, transposable_mask
+from ..kernels.transposable import transposable_mask  # the compiled exact solver on the CPU, else PyTorch
+from ..patterns import block_mask, conv_from_2d, conv_to_2d, nm_mask
 
 FilterFn = Callable[[nn.Module, str], bool]  # torchao's order, as sparsify's
 PATTERNS = ("2:4", "4:8", "4:8-T", "block8x8")
