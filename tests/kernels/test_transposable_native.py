@@ -32,6 +32,15 @@ def native():
         pytest.skip(f"the compiled transposable solver is unavailable: {kt.native_error()}")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The references' many small ops run faster on one thread; the thread test sets its own."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def tile_sums(w, mask, m):
     """Kept sum of |w| per tile, in float64."""
     return (to_tiles(w.detach().abs().double(), m) * to_tiles(mask, m)).sum((1, 2))

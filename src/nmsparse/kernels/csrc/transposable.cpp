@@ -15,7 +15,7 @@
 // cost negative is clamped to 0, so Dijkstra stays valid on ties. Every choice breaks ties by the
 // lowest index, so the mask is a deterministic function of the tile, whatever the thread count.
 // Non-finite magnitudes (NaN, inf) count as larger than the tile's finite sum, as in the torch path.
-// Tiles are independent: at::parallel_for over tiles (torch.get_num_threads() threads).
+// Tiles are independent: torch.get_num_threads() threads (at::parallel_for) share them out.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #endif
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -248,26 +249,39 @@ struct Solver {
 // Price rounds before the shortest paths (measured on Gaussian tiles: fewer paths pay for them).
 inline int rounds_for(int m) { return m <= 4 ? 0 : 2; }
 
+// Tiles go out in blocks of about 4096 entries from a shared counter, so a thread that the OS
+// runs less (a busy machine) takes fewer blocks instead of holding up the others; a call with
+// fewer than 16 blocks per thread uses fewer threads. Which thread solves a tile never changes it.
 template <typename T>
 void solve_all(const torch::Tensor& w, torch::Tensor& out, int n, int m) {
   const int64_t R = w.size(0), C = w.size(1), tc = C / m, tiles = (R / m) * tc;
   const T* wv = w.data_ptr<T>();
   bool* ov = out.data_ptr<bool>();
-  // About 8 tiles of 8x8 per work item, fewer for larger tiles.
-  const int64_t grain = std::max<int64_t>(1, 512 / (int64_t(m) * m));
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    auto sv_owner = std::make_unique<Solver>(m, n, rounds_for(m));
-    Solver& sv = *sv_owner;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = (t / tc) * m, c0 = (t % tc) * m;
-      sv.load_tile(wv + r0 * C + c0, C);
-      sv.solve();
-      for (int i = 0; i < m; ++i) {
-        bool* o = ov + (r0 + i) * C + c0;
-        for (int j = 0; j < m; ++j) o[j] = (sv.rowsel[i] >> j) & 1;
+  const int64_t block = std::max<int64_t>(1, 4096 / (int64_t(m) * m));
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles / (16 * block)));
+  std::atomic<int64_t> next{0};
+  auto work = [&]() {
+    auto owner = std::make_unique<Solver>(m, n, rounds_for(m));
+    Solver& sv = *owner;
+    for (int64_t t0; (t0 = next.fetch_add(block)) < tiles;) {
+      for (int64_t t = t0; t < std::min(tiles, t0 + block); ++t) {
+        const int64_t r0 = (t / tc) * m, c0 = (t % tc) * m;
+        sv.load_tile(wv + r0 * C + c0, C);
+        sv.solve();
+        for (int i = 0; i < m; ++i) {
+          bool* o = ov + (r0 + i) * C + c0;
+          for (int j = 0; j < m; ++j) o[j] = (sv.rowsel[i] >> j) & 1;
+        }
       }
     }
-  });
+  };
+  if (workers == 1) {
+    work();
+  } else {
+    at::parallel_for(0, workers, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t k = b0; k < b1; ++k) work();
+    });
+  }
 }
 
 torch::Tensor transposable_exact(torch::Tensor w, int64_t n, int64_t m) {

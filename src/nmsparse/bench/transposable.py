@@ -1,0 +1,151 @@
+"""`nmsparse bench transposable`: the exact transposable N:M solvers on one float32 matrix.
+
+Times, on Gaussian float32 weights (4096 x 4096 by default), in one run: the compiled solver
+(``kernels.transposable.transposable_exact_native``) with 1 and 2 threads, the PyTorch exact
+solver (``patterns.transposable_mask``, 1 thread) and OR-tools' min-cost flow, one graph per tile
+(``bench.patterns.ortools_baseline``, integer costs |w| x 1e9; OR-tools runs on one thread). Compiled times are medians of ``repeats`` runs; wall time and
+the process's CPU time are both recorded, since a loaded machine stretches the first only. The
+PyTorch solver and OR-tools run on a band of tile rows or a subset of tiles when the whole matrix
+would take longer than ``budget_s`` (the tables say "extrapolated"). Every solver's kept sum of
+|w| is compared with the compiled one's on the same tiles.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from ..common.system import machine_info
+from ..common.text import markdown_table
+from ..kernels.transposable import native_available, native_error, transposable_exact_native
+from ..patterns import transposable_mask as torch_transposable_mask
+from ..patterns.transposable import to_tiles
+from .patterns import ortools_baseline
+from .timing import fmt_time
+
+NM = [(4, 8), (8, 16), (16, 32)]
+TARGET_1_THREAD_S = {(4, 8): 0.5, (8, 16): 2.0}  # issue #12
+TARGET_VS_ORTOOLS = 3.0
+
+
+def _load() -> str:
+    try:
+        return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+def _timed(fn, repeats: int, threads: int) -> tuple[float, float]:
+    """Median wall and median CPU seconds of fn() with torch at `threads` threads (one warm-up run)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fn()
+        wall, cpu = [], []
+        for _ in range(repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    finally:
+        torch.set_num_threads(old)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def _kept(w: torch.Tensor, mask: torch.Tensor, m: int) -> np.ndarray:
+    return (to_tiles(w.abs().double(), m) * to_tiles(mask, m)).sum((1, 2)).numpy()
+
+
+def bench_nm(w: torch.Tensor, n: int, m: int, repeats: int = 5, budget_s: float = 20.0,
+             ortools_tiles: int = 2000, log=print) -> dict:
+    """One N:M: the measurements of every solver on w (a dict of plain numbers and flags)."""
+    size = w.shape[0]
+    res = {"n": n, "m": m, "size": size}
+    for threads in (1, 2):
+        res[f"native_{threads}"] = _timed(lambda: transposable_exact_native(w, n, m), repeats, threads)
+        log(f"  {n}:{m} compiled, {threads} thread(s): {fmt_time(res[f'native_{threads}'][0])} wall, "
+            f"{fmt_time(res[f'native_{threads}'][1])} CPU  ({_load()})")
+    mask = transposable_exact_native(w, n, m)
+    # PyTorch solver, 1 thread: the whole matrix, or a band of tile rows, extrapolated
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        band = min(size, m * max(1, 512 // m))
+        t0 = time.perf_counter()
+        torch_transposable_mask(w[:band], n, m)  # also the warm-up
+        est = (time.perf_counter() - t0) * size / band
+        rows = size if est <= budget_s else band
+        runs = max(1, min(3, int(budget_s / max(est, 1e-9)))) if rows == size else 3
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            ref = torch_transposable_mask(w[:rows], n, m)
+            times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    res["torch"] = statistics.median(times) * size / rows
+    res["torch_rows"], res["torch_runs"] = rows, runs
+    res["torch_diff"] = float(np.abs(_kept(w[:rows], ref, m) - _kept(w[:rows], mask[:rows], m)).max())
+    log(f"  {n}:{m} PyTorch exact: {fmt_time(res['torch'])} (median of {runs})"
+        f"{'' if rows == size else f' (extrapolated from {rows} rows)'}")
+    # OR-tools on the first tiles, extrapolated to all
+    base = ortools_baseline(w, n, m, ortools_tiles, scale=1e9)
+    if base is not None:
+        per_tile, kept_ref = base
+        n_tiles = (size // m) ** 2
+        res["ortools"] = per_tile * n_tiles
+        res["ortools_tiles"] = min(ortools_tiles, n_tiles)
+        res["ortools_diff"] = float(np.abs(kept_ref - _kept(w, mask, m)[:len(kept_ref)]).max())
+        log(f"  {n}:{m} OR-tools: {per_tile * 1e3:.3f} ms per tile, {fmt_time(res['ortools'])} for the matrix "
+            f"(extrapolated from {res['ortools_tiles']} tiles)")
+    return res
+
+
+def _row(r: dict) -> list[str]:
+    (w1, c1), (w2, c2) = r["native_1"], r["native_2"]
+    torch_note = "" if r["torch_rows"] == r["size"] else f" (extrapolated from {r['torch_rows']} rows)"
+    torch_note += f", median of {r['torch_runs']}"
+    orx = r.get("ortools")
+    return [f"{r['n']}:{r['m']}", f"{fmt_time(w1)} ({fmt_time(c1)} CPU)", f"{fmt_time(w2)} ({fmt_time(c2)} CPU)",
+            f"{w1 / w2:.2f}x", f"{fmt_time(r['torch'])}{torch_note}", f"{r['torch'] / w1:.1f}x",
+            "not installed" if orx is None else f"{fmt_time(orx)} (extrapolated from {r['ortools_tiles']} tiles)",
+            "" if orx is None else f"{orx / w1:.1f}x",
+            f"{r['torch_diff']:.1e}" + ("" if orx is None else f" / {r['ortools_diff']:.1e}")]
+
+
+def _targets(r: dict) -> list[str]:
+    (w1, _), (w2, _) = r["native_1"], r["native_2"]
+    out = []
+    if (r["n"], r["m"]) in TARGET_1_THREAD_S and r["size"] == 4096:
+        limit = TARGET_1_THREAD_S[(r["n"], r["m"])]
+        out.append(f"1 thread <= {limit:g} s: {'met' if w1 <= limit else 'missed'}")
+    if "ortools" in r:
+        out.append(f">= {TARGET_VS_ORTOOLS:g}x OR-tools: {'met' if r['ortools'] / w1 >= TARGET_VS_ORTOOLS else 'missed'}")
+    out.append(f"2 threads not slower: {'met' if w2 <= w1 else 'missed'}")
+    return [f"{r['n']}:{r['m']}", "; ".join(out)]
+
+
+def run(size: int = 4096, nm=NM, repeats: int = 5, budget_s: float = 20.0, ortools_tiles: int = 2000,
+        seed: int = 0, log=print) -> dict:
+    """Every solver at every N:M on a size x size Gaussian float32 matrix; returns rows and tables."""
+    if not native_available():
+        raise RuntimeError(f"the compiled transposable solver is unavailable: {native_error()}")
+    w = torch.randn(size, size, generator=torch.Generator().manual_seed(seed))
+    before = _load()
+    log(f"machine: {machine_info()}; {before}")
+    rows = [bench_nm(w, n, m, repeats, budget_s, ortools_tiles, log) for n, m in nm]
+    after = _load()
+    head = ["N:M", "compiled, 1 thread", "compiled, 2 threads", "1 / 2 threads", "PyTorch exact, 1 thread",
+            "PyTorch / compiled 1t", "OR-tools min-cost flow", "OR-tools / compiled 1t",
+            "max |kept sum diff| PyTorch / OR-tools"]
+    tables = {
+        "solvers": markdown_table(head, [_row(r) for r in rows]),
+        "targets": markdown_table(["N:M", "issue #12 targets"], [_targets(r) for r in rows]),
+    }
+    note = (f"{size}x{size} float32 Gaussian weights; compiled: median of {repeats} runs (wall, and CPU "
+            f"time of the process); {before} before, {after} after")
+    return {"machine": machine_info(), "note": note, "rows": rows, "tables": tables}
