@@ -2,15 +2,19 @@
 // row and every column that keeps the largest sum (a maximum-weight bipartite b-matching).
 //
 // Built on first use by nmsparse.kernels.transposable (kernels/_extensions.py) into the extension
-// that provides transposable_exact. Method, per tile (see transposable.py's docstring):
+// that provides transposable_exact. Method, per tile:
 //   min-cost flow rows -> columns, edge (i, j) of capacity 1 and cost -|w_ij|, solved by successive
-//   shortest paths with potentials (the primal-dual method; its LP optimum is integral, so the
-//   result is the exact optimum). Start: every row keeps its top n (ties to the lower column), which
-//   is optimal while column counts are ignored; row potentials = each row's n-th largest make every
-//   reduced cost >= 0. Then, while a column holds more than n, move one unit from the lowest such
-//   column to the nearest column holding fewer than n along a shortest residual path (Dijkstra on
-//   reduced costs: column -> row cancels a kept entry, row -> column keeps a new one); each move keeps
-//   the mask optimal for its current column counts, and the last one makes every count n.
+//   shortest paths with potentials (the primal-dual method; the LP's optimum is integral, so the
+//   result is the exact optimum). Start (Solver::start): column prices theta from two or three
+//   rounds of per-column and per-row thresholds, then every row keeps its n largest of
+//   |w_ij| - theta_j; with column potentials -theta and row potentials at each row's n-th largest,
+//   every reduced cost is >= 0, so the mask is optimal for the column counts it happens to have
+//   (any theta would do; good ones leave few columns over-full: about 1 unit per 8x8 Gaussian tile
+//   against 4.4 with theta = 0). Then, while a column holds more than n, move one unit from an
+//   over-full column to the nearest under-full one along a shortest residual path (Solver::augment:
+//   Dijkstra on reduced costs over the columns; column -> row cancels a kept entry, row -> column
+//   keeps a new one) and update the potentials; each move keeps the mask optimal for its current
+//   column counts, and the last one makes every count n.
 // Arithmetic is double (float32 magnitudes are exact in it); round-off that would make a reduced
 // cost negative is clamped to 0, so Dijkstra stays valid on ties. Every choice breaks ties by the
 // lowest index, so the mask is a deterministic function of the tile, whatever the thread count.
@@ -28,11 +32,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <iterator>
 #include <limits>
 #include <memory>
-#include <vector>
 
 namespace {
 
@@ -80,8 +82,10 @@ inline u64 lane_bits(v4l mask) {
 #endif
 }
 
+// MT: the tile size when known at compile time (loops then unroll), 0 for any m up to MAXM.
+template <int MT>
 struct Solver {
-  int m, n, rounds, P;  // P: m rounded up to 8, the stride of every m x m array
+  int m_, n, rounds, P_;  // P: m rounded up to 8, the stride of every m x m array
   u64 all;              // the bits of the m columns
   // a: |w| of the tile by rows, at: by columns (double); af, aft: the same in float.
   alignas(32) double a[MAXM * MAXM], at[MAXM * MAXM], bufd[MAXM * MAXM];
@@ -95,7 +99,7 @@ struct Solver {
   int predr[MAXM], load[MAXM];
   bool price;  // whether this tile runs the price rounds
 
-  Solver(int m_, int n_, int rounds_) : m(m_), n(n_), rounds(rounds_), P((m_ + 7) & ~7) {
+  Solver(int m, int n_, int rounds_) : m_(m), n(n_), rounds(rounds_), P_((m + 7) & ~7) {
     all = m == 64 ? ~u64(0) : (u64(1) << m) - 1;
     std::fill(std::begin(a), std::end(a), 0.0);
     std::fill(std::begin(at), std::end(at), 0.0);
@@ -106,19 +110,26 @@ struct Solver {
 
   template <typename T>
   void load_tile(const T* w, int64_t ld) {
+    const int m = MT ? MT : m_, P = MT ? ((MT + 7) & ~7) : P_;
     bool finite = true;
     double top = 0.0;
     for (int i = 0; i < m; ++i) {
+      const T* wi = w + i * ld;
+      double* ai = a + i * P;
       for (int j = 0; j < m; ++j) {
-        const double v = std::fabs(static_cast<double>(w[i * ld + j]));
-        a[i * P + j] = v;
-        if (std::isfinite(v)) top = std::max(top, v); else finite = false;
+        const double v = std::fabs(static_cast<double>(wi[j]));
+        ai[j] = v;
+        finite &= v <= DBL_MAX;  // false for inf and NaN
+        top = v > top ? v : top;
       }
     }
     if (!finite) {  // above any finite sum of the tile (the rule of patterns.transposable._tile_weights)
+      top = 0.0;
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < m; ++j) if (a[i * P + j] <= DBL_MAX) top = std::max(top, a[i * P + j]);
       const double big = std::min(top * 4.0 * m * m + 1.0, DBL_MAX / (4.0 * m * m));
       for (int i = 0; i < m; ++i)
-        for (int j = 0; j < m; ++j) if (!std::isfinite(a[i * P + j])) a[i * P + j] = big;
+        for (int j = 0; j < m; ++j) if (!(a[i * P + j] <= DBL_MAX)) a[i * P + j] = big;
       top = big;
     }
     price = rounds > 0 && top < ROUNDS_MAX;
@@ -138,6 +149,7 @@ struct Solver {
   // With potentials -theta (columns) and each row's n-th largest of a - theta (rows), every
   // residual reduced cost is >= 0.
   void start() {
+    const int m = MT ? MT : m_, P = MT ? ((MT + 7) & ~7) : P_;
     for (int k = 0; k < m; ++k) { theta[k] = 0.f; rho[k] = 0.f; }
     const int nn = n;
     for (int r = 0; price && r < rounds; ++r) {
@@ -167,6 +179,7 @@ struct Solver {
 
   // Row i reached at distance di: offer its not-kept columns (keep (i, k): cost -a_ik), 4 at a time.
   inline void relax_row(int i, double di, u64 blocked) {
+    const int m = MT ? MT : m_, P = MT ? ((MT + 7) & ~7) : P_;
     const double* ai = a + i * P;
     const v4l lane = {0, 1, 2, 3};
     for (int k0 = 0; k0 < m; k0 += 4) {
@@ -186,6 +199,7 @@ struct Solver {
   // over the settled columns that keep it (cancel (i, j): cost +a_ij), re-offered when it improves.
   // Moves one unit along the path and updates the potentials.
   void augment() {
+    const int m = MT ? MT : m_, P = MT ? ((MT + 7) & ~7) : P_;
     for (int k = 0; k < m; ++k) {
       dc[k] = load[k] > n ? 0.0 : INF;
       fc[k] = INF;
@@ -236,6 +250,7 @@ struct Solver {
   }
 
   void solve() {
+    const int m = MT ? MT : m_;
     start();
     int excess = 0;
     for (int j = 0; j < m; ++j) {
@@ -247,12 +262,12 @@ struct Solver {
 };
 
 // Price rounds before the shortest paths (measured on Gaussian tiles: fewer paths pay for them).
-inline int rounds_for(int m) { return m <= 4 ? 0 : 2; }
+inline int rounds_for(int m) { return m <= 4 ? 0 : m <= 16 ? 2 : 3; }
 
 // Tiles go out in blocks of about 4096 entries from a shared counter, so a thread that the OS
 // runs less (a busy machine) takes fewer blocks instead of holding up the others; a call with
 // fewer than 16 blocks per thread uses fewer threads. Which thread solves a tile never changes it.
-template <typename T>
+template <int MT, typename T>
 void solve_all(const torch::Tensor& w, torch::Tensor& out, int n, int m) {
   const int64_t R = w.size(0), C = w.size(1), tc = C / m, tiles = (R / m) * tc;
   const T* wv = w.data_ptr<T>();
@@ -261,8 +276,8 @@ void solve_all(const torch::Tensor& w, torch::Tensor& out, int n, int m) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles / (16 * block)));
   std::atomic<int64_t> next{0};
   auto work = [&]() {
-    auto owner = std::make_unique<Solver>(m, n, rounds_for(m));
-    Solver& sv = *owner;
+    auto owner = std::make_unique<Solver<MT>>(m, n, rounds_for(m));
+    Solver<MT>& sv = *owner;
     for (int64_t t0; (t0 = next.fetch_add(block)) < tiles;) {
       for (int64_t t = t0; t < std::min(tiles, t0 + block); ++t) {
         const int64_t r0 = (t / tc) * m, c0 = (t % tc) * m;
@@ -284,6 +299,17 @@ void solve_all(const torch::Tensor& w, torch::Tensor& out, int n, int m) {
   }
 }
 
+// The common tile sizes get a solver compiled for them.
+template <typename T>
+void solve_sized(const torch::Tensor& w, torch::Tensor& out, int n, int m) {
+  switch (m) {
+    case 8: return solve_all<8, T>(w, out, n, m);
+    case 16: return solve_all<16, T>(w, out, n, m);
+    case 32: return solve_all<32, T>(w, out, n, m);
+    default: return solve_all<0, T>(w, out, n, m);
+  }
+}
+
 torch::Tensor transposable_exact(torch::Tensor w, int64_t n, int64_t m) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2, "transposable_exact: w must be a 2-D CPU tensor");
   TORCH_CHECK(w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kDouble,
@@ -295,8 +321,8 @@ torch::Tensor transposable_exact(torch::Tensor w, int64_t n, int64_t m) {
   auto out = torch::empty(w.sizes(), w.options().dtype(torch::kBool));
   if (w.numel() == 0) return out;
   if (n == 0 || n == m) return out.fill_(n == m);
-  if (w.scalar_type() == torch::kFloat) solve_all<float>(w, out, int(n), int(m));
-  else solve_all<double>(w, out, int(n), int(m));
+  if (w.scalar_type() == torch::kFloat) solve_sized<float>(w, out, int(n), int(m));
+  else solve_sized<double>(w, out, int(n), int(m));
   return out;
 }
 
