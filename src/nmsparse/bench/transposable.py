@@ -1,14 +1,15 @@
 """`nmsparse bench transposable`: the exact transposable N:M solvers on one float32 matrix.
 
 Times, on Gaussian float32 weights (4096 x 4096 by default), in one run: the compiled solver
-(``kernels.transposable.transposable_exact_native``) with 1 and 2 threads, the PyTorch exact
-solver (``patterns.transposable_mask``, 1 thread) and OR-tools' min-cost flow, one graph per tile
-(``bench.patterns.ortools_baseline``, integer costs |w| x 1e9; OR-tools runs on one thread). Compiled times are medians of ``repeats`` runs; wall time and
-the process's CPU time are both recorded, since a loaded machine stretches the first only. The
-PyTorch solver runs once, on the whole matrix when a band of 1024 rows predicts at most
-``budget_s``, else on that band, scaled to all rows; OR-tools on the first ``ortools_tiles``
-tiles, extrapolated to all (the tables say which). Every solver's kept sum of
-|w| is compared with the compiled one's on the same tiles.
+(``kernels.transposable.transposable_exact_native``) with 1 and 2 threads, taking turns run by
+run; the PyTorch exact solver (``patterns.transposable_mask``, 1 thread); and OR-tools' min-cost
+flow, one graph per tile (``bench.patterns.ortools_baseline``, integer costs |w| x 1e9, one
+thread). Compiled times are medians of ``repeats`` runs, as wall time and as the process's CPU
+time (a loaded machine stretches the first far more). The PyTorch solver runs once: on the whole
+matrix when a band of 1024 rows predicts at most ``budget_s``, else on that band, scaled to all
+rows. OR-tools solves the first ``ortools_tiles`` tiles, extrapolated to all. The tables say
+which numbers are extrapolated. Every solver's kept sums of |w| are compared with the compiled
+solver's on the same tiles.
 """
 
 from __future__ import annotations
@@ -40,21 +41,24 @@ def _load() -> str:
         return "load average unknown"
 
 
-def _timed(fn, repeats: int, threads: int) -> tuple[float, float]:
-    """Median wall and median CPU seconds of fn() with torch at `threads` threads (one warm-up run)."""
+def _timed(fn, repeats: int, threads=(1, 2)) -> dict:
+    """{threads: (median wall s, median CPU s)} of fn(), the thread counts taking turns run by run
+    (after one warm-up run each), so that a change in the machine's load hits them alike."""
     old = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    wall = {t: [] for t in threads}
+    cpu = {t: [] for t in threads}
     try:
-        fn()
-        wall, cpu = [], []
-        for _ in range(repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
+        for k in range(repeats + 1):
+            for t in threads:
+                torch.set_num_threads(t)
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                if k:
+                    wall[t].append(time.perf_counter() - t0)
+                    cpu[t].append(time.process_time() - c0)
     finally:
         torch.set_num_threads(old)
-    return statistics.median(wall), statistics.median(cpu)
+    return {t: (statistics.median(wall[t]), statistics.median(cpu[t])) for t in threads}
 
 
 def _kept(w: torch.Tensor, mask: torch.Tensor, m: int) -> np.ndarray:
@@ -66,10 +70,9 @@ def bench_nm(w: torch.Tensor, n: int, m: int, repeats: int = 5, budget_s: float 
     """One N:M: the measurements of every solver on w (a dict of plain numbers and flags)."""
     size = w.shape[0]
     res = {"n": n, "m": m, "size": size}
-    for threads in (1, 2):
-        res[f"native_{threads}"] = _timed(lambda: transposable_exact_native(w, n, m), repeats, threads)
-        log(f"  {n}:{m} compiled, {threads} thread(s): {fmt_time(res[f'native_{threads}'][0])} wall, "
-            f"{fmt_time(res[f'native_{threads}'][1])} CPU  ({_load()})")
+    for threads, t in _timed(lambda: transposable_exact_native(w, n, m), repeats).items():
+        res[f"native_{threads}"] = t
+        log(f"  {n}:{m} compiled, {threads} thread(s): {fmt_time(t[0])} wall, {fmt_time(t[1])} CPU  ({_load()})")
     mask = transposable_exact_native(w, n, m)
     # PyTorch solver, 1 thread: first on a band of tile rows; the whole matrix when that predicts
     # at most budget_s, else the band's time scaled to all rows (the tables say so; it is batched
