@@ -76,7 +76,7 @@ def bench_nm(w: torch.Tensor, n: int, m: int, repeats: int = 5, budget_s: float 
     mask = transposable_exact_native(w, n, m)
     # PyTorch solver, 1 thread: first on a band of tile rows; the whole matrix when that predicts
     # at most budget_s, else the band's time scaled to all rows (the tables say so; it is batched
-    # over tiles, so the scaling overestimates: by 10-20% at 4:8 on the 2-core test machine).
+    # over tiles, so the scaling overestimates: a 512-row band by 10-20% at 4:8 on the 2-core machine).
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -143,7 +143,7 @@ def run(size: int = 4096, nm=NM, repeats: int = 5, budget_s: float = 60.0, ortoo
     after = _load()
     head = ["N:M", "compiled, 1 thread", "compiled, 2 threads", "1 / 2 threads", "PyTorch exact, 1 thread",
             "PyTorch / compiled 1t", "OR-tools min-cost flow", "OR-tools / compiled 1t",
-            "max |kept sum diff| PyTorch / OR-tools"]
+            "max kept-sum difference: PyTorch / OR-tools"]
     tables = {
         "solvers": markdown_table(head, [_row(r) for r in rows]),
         "targets": markdown_table(["N:M", "issue #12 targets"], [_targets(r) for r in rows]),
