@@ -3,10 +3,10 @@
 ``transposable_exact_native(w, n, m)`` solves every m x m tile of a 2-D CPU matrix exactly (the
 mask with n kept per row and column of each tile that keeps the largest sum of |w|) in C++
 (``csrc/transposable.cpp``, built on first use by ``_extensions``; needs a C++ compiler and ninja).
-Per tile it runs successive shortest paths with potentials, starting from each row's top n, so
-only the columns' excess is moved (the same method as the PyTorch solver in
-``patterns.transposable``, with Dijkstra on small fixed-size arrays instead of a batched
-Bellman-Ford). Tiles run in parallel on ``torch.get_num_threads()`` threads; every tie is broken
+Per tile it runs successive shortest paths with potentials from a dual-feasible start (column
+prices from a few rounds of row and column thresholds, then each row's top n), so only a little
+column excess is left to move: the method of the PyTorch solver in ``patterns.transposable``, with
+a better start and Dijkstra on small fixed-size arrays instead of a batched Bellman-Ford. Tiles run in parallel on ``torch.get_num_threads()`` threads; every tie is broken
 by the lowest index, so the mask is the same for any thread count. On ties it may pick another
 optimal mask than the PyTorch solver; the kept sum is the same up to float rounding.
 
@@ -17,7 +17,8 @@ native solver for ``method="exact"`` with ``NATIVE_MIN_M <= m <= NATIVE_MAX_M`` 
 (float16 and bfloat16 are widened to float32 exactly; float32 and float64 go as they are),
 ``patterns.transposable_mask`` otherwise and whenever the build is unavailable (no compiler, or
 ``NMSPARSE_NO_NATIVE=1``). ``nmsparse.transposable_mask``, ``nn/`` and ``prune/`` call this one.
-m < 8 stays on the PyTorch path: m = 4 enumerates the 90 valid 2:4 tiles in one matrix product.
+m < 8 stays on the PyTorch path, as issue #12 set it (m = 4 enumerates the 90 valid 2:4 tiles in
+one matrix product; docs/benchmarks.md has a measurement that suggests revisiting this).
 """
 
 from __future__ import annotations
