@@ -22,6 +22,7 @@ test-fast: $(STAMP)   # the quick lane while working: tests under ~5 s each (CI 
 
 bench: $(STAMP)
 	$(VENV)/bin/nmsparse bench patterns --out docs/bench-patterns.md
+	$(VENV)/bin/nmsparse bench transposable --out docs/bench-transposable.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -5,6 +5,9 @@ from .common import __version__
 from .formats import *  # noqa: F401,F403
 from .nn import *  # noqa: F401,F403
 from .patterns import *  # noqa: F401,F403
+# transposable_mask: the dispatching front in kernels/ (the compiled exact solver on the CPU,
+# patterns.transposable_mask otherwise), in place of the pure-PyTorch one that patterns exports.
+from .kernels.transposable import transposable_mask  # noqa: F811
 from .prune import adaprune, magnitude_prune, prune_trained_model, sparsegpt_prune, wanda_prune
 
 __all__ = (list(patterns.__all__) + list(formats.__all__) + list(nn.__all__)

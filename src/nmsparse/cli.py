@@ -22,6 +22,29 @@ def _bench_patterns(args) -> int:
     return 0
 
 
+def _bench_transposable(args) -> int:
+    from .bench import transposable
+
+    nm = [_parse_nm(x) for x in args.nm]
+    result = transposable.run(size=args.size, nm=nm, repeats=args.repeats, budget_s=args.budget,
+                              ortools_tiles=args.ortools_tiles)
+    text = "\n\n".join([f"machine: {result['machine']}", result["note"]]
+                        + [f"## {k}\n\n{v}" for k, v in result["tables"].items()])
+    print("\n" + text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _parse_nm(text: str) -> tuple[int, int]:
+    n, sep, m = text.partition(":")
+    if not sep or not n.isdigit() or not m.isdigit() or not 0 < int(n) < int(m):
+        raise ValueError(f"--nm takes N:M with 0 < N < M, e.g. 4:8; got {text!r}")
+    return int(n), int(m)
+
+
 def _bench_gpu(args) -> int:
     from .bench import gpu
 
@@ -200,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--budget", type=float, default=5.0, help="seconds of repeats per timed case")
     bp.add_argument("--out", help="also write the tables (Markdown) and a JSON copy here")
     bp.set_defaults(func=_bench_patterns)
+    bt = bsub.add_parser("transposable", help="the compiled exact transposable solver vs PyTorch's and OR-tools'")
+    bt.add_argument("--size", type=int, default=4096, help="the weight is size x size float32")
+    bt.add_argument("--nm", nargs="+", default=["4:8", "8:16", "16:32"], help="N:M patterns (default 4:8 8:16 16:32)")
+    bt.add_argument("--repeats", type=int, default=5, help="timed runs of the compiled solver (median)")
+    bt.add_argument("--budget", type=float, default=60.0,
+                    help="seconds the PyTorch solver may take per N:M; beyond it, a band of 1024 rows, extrapolated")
+    bt.add_argument("--ortools-tiles", type=int, default=2000, help="tiles solved by OR-tools, extrapolated")
+    bt.add_argument("--out", help="also write the tables (Markdown) and a JSON copy here")
+    bt.set_defaults(func=_bench_transposable)
     bg = bsub.add_parser("gpu", help="Triton prune kernels and 2:4 sparse tensor cores vs dense (needs CUDA)")
     bg.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     bg.add_argument("--out", help="write JSON (and Markdown beside it) here")

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from .common.text import markdown_table
 from .formats import compress_block, compress_nm
-from .patterns import (block_mask, is_transposable, mask_diversity, nm_mask, transposable_mask)
+from .kernels.transposable import transposable_mask
+from .patterns import block_mask, is_transposable, mask_diversity, nm_mask
 
 
 def load_digits_tensors(seed: int = 0):

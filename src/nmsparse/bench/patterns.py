@@ -1,4 +1,8 @@
-"""`nmsparse bench patterns`: mask computation times, greedy vs exact quality, OR-tools baseline."""
+"""`nmsparse bench patterns`: mask computation times, greedy vs exact quality, OR-tools baseline.
+
+Transposable masks come from ``nmsparse.transposable_mask`` (the compiled exact solver for
+m >= 8 on the CPU); `nmsparse bench transposable` compares the exact solvers in detail.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import time
 import numpy as np
 import torch
 
-from ..patterns import block_mask, nm_mask, transposable_mask
+from ..kernels.transposable import transposable_mask  # what users get: the compiled exact solver for m >= 8
+from ..patterns import block_mask, nm_mask
 from ..patterns.transposable import to_tiles
 from ..common.system import machine_info
 from ..common.text import markdown_table

@@ -13,11 +13,14 @@ patterns/ and formats/ only; nn/ may use kernels/.
 - ``block_cpu``: block-sparse Linear/Conv on the CPU for compiled models (a native kernel built
   on first use from ``csrc/block_sparse.cpp`` by ``_extensions``, PyTorch BSR as the fallback),
   imported by compile/ only;
+- ``transposable``: the compiled exact transposable N:M solver (``csrc/transposable.cpp``, built on
+  first use) and ``transposable_mask``, which runs it for exact masks with m >= 8 on the CPU and
+  ``patterns.transposable_mask`` otherwise (nn/, prune/ and ``nmsparse.transposable_mask`` call it);
 - ``ops``: what nn/ calls (``prune_grad_fast``, ``tile24_prune_grad``,
   ``sdgp_linear_dx``, ``weight24_linear``, ``weight24_linear_dx``).
 """
 
-from . import dispatch, ops, reference, semi_structured, triton_prune
+from . import dispatch, ops, reference, semi_structured, transposable, triton_prune
 from .dispatch import Decision, Dispatcher, default_dispatcher, triton_status, use_triton
 from .ops import prune_grad_fast, sdgp_linear_dx, tile24_prune_grad, weight24_linear, weight24_linear_dx
 from .reference import prune_random_reference, prune_reference, srste_reference, tile24_mask, tile24_reference
@@ -25,7 +28,7 @@ from .semi_structured import SemiStructuredUnavailable
 from .triton_prune import SUPPORTED_M, prune, srste_mask_apply
 
 __all__ = [
-    "dispatch", "ops", "reference", "semi_structured", "triton_prune",
+    "dispatch", "ops", "reference", "semi_structured", "transposable", "triton_prune",
     "Decision", "Dispatcher", "default_dispatcher", "triton_status", "use_triton",
     "prune_grad_fast", "sdgp_linear_dx", "tile24_prune_grad", "weight24_linear",
     "weight24_linear_dx",

@@ -27,10 +27,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..kernels.transposable import transposable_mask  # the compiled exact solver on the CPU, else PyTorch
 from ..patterns.checks import check_fraction, check_nm
 from ..patterns.block import check_block, check_score, check_block_weight, block_scores, expand_block_grid
 from ..patterns.nm import nm_mask_checked
-from ..patterns.transposable import conv_from_2d, conv_to_2d, transposable_mask
+from ..patterns.transposable import conv_from_2d, conv_to_2d
 from .layers import weight_in_out
 from .profiling import MASK, MASKING, scope
 

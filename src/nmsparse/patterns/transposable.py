@@ -3,6 +3,10 @@
 Such a mask makes both W and W^T N:M, so the forward and the backward-data products can
 both run on sparse hardware. "exact" maximises the kept sum of |w| per tile (a maximum-
 weight bipartite b-matching); "greedy" is the 2-approximation of Hubara et al. (2021).
+
+This is the PyTorch implementation (any device). ``nmsparse.transposable_mask`` is
+``kernels.transposable.transposable_mask``: the same contract, with a compiled exact solver for
+m >= 8 on the CPU (kernels/ sits above patterns/, so the dispatch lives there).
 """
 
 from __future__ import annotations

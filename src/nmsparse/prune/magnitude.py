@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ..nn.filters import as_name_module, default_filter
+from ..kernels.transposable import transposable_mask  # the compiled exact solver on the CPU, else PyTorch
 from ..nn.layers import is_weight_layer, layout_note, out_in_view, unknown_layer, unknown_weight_layers
-from ..patterns import block_mask, conv_from_2d, conv_to_2d, nm_mask, transposable_mask
+from ..patterns import block_mask, conv_from_2d, conv_to_2d, nm_mask
 
 FilterFn = Callable[[nn.Module, str], bool]  # torchao's order, as sparsify's
 PATTERNS = ("2:4", "4:8", "4:8-T", "block8x8")

@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..patterns import nm_mask, transposable_mask
+from ..kernels.transposable import transposable_mask  # the compiled exact solver on the CPU, else PyTorch
+from ..patterns import nm_mask
 from .layerwise import LayerView, OneShotReport, check_nm_pattern, prune_layerwise
 from .magnitude import FilterFn, Pattern, parse_pattern
 
