@@ -204,6 +204,22 @@ def _linear(x, weight, bias, n, m, method, generator):
     return _SDGPLinearFn.apply(x, weight, bias, n, m, method, generator)
 
 
+def _seeded_generator(layer, device: torch.device) -> torch.Generator:
+    """The random methods' generator for the layer's current step: one host read (the seed is a Python int)."""
+    return torch.Generator(device=device).manual_seed((layer.seed * SEED_STRIDE + int(layer.sdgp_step)) % (1 << 64))
+
+
+_DISABLED: list = []
+
+
+def _outside_graph():
+    """_seeded_generator under torch.compiler.disable (a clean graph break under torch.compile), made when a layer of
+    a random method is first built: decorating at import would import torch._dynamo, seconds at every CLI start."""
+    if not _DISABLED:
+        _DISABLED.append(torch.compiler.disable(_seeded_generator))
+    return _DISABLED[0]
+
+
 class _SDGPMixin:
     """Shared state of the SDGP modules: n, m, method, seed and the persistent `sdgp_step` counter."""
 
@@ -219,21 +235,17 @@ class _SDGPMixin:
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.n, self.m, self.method, self.seed = n, m, method, seed
         self.register_buffer("sdgp_step", torch.zeros((), dtype=torch.int64, device=device))
+        if method in STOCHASTIC_METHODS:
+            _outside_graph()  # made in eager code: made while torch.compile traces, it would break the graph again
 
     def _step_generator(self, *inputs: torch.Tensor | None) -> torch.Generator | None:
         """Counts forwards that record a backward; for the random methods, that backward's generator."""
         if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
             return None
-        gen = self._generator(inputs[0].device) if self.method in STOCHASTIC_METHODS else None
+        gen = _outside_graph()(self, inputs[0].device) if self.method in STOCHASTIC_METHODS else None
         with torch.no_grad():
             self.sdgp_step.add_(1)
         return gen
-
-    @torch.compiler.disable  # reads the step on the host: a clean graph break under torch.compile
-    def _generator(self, device: torch.device) -> torch.Generator:
-        # One host read per forward, only for the random methods: the seed must be a Python int.
-        seed = (self.seed * SEED_STRIDE + int(self.sdgp_step)) % (1 << 64)
-        return torch.Generator(device=device).manual_seed(seed)
 
     @classmethod
     def from_dense(cls, module: nn.Module, n: int = 2, m: int = 4, method: str = "rescale", seed: int = 0):

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..data import build_loaders, normalize_uint8, num_classes, set_epoch
 from ..models import autocast_dtype, build_from_record, evaluate, headline, model_record
 from ..models.evaluate import autocast
+from ..nn.mask_step import attach
 from ..nn.sparsify import sparsify, sparsity_report
 from . import distributed
 from .checkpoint import check_resume, keep_previous, load_resumable, previous_path, save_checkpoint
@@ -102,6 +103,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
         sparsify(model, cfg.sparsity)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     opt = build_optimizer(model, cfg.optim)
+    if cfg.sparsity is not None:
+        attach(model, opt)  # masks step once per optimizer step (one skipped by the gradient scaler does not count)
     net = nn.parallel.DistributedDataParallel(model) if info.enabled else model
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
