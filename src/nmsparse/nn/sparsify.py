@@ -123,7 +123,9 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterF
     weights take weight sparsity like any Linear's, and so do Hugging Face transformers' Conv1D layers
     (GPT-2; weight stored (in, out), grouped along its input features, dim 0). A selected layer of a
     type whose weight layout nmsparse does not know is an error naming it (``nn.layers``). Call it
-    before building the optimizer: parameters keep their identity. The state dict keeps the plain layout (``nn.state``): a plain model loads it.
+    before building the optimizer (parameters keep their identity), then ``attach(model, optimizer)``: masks
+    then step once per optimizer step (``nn.mask_step``). The state dict keeps the plain layout (``nn.state``): a
+    plain model loads it.
     """
     if isinstance(config, dict):
         config = SparsityConfig.from_dict(config)

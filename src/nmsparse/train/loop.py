@@ -1,5 +1,7 @@
 """The training loop: data, model, sparsify, SGD with a per-iteration schedule, eval, logs, checkpoints.
 
+The masks are attached to the optimizer (``nn.mask_step.attach``): their steps are optimizer steps.
+
 A run directory holds one training process at a time (run.lock). Checkpoints are written at every epoch end
 and, as the config asks, inside epochs; the one they replace is kept as checkpoint.prev.pt, which a resume uses
 when checkpoint.pt cannot be loaded. A resume from either is exact: the data order and every random choice
