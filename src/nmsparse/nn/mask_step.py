@@ -30,16 +30,10 @@ def _weight_layers(model: nn.Module):
                     getattr(mod.parametrizations, tensor).original, p
 
 
-def _whole(w: torch.Tensor) -> torch.Tensor:
-    """The whole dense weight: an FSDP2-sharded (DTensor) one is gathered (a collective: every rank steps)."""
-    w = w.detach()
-    return w.full_tensor() if hasattr(w, "full_tensor") and hasattr(w, "placements") else w
-
-
 def _advance(layers) -> None:
     counted = {}
     for name, original, p in layers:
-        n = p.advance(_whole(original))
+        n = p.advance(original)
         if n > 1:
             counted[name or "<model>"] = n
     warn_counted_forwards(counted)
@@ -108,7 +102,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
                              f"to an optimizer already; each optimizer step would count twice (remove() the "
                              f"handle attach returned first)")
     for _, original, p in layers:
-        p.count_optimizer_steps(_whole(original))
+        p.count_optimizer_steps(original)
     if optimizer is None:
         return None
     for _, _, p in layers:

@@ -16,6 +16,13 @@ from .layers import weight_in_out
 FORWARD, OPTIMIZER = "forward", "optimizer"  # what advances `step`: training forwards, or optimizer steps
 
 
+def _whole(w: torch.Tensor) -> torch.Tensor:
+    """The whole dense weight, detached. Outside forward an FSDP2-sharded (DTensor) weight is this rank's shard: it is
+    gathered (a collective; every rank steps the same layers, and a due update is due on all of them)."""
+    w = w.detach()
+    return w.full_tensor() if hasattr(w, "full_tensor") and hasattr(w, "placements") else w
+
+
 class _StraightThrough(torch.autograd.Function):
     """W * mask forward; backward passes the dense gradient plus decay * (1 - mask) * W (SR-STE)."""
 
@@ -120,13 +127,13 @@ class _MaskedWeight(nn.Module):
         leaves the mask as it is (a state dict does not say whether it was saved before or after the update)."""
         with torch.no_grad():
             if self._due():
-                self._set(self._view(self._compute(self._view(w.detach()))))
+                self._set(self._view(self._compute(self._view(_whole(w)))))
         self.pending = False
 
     @torch.no_grad()
     def count_optimizer_steps(self, w: torch.Tensor) -> None:
         """From now on count optimizer steps (``advance``), not training forwards; applies an update the state
-        left pending from w, the current dense weight. ``nmsparse.attach`` calls it."""
+        left pending from w, the current dense weight (its Parameter). ``nmsparse.attach`` calls it."""
         self._require_mask()
         self.steps_by = OPTIMIZER
         if self.pending:
@@ -134,8 +141,8 @@ class _MaskedWeight(nn.Module):
 
     @torch.no_grad()
     def advance(self, w: torch.Tensor) -> int:
-        """One optimizer step, after the optimizer wrote w (the dense weight): count it and apply the update due at
-        the new count, computed from w. ``step_masks`` and ``attach``'s optimizer hook call it.
+        """One optimizer step, after the optimizer wrote w (the dense weight's Parameter): count it and apply the
+        update due at the new count, computed from w. ``step_masks`` and ``attach``'s optimizer hook call it.
 
         Called on a parametrization that still counts training forwards, it switches to optimizer steps: the
         forwards of the optimizer step that just ended were counted already, so it only applies the pending
@@ -152,7 +159,7 @@ class _MaskedWeight(nn.Module):
                 return counted
         self.step += 1
         if self._due():
-            new = self._view(self._compute(self._view(w.detach()))).to(torch.bool)
+            new = self._view(self._compute(self._view(_whole(w)))).to(torch.bool)
             if new.shape == self.mask.shape and new.device == self.mask.device:
                 self.mask.copy_(new)  # in place: a compiled graph or a CUDA graph keeps reading the same buffer
             else:
@@ -223,4 +230,4 @@ def warn_counted_forwards(counted: dict[str, int]) -> None:
                       f"first call: {names}; they count optimizer steps from now on. If those forwards were "
                       f"micro-batches of one optimizer step (gradient accumulation) or recomputed forwards "
                       f"(activation checkpointing), the schedules ran ahead: call nmsparse.attach(model, optimizer) "
-                      f"(or attach(model) before calling step_masks yourself) before training", stacklevel=3)
+                      f"(or attach(model) before calling step_masks yourself) before training", stacklevel=4)
