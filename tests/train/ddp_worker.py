@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import nmsparse
 from nmsparse import GradSparsity, SparsityConfig, WeightNM, sparsify, weight_masks
 
 
@@ -23,8 +24,10 @@ def batch(step: int):
     return torch.randn(8, 3, 6, 6, generator=g), torch.randint(0, 10, (8,), generator=g)
 
 
-def train(model: nn.Module, steps: int, rank: int = 0, world: int = 1) -> nn.Module:
+def train(model: nn.Module, steps: int, rank: int = 0, world: int = 1, attach: bool = False) -> nn.Module:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if attach:  # masks step after each optimizer step (from the whole weights: FSDP2 gathers them)
+        nmsparse.attach(model, opt)
     for step in range(steps):
         x, y = batch(step)
         per = len(x) // world

@@ -29,11 +29,12 @@ def full_state(model) -> dict:
 
 
 def main(out_dir: str, method: str) -> None:
+    method, _, mode = method.partition(":")  # "rescale:attach": masks attached to the optimizer
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     model = shard(build(method), mesh)
-    train(model, steps=5, rank=rank, world=world)
+    train(model, steps=5, rank=rank, world=world, attach=mode == "attach")
     state = full_state(model)
     # Outside forward and backward a sharded layer's weight is a local shard: unshard to read whole weights.
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]

@@ -24,11 +24,13 @@ if not hasattr(fsdp, "fully_shard"):
 
 
 @pytest.mark.slow
-def test_fully_shard_two_processes_equal_one(tmp_path):
-    r0, r1 = run_torchrun(tmp_path, "rescale", "fsdp_worker.py")
+@pytest.mark.parametrize("mode", ["", ":attach"])
+def test_fully_shard_two_processes_equal_one(tmp_path, mode):
+    r0, r1 = run_torchrun(tmp_path, "rescale" + mode, "fsdp_worker.py")
     # the weights really were sharded: the parametrized originals and the dense layers' parameters
     assert "2.parametrizations.weight.original" in r0["sharded"] and "8.weight" in r0["sharded"]
-    single = ddp_worker.train(ddp_worker.build("rescale"), steps=5)
+    # attached, each optimizer step gathers the sharded weights to compute the masks
+    single = ddp_worker.train(ddp_worker.build("rescale"), steps=5, attach=bool(mode))
     # Sharded (DTensor) weights keep the parametrization layout; the one-process reference in that layout too.
     for mod in single.modules():
         remove_plain_layout(mod)

@@ -297,3 +297,15 @@ def test_progress_lines_when_output_is_not_a_terminal(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "_on_terminal", lambda: True)  # a terminal gets tqdm's bar instead
     train(load_config(quick(tmp_path, epochs=0.2, progress=True)), None, log=lines.append)
     assert not [x for x in lines if "images/s" in x]
+
+
+def test_the_loop_attaches_weight_masks_to_its_optimizer(tmp_path, monkeypatch):
+    handles = []
+    real = loop.attach
+    monkeypatch.setattr(loop, "attach", lambda model, opt: handles.append(real(model, opt)) or handles[-1])
+    cfg = load_config(quick(tmp_path, epochs=0.2, sparsity={"weight": {"kind": "nm", "n": 2, "m": 4}}))
+    train(cfg, tmp_path / "run", log=lambda *_: None)
+    assert len(handles) == 1 and handles[0] is not None  # masks step once per optimizer step
+    model = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
+    steps = [int(meta["nmsparse"]["weight"]["step"]) for meta in model._metadata.values() if "nmsparse" in meta]
+    assert steps and set(steps) == {5}

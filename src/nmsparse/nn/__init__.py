@@ -2,7 +2,9 @@
 
 from .config import GradSparsity, SparsityConfig, WeightBlock, WeightNM
 from .export import to_semi_structured
-from .sdgp import SDGPConv1D, SDGPConv2d, SDGPLinear, prune_grad
+from .mask_step import attach, step_masks
+from .sdgp import SDGPConv2d, SDGPLinear, prune_grad
+from .sdgp_conv1d import SDGPConv1D
 from .sparse_cores import SparseCoreLinear
 from .sparsify import (SADTracker, default_filter, format_report, sparsify, sparsity_report, squash,
                        weight_masks)
@@ -12,6 +14,6 @@ __all__ = [
     "SparsityConfig", "WeightNM", "WeightBlock", "GradSparsity",
     "prune_grad", "SDGPConv2d", "SDGPLinear", "SDGPConv1D", "SparseCoreLinear", "NMWeightSparsity",
     "BlockWeightSparsity",
-    "sparsify", "default_filter", "sparsity_report", "format_report", "squash", "weight_masks",
-    "SADTracker", "to_semi_structured",
+    "sparsify", "attach", "step_masks", "default_filter", "sparsity_report", "format_report", "squash",
+    "weight_masks", "SADTracker", "to_semi_structured",
 ]

@@ -18,7 +18,8 @@ from torch.nn.utils import parametrize
 
 from .config import GradSparsity, WeightBlock, WeightNM
 from .layers import SUPPORTED, is_hf_conv1d, out_features
-from .sdgp import SDGPConv1D, SDGPConv2d, SDGPLinear
+from .sdgp import SDGPConv2d, SDGPLinear
+from .sdgp_conv1d import SDGPConv1D
 from .sparse_cores import sparse_core_eligible, to_sparse_core
 from .state import plain_layout
 from .weight import BlockWeightSparsity, NMWeightSparsity

@@ -17,15 +17,14 @@ from ..kernels.ops import prune_grad_fast
 from ..common.text import did_you_mean
 from ..kernels.reference import PRUNE_METHODS, SEED_STRIDE, STOCHASTIC_METHODS, check_prune_nm, prune_checked
 from ..patterns.checks import check_dim, check_divisible, check_float_tensor
-from .layers import is_hf_conv1d
 from .profiling import GRAD_PRUNE, scope
 
 # "tile24": 2:4 chosen by the fused prune-and-compress route of 2:4 sparse tensor cores (greedy in
 # 4 positions x 4 channels tiles; a transposable pattern), which can differ from "magnitude".
 SDGP_METHODS = PRUNE_METHODS + ("tile24",)
 
-__all__ = ["prune_grad", "SDGP_METHODS", "SDGPConv2d", "SDGPLinear", "SDGPConv1D", "SDGP_LAYERS", "sdgp_conv2d",
-           "sdgp_linear", "check_sdgp_settings"]
+__all__ = ["prune_grad", "SDGP_METHODS", "SDGPConv2d", "SDGPLinear", "sdgp_conv2d", "sdgp_linear",
+           "check_sdgp_settings"]
 
 
 def check_sdgp_settings(n, m, method: str | None = None) -> tuple[int, int]:
@@ -210,6 +209,22 @@ def _linear(x, weight, bias, n, m, method, generator):
     return _SDGPLinearFn.apply(x, weight, bias, n, m, method, generator)
 
 
+def _seeded_generator(layer, device: torch.device) -> torch.Generator:
+    """The random methods' generator for the layer's current step: one host read (the seed is a Python int)."""
+    return torch.Generator(device=device).manual_seed((layer.seed * SEED_STRIDE + int(layer.sdgp_step)) % (1 << 64))
+
+
+_DISABLED: list = []
+
+
+def _outside_graph():
+    """_seeded_generator under torch.compiler.disable (a clean graph break under torch.compile), made when a layer of
+    a random method is first built: decorating at import would import torch._dynamo, seconds at every CLI start."""
+    if not _DISABLED:
+        _DISABLED.append(torch.compiler.disable(_seeded_generator))
+    return _DISABLED[0]
+
+
 class _SDGPMixin:
     """Shared state of the SDGP modules: n, m, method, seed and the persistent `sdgp_step` counter."""
 
@@ -225,21 +240,17 @@ class _SDGPMixin:
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.n, self.m, self.method, self.seed = n, m, method, seed
         self.register_buffer("sdgp_step", torch.zeros((), dtype=torch.int64, device=device))
+        if method in STOCHASTIC_METHODS:
+            _outside_graph()  # made in eager code: made while torch.compile traces, it would break the graph again
 
     def _step_generator(self, *inputs: torch.Tensor | None) -> torch.Generator | None:
         """Counts forwards that record a backward; for the random methods, that backward's generator."""
         if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
             return None
-        gen = self._generator(inputs[0].device) if self.method in STOCHASTIC_METHODS else None
+        gen = _outside_graph()(self, inputs[0].device) if self.method in STOCHASTIC_METHODS else None
         with torch.no_grad():
             self.sdgp_step.add_(1)
         return gen
-
-    @torch.compiler.disable  # reads the step on the host: a clean graph break under torch.compile
-    def _generator(self, device: torch.device) -> torch.Generator:
-        # One host read per forward, only for the random methods: the seed must be a Python int.
-        seed = (self.seed * SEED_STRIDE + int(self.sdgp_step)) % (1 << 64)
-        return torch.Generator(device=device).manual_seed(seed)
 
     @classmethod
     def from_dense(cls, module: nn.Module, n: int = 2, m: int = 4, method: str = "rescale", seed: int = 0):
@@ -337,57 +348,3 @@ class SDGPLinear(_SDGPMixin, nn.Linear):
         weight, bias = self.weight, self.bias  # read once: a parametrized weight is recomputed per read
         gen = self._step_generator(x, weight, bias)
         return _linear(x, weight, bias, self.n, self.m, self.method, gen)
-
-
-class SDGPConv1D(_SDGPMixin, nn.Module):
-    """transformers' Conv1D (GPT-2: y = x @ W + b, W stored (in, out)) with SDGP: the product with W^T of
-    SDGPLinear, the input gradient using the output gradient pruned n:m along features.
-
-    Holds the Conv1D's Parameters (same state_dict keys); ``to_dense`` gives a Conv1D of the same class
-    back. Built only by ``from_dense`` (transformers is never imported here).
-    """
-
-    nmsparse_weight_in_out = True  # nn.layers: the weight is stored (in, out)
-    _out_name = "nf"
-
-    def __init__(self, nf: int, nx: int, dense_cls: type, device=None, dtype=None, *,
-                 n: int = 2, m: int = 4, method: str = "rescale", seed: int = 0):
-        super().__init__()
-        self.nf, self.nx, self._dense_cls = nf, nx, dense_cls
-        self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(nf, device=device, dtype=dtype))
-        self._init_sdgp(nf, n, m, method, seed, device)
-
-    @classmethod
-    def from_dense(cls, module: nn.Module, n: int = 2, m: int = 4, method: str = "rescale", seed: int = 0):
-        """The SDGP version of a transformers Conv1D, sharing its Parameter objects."""
-        if not is_hf_conv1d(module) or isinstance(module, _SDGPMixin):
-            raise TypeError(f"SDGPConv1D.from_dense needs a transformers Conv1D, got {type(module).__name__}")
-        if parametrize.is_parametrized(module):
-            raise ValueError("SDGPConv1D.from_dense: the module has parametrizations; convert it to SDGP first, "
-                             "then register them")
-        nx, nf = module.weight.shape
-        new = cls(nf, nx, type(module), device="meta", dtype=module.weight.dtype, n=n, m=m, method=method, seed=seed)
-        new.weight, new.bias = module.weight, module.bias
-        new.sdgp_step = torch.zeros((), dtype=torch.int64, device=module.weight.device)
-        return new.train(module.training)
-
-    def to_dense(self) -> nn.Module:
-        """The Conv1D this layer came from (its class), holding the same Parameter objects."""
-        if parametrize.is_parametrized(self):
-            raise ValueError("SDGPConv1D.to_dense: remove the weight parametrizations first")
-        with torch.device("meta"):
-            dense = self._dense_cls(self.nf, self.nx)
-        dense.weight, dense.bias = self.weight, self.bias
-        return dense.train(self.training)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight, self.bias  # read once: a parametrized weight is recomputed per read
-        gen = self._step_generator(x, weight, bias)
-        return _linear(x, weight.t(), bias, self.n, self.m, self.method, gen)
-
-    def extra_repr(self) -> str:
-        return f"nf={self.nf}, nx={self.nx}, sdgp={self.n}:{self.m} {self.method}, seed={self.seed}"
-
-
-SDGP_LAYERS = (SDGPConv2d, SDGPLinear, SDGPConv1D)

@@ -14,7 +14,7 @@ from .filters import (FilterFn, as_name_module, default_filter, final_classifier
                       output_layers)
 from .layers import SUPPORTED, is_weight_layer, layout_note, unknown_layer, unknown_weight_layers
 from .registry import handler_for, set_submodule
-from .sdgp import SDGP_LAYERS
+from .sdgp_conv1d import SDGP_LAYERS
 from .sparse_cores import SparseCoreLinear
 from .state import parametrized_tensors, remove_plain_layout
 from .weight import find_parametrization
@@ -98,7 +98,7 @@ def _nothing_selected(model: nn.Module, config: SparsityConfig, filter_fn, what:
     shown = (", ".join(layers[:8]) + (", ..." if len(layers) > 8 else "")) if layers else "none"
     unknown = unknown_weight_layers(model)
     others = "" if not unknown else (
-        f"; layers whose weight layout nmsparse does not know, so never selected: "
+        "; layers whose weight layout nmsparse does not know, so never selected: "
         + ", ".join(f"{n} ({type(m).__name__})" for n, m in unknown[:8]) + (", ..." if len(unknown) > 8 else "")
         + f" (nmsparse sparsifies {SUPPORTED} layers)")
     if for_grad and filter_fn is None and config.include is None and config.grad.layers == "conv" and \
@@ -123,7 +123,9 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict, filter_fn: FilterF
     weights take weight sparsity like any Linear's, and so do Hugging Face transformers' Conv1D layers
     (GPT-2; weight stored (in, out), grouped along its input features, dim 0). A selected layer of a
     type whose weight layout nmsparse does not know is an error naming it (``nn.layers``). Call it
-    before building the optimizer: parameters keep their identity. The state dict keeps the plain layout (``nn.state``): a plain model loads it.
+    before building the optimizer (parameters keep their identity), then ``attach(model, optimizer)``: masks
+    then step once per optimizer step (``nn.mask_step``). The state dict keeps the plain layout (``nn.state``): a
+    plain model loads it.
     """
     if isinstance(config, dict):
         config = SparsityConfig.from_dict(config)

@@ -4,14 +4,42 @@ Register with ``apply(module, p)`` (or ``torch.nn.utils.parametrize.register_par
 ``module.weight`` then reads W * mask and the dense W lives in
 ``module.parametrizations.weight.original``. Each parametrization keeps two persistent buffers:
 
-- ``mask``: bool, W's shape (as W is stored): the mask of the last training step (or the initial one);
-- ``step``: int64 scalar: the number of training steps seen so far.
+- ``mask``: bool, W's shape (as W is stored): the mask training forwards apply;
+- ``step``: int64 scalar: the number of training steps taken so far.
 
-A *training step* is a forward in training mode with autograd enabled. Forwards in eval mode,
-under ``torch.no_grad()`` or ``torch.inference_mode()`` neither count nor change the mask.
-The very first forward (the shape check that registration runs) only sets the mask up and
-does not count either. Whether a step recomputes the mask depends on the method and on
-``step`` alone, so a model reloaded from its state_dict continues exactly as the original.
+**What a step is.** A mask update belongs to a step t and is computed from the W that t optimizer
+steps wrote; whether step t updates the mask depends on the method and on t alone (SR-STE/STE:
+every step; transposable: multiples of ``recompute_every``; gradual blocks: the schedule).
+
+- Attached (``nmsparse.attach(model, optimizer)``, which registers an optimizer step post-hook, or
+  ``attach(model)`` plus ``nmsparse.step_masks(model)`` after every optimizer step): a step is one
+  optimizer step. Right after the optimizer writes W, the step is counted and the update due at the
+  new count is computed from that W. Forwards only apply the mask (SR-STE's straight-through
+  function with its decay term included): the micro-batches of gradient accumulation, forwards that
+  activation checkpointing runs again in backward and evaluation all see the same mask, and
+  ``torch.compile`` finds no host read and nothing that changes between steps. An optimizer step a
+  gradient scaler skips (inf/NaN) is not called, so it does not count.
+- Not attached (the default, as in earlier releases): a step is a training forward, one in
+  training mode with autograd enabled. It applies the update of the current count, then counts.
+  Every micro-batch and every recomputed forward counts, so with gradient accumulation or
+  activation checkpointing the schedules run ahead: attach. ``step_masks`` on a model that is
+  not attached switches its layers to optimizer steps (exact for one forward per optimizer step;
+  it warns when a layer counted several forwards before its first call).
+
+In a loop of one forward and one optimizer step per iteration both give identical masks and
+weights: the update a forward would compute at the start of iteration t+1 is the one the optimizer
+step of iteration t computes from the same W. State dicts are the same in both modes (and as in
+earlier releases), saved on either side of that moment: after a load, the update of the loaded step
+is applied again before the mask is next used (by ``attach`` or by the next training forward),
+which changes nothing when it had been applied (the same W gives the same mask), so a state dict
+resumes exactly in either mode, and so does a model attached mid-training.
+
+The very first forward (the shape check that registration runs) only sets the mask up from W and
+does not count; the update of step 0 is then pending: ``attach`` applies it from the W of that
+moment (call it once the weights are final: after loading pretrained ones), an unattached model's
+first training forward from the W it sees. Forwards in eval mode, under
+``torch.no_grad()`` or ``torch.inference_mode()`` neither count nor change the mask. A copy of the
+model (``copy.deepcopy``, pickling) counts training forwards until it is attached itself.
 
 Masks are computed on W's (out, in[, kh, kw]) view. For a weight stored (in, out), as
 transformers' Conv1D stores it (``nn.layers``), that view is W^T: ``apply`` and ``sparsify`` set
@@ -32,8 +60,7 @@ from ..patterns.checks import check_fraction, check_nm
 from ..patterns.block import check_block, check_score, check_block_weight, block_scores, expand_block_grid
 from ..patterns.nm import nm_mask_checked
 from ..patterns.transposable import conv_from_2d, conv_to_2d
-from .layers import weight_in_out
-from .profiling import MASK, MASKING, scope
+from .masked import _MaskedWeight, _StraightThrough
 
 NM_METHODS = ("srste", "ste", "fixed")
 MASK_METHODS = ("exact", "greedy")
@@ -62,127 +89,6 @@ def _check_rank(shape, name: str) -> tuple[int, ...]:
         raise ValueError(f"{name} must be a 2-D Linear weight (out, in) or a 4-D Conv2d weight "
                          f"(Co, Ci, kh, kw), got shape {shape}")
     return shape
-
-
-class _StraightThrough(torch.autograd.Function):
-    """W * mask forward; backward passes the dense gradient plus decay * (1 - mask) * W (SR-STE)."""
-
-    @staticmethod
-    def forward(ctx, w, mask, decay):
-        ctx.decay = decay
-        if decay:
-            ctx.save_for_backward(w, mask)
-        return w * mask
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.decay:
-            w, mask = ctx.saved_tensors
-            with scope(MASKING):
-                grad = grad + ctx.decay * w.masked_fill(mask, 0)
-        return grad, None, None
-
-
-class _MaskedWeight(nn.Module):
-    """Shared state and step logic; subclasses say how to compute a mask and when one is due."""
-
-    def __init__(self):
-        super().__init__()
-        # 1-D and empty until the first forward, which learns W's (2-D or 4-D) shape.
-        self.register_buffer("mask", torch.ones(0, dtype=torch.bool))
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
-        self.in_out = False  # W stored (in, out), as transformers' Conv1D: the hooks see W^T (see orient)
-
-    def orient(self, module: nn.Module, tensor: str = "weight") -> "_MaskedWeight":
-        """Set up for the layout of module.<tensor> (``nn.layers.weight_in_out``); returns self. ``apply`` and
-        ``sparsify`` call it; a parametrization registered by hand on a Conv1D needs it before registering."""
-        self.in_out = weight_in_out(module, tensor)
-        return self
-
-    def _view(self, t):
-        """W's layout <-> the (out, in) view the subclass hooks work in (a transpose for (in, out) weights)."""
-        return t.t() if self.in_out else t
-
-    # Subclass hooks: they take and return tensors in the (out, in) view.
-    def _initial(self, w):  # the mask set up at the first forward or by reset_mask
-        return self._compute(w)
-
-    def _compute(self, w):  # the mask a due training step computes
-        raise NotImplementedError
-
-    def _due(self) -> bool:  # whether the training step at self.step recomputes the mask
-        raise NotImplementedError
-
-    def _eval_mask(self, w):  # the mask used by a forward that is not a training step
-        return self._view(self.mask)
-
-    def _multiply(self, w, mask):
-        return w * mask
-
-    def eval_mask(self, w: torch.Tensor) -> torch.Tensor:
-        """The mask a forward that is not a training step applies to w."""
-        return self._view(self._eval_mask(self._view(w)))
-
-    def initial_mask(self, w: torch.Tensor) -> torch.Tensor:
-        """The mask the first forward (or reset_mask) would set up from w."""
-        return self._view(self._initial(self._view(w.detach()))).to(torch.bool)
-
-    def check_weight(self, shape, name: str = "weight") -> None:
-        raise NotImplementedError
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if self.mask.shape != w.shape:
-            if self._ready():
-                raise ValueError(f"weight of shape {tuple(w.shape)} does not match the mask of shape "
-                                 f"{tuple(self.mask.shape)} this parametrization was set up for")
-            self.check_weight(w.shape)
-            self._set(self._view(self._initial(self._view(w))))
-            mask = self.mask
-        elif self.training and torch.is_grad_enabled():
-            if self._due():
-                with scope(MASK):
-                    self._set(self._view(self._compute(self._view(w))))
-            self.step += 1
-            mask = self.mask
-        else:
-            with scope(MASK):
-                mask = self.eval_mask(w)
-        with scope(MASKING):
-            return self._multiply(w, mask)
-
-    def _ready(self) -> bool:
-        return self.mask.dim() != 1
-
-    def _set(self, mask: torch.Tensor) -> None:
-        # Rebind rather than copy_: a mask saved for a pending backward must not change under it.
-        self.mask = mask.to(torch.bool).contiguous()
-
-    @torch.no_grad()
-    def reset_mask(self, w: torch.Tensor) -> torch.Tensor:
-        """Recompute the mask from w now (step unchanged), as the first forward would; returns it.
-
-        Call it after registering, e.g. ``p.reset_mask(module.parametrizations.weight.original)``
-        (called before, it would make the registration's check forward count as a step).
-        """
-        self.check_weight(w.shape)
-        self._set(self.initial_mask(w))
-        return self.mask
-
-    def density(self) -> float:
-        """Fraction of weights the current mask keeps."""
-        if not self._ready():
-            raise RuntimeError(f"{type(self).__name__} has no mask yet: register it on a module "
-                               f"(nmsparse.nn.weight.apply) or call reset_mask(W)")
-        return float(self.mask.sum()) / max(self.mask.numel(), 1)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        saved = state_dict.get(prefix + "mask")
-        if saved is not None and not self._ready() and saved.shape != self.mask.shape:
-            self.mask = torch.empty(saved.shape, dtype=torch.bool, device=self.mask.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return self.pattern_name()
 
 
 def check_nm_settings(n, m, method="srste", decay=2e-4, transposable=False, mask_method="exact",

@@ -35,7 +35,8 @@ from torch import nn
 
 from ..common.text import did_you_mean, markdown_table
 from ..nn import GradSparsity, SparsityConfig, sparsify
-from ..nn.sdgp import SDGP_LAYERS, SDGP_METHODS
+from ..nn.sdgp import SDGP_METHODS
+from ..nn.sdgp_conv1d import SDGP_LAYERS
 from ..nn.sparsify import squash
 
 __all__ = ["gradient_fidelity", "parse_method", "format_fidelity", "write_fidelity", "plot_fidelity",

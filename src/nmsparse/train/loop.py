@@ -1,5 +1,7 @@
 """The training loop: data, model, sparsify, SGD with a per-iteration schedule, eval, logs, checkpoints.
 
+The masks are attached to the optimizer (``nn.mask_step.attach``): their steps are optimizer steps.
+
 A run directory holds one training process at a time (run.lock). Checkpoints are written at every epoch end
 and, as the config asks, inside epochs; the one they replace is kept as checkpoint.prev.pt, which a resume uses
 when checkpoint.pt cannot be loaded. A resume from either is exact: the data order and every random choice
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from ..data import build_loaders, normalize_uint8, num_classes, set_epoch
 from ..models import autocast_dtype, build_from_record, evaluate, headline, model_record
 from ..models.evaluate import autocast
+from ..nn.mask_step import attach
 from ..nn.sparsify import sparsify, sparsity_report
 from . import distributed
 from .checkpoint import check_resume, keep_previous, load_resumable, previous_path, save_checkpoint
@@ -102,6 +105,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
         sparsify(model, cfg.sparsity)
     model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
     opt = build_optimizer(model, cfg.optim)
+    if cfg.sparsity is not None:
+        attach(model, opt)  # masks step once per optimizer step (one skipped by the gradient scaler does not count)
     net = nn.parallel.DistributedDataParallel(model) if info.enabled else model
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

@@ -1,0 +1,134 @@
+"""torch.compile of attached sparsified models: one graph, no recompiles after the first steps, the masks and losses
+of eager training. SDGP's random methods read their step in a torch.compiler.disable region: counted, stable."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import nmsparse
+from nmsparse.nn.sparsify import sparse_layers
+
+dynamo = pytest.importorskip("torch._dynamo")
+from torch._dynamo.utils import counters  # noqa: E402
+
+
+class TinyCNN(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, 10))
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.fc, self.proj = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.proj(nn.functional.gelu(self.fc(self.norm(x))))
+
+
+class TinyGPTStack(nn.Module):
+    """Token embedding, two residual MLP blocks, a head: the Linear layers of a GPT without attention."""
+
+    def __init__(self, vocab=16, d=16):
+        super().__init__()
+        self.embed, self.blocks = nn.Embedding(vocab, d), nn.Sequential(Block(d), Block(d))
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        return self.head(self.norm(self.blocks(self.embed(tokens))))
+
+
+CASES = {
+    # transposable masks recomputed every 2nd step, SDGP rescale on the conv gradients
+    "cnn": (TinyCNN, nmsparse.SparsityConfig(weight=nmsparse.WeightNM(2, 4, transposable=True, recompute_every=2),
+                                             grad=nmsparse.GradSparsity(2, 4, "rescale"))),
+    # SR-STE on every Linear but the head, SDGP random (a host read per forward, outside the graph) on them too
+    "gpt": (TinyGPTStack, nmsparse.SparsityConfig(weight=nmsparse.WeightNM(2, 4),
+                                                  grad=nmsparse.GradSparsity(2, 4, "random", layers="conv+linear"))),
+}
+
+
+def batch(case, step):
+    g = torch.Generator().manual_seed(step)
+    if case == "cnn":
+        return torch.randn(4, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
+    tokens = torch.randint(0, 16, (2, 5), generator=g)
+    return tokens, tokens.roll(-1, 1)
+
+
+def frames() -> tuple[int, int]:
+    """(frames compiled, recompiles included; graph breaks) so far."""
+    return counters["frames"]["total"], sum(counters["graph_break"].values())
+
+
+def train(case, net, model, steps):
+    """SGD with the masks attached to the optimizer; per step: the loss, the masks after it, (frames, breaks) so far."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    nmsparse.attach(model, opt)
+    losses, masks, seen = [], [], []
+    for step in range(steps):
+        x, y = batch(case, step)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x).flatten(0, -2), y.flatten())
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        masks.append(nmsparse.weight_masks(model))
+        seen.append(frames())
+    return losses, masks, seen
+
+
+def check(case, backend, steps=6):
+    dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    cls, config = CASES[case]
+    eager = nmsparse.sparsify(cls().double(), config)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend=backend)
+    want, want_masks, _ = train(case, eager, eager, steps)
+    got, got_masks, seen = train(case, compiled, model, steps)
+    assert seen[2] == seen[-1], f"compiled again or broke the graph again after the 3rd step: {seen}"
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    for step, (a, b) in enumerate(zip(got_masks, want_masks)):  # the masks changed on the same steps
+        assert a.keys() == b.keys() and len(a) >= 2
+        assert all(torch.equal(a[k], b[k]) for k in a), step
+    assert any(not torch.equal(got_masks[0][k], got_masks[-1][k]) for k in got_masks[0]), "no mask ever changed"
+    steps_seen = {int(p.step) for _, _, p, _ in sparse_layers(model) if p is not None}
+    sdgp = [m for m in model.modules() if isinstance(m, (nmsparse.SDGPConv2d, nmsparse.SDGPLinear))]
+    assert steps_seen == {steps} and sdgp and all(int(m.sdgp_step) == steps for m in sdgp)
+    return seen
+
+
+@pytest.mark.slow
+def test_compiled_cnn_one_graph_no_recompiles_eager_masks():
+    seen = check("cnn", "aot_eager")
+    assert seen[-1] == (1, 0), seen  # one frame, no graph break, compiled once
+
+
+@pytest.mark.slow
+def test_compiled_gpt_stack_random_sdgp_breaks_only_at_its_generator():
+    seen = check("gpt", "aot_eager")
+    assert seen[0] == seen[-1], seen  # nothing compiled after the first step
+    # SDGP random: each layer's forward reads its step in a torch.compiler.disable region, and the generator it
+    # hands to the autograd function cannot enter a graph either; those are the only breaks (none from the masks).
+    reasons = list(counters["graph_break"])
+    assert reasons and all("torch.compiler.disable" in r or "Generator" in r for r in reasons), reasons
+    assert any("_seeded_generator" in r for r in reasons)
+
+
+@pytest.mark.slow
+def test_compiled_cnn_with_inductor():
+    seen = check("cnn", "inductor", steps=4)
+    assert seen[-1] == (1, 0), seen
+
+
+def test_import_does_not_load_dynamo():
+    code = "import sys, nmsparse; sys.exit('torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
