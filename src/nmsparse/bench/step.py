@@ -45,6 +45,7 @@ from ..common.text import did_you_mean
 from ..models import GPT, resnet18
 from ..nn import profiling
 from ..nn.config import GradSparsity, SparsityConfig, WeightBlock, WeightNM
+from ..nn.mask_step import attach
 from ..nn.sparsify import sparsify
 
 __all__ = ["METHODS", "MODELS", "StepOptions", "select_methods", "run_step_bench"]
@@ -287,6 +288,8 @@ def _runners(kind, base, methods, mode, o: StepOptions, sparsify_s: dict) -> lis
                 sparsify(target, cfg)
                 sparsify_s[name].append(time.perf_counter() - t0)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        if cfg is not None:
+            attach(model, opt)  # masks update once per optimizer step, outside the (compiled) forward
         fn = torch.compile(model, backend=o.compile_backend) if mode == "compile" else model
         out.append(_Runner(name, method, model, fn, opt))
     return out
