@@ -13,12 +13,17 @@ def _bench_patterns(args) -> int:
 
     sizes = (256, 1024) if args.quick else tuple(args.sizes)
     result = patterns.run(sizes=sizes, baseline_tiles=args.baseline_tiles, budget_s=args.budget)
-    text = "\n\n".join([f"machine: {result['machine']}"] + [f"## {k}\n\n{v}" for k, v in result["tables"].items()])
+    return _print_tables(result, [f"machine: {result['machine']}"], args.out)
+
+
+def _print_tables(result: dict, head: list[str], out) -> int:
+    """Print a suite's tables under `head`; with --out also write them (Markdown) and the result (JSON)."""
+    text = "\n\n".join(head + [f"## {k}\n\n{v}" for k, v in result["tables"].items()])
     print("\n" + text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+        Path(out).with_suffix(".json").write_text(json.dumps(result, indent=1))
     return 0
 
 
@@ -28,14 +33,7 @@ def _bench_transposable(args) -> int:
     nm = [_parse_nm(x) for x in args.nm]
     result = transposable.run(size=args.size, nm=nm, repeats=args.repeats, budget_s=args.budget,
                               ortools_tiles=args.ortools_tiles)
-    text = "\n\n".join([f"machine: {result['machine']}", result["note"]]
-                        + [f"## {k}\n\n{v}" for k, v in result["tables"].items()])
-    print("\n" + text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=1))
-    return 0
+    return _print_tables(result, [f"machine: {result['machine']}", result["note"]], args.out)
 
 
 def _parse_nm(text: str) -> tuple[int, int]:
