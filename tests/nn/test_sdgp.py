@@ -132,7 +132,11 @@ def test_channels_last_equals_nchw(m, h, w, method, dtype, seed):
     b = prune_grad(cl, n, m, method, 1, torch.Generator().manual_seed(seed))
     assert a.is_contiguous()
     assert b.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(a, b)
+    if method == "mvue":  # the same entries kept; a value is a group sum, rounded in the layout's order
+        assert torch.equal(a != 0, b != 0)
+        torch.testing.assert_close(a, b, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    else:
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("shape,dim", [((3, 8, 4, 5), 1), ((3, 5, 8), -1), ((4, 16), 1), ((8,), 0)])

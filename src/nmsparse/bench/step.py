@@ -7,10 +7,10 @@ filter to a copy of the same dense model (``METHODS``). The step is README's loo
 forward, cross-entropy, backward, AdamW step, on the model or on ``torch.compile(model)``.
 
 * Timing: after ``warmup`` steps each (compilation happens there), every method's steps run in
-  round-robin blocks of ``block`` steps, so load drift hits all alike; per method the median,
-  mean (amortised: the timed steps cover whole recompute periods) and worst step time, and their
-  ratios to dense. By default ``2 * recompute_every`` timed steps (at least 20): two mask
-  recomputations of the transposable and gradual-block methods.
+  round-robin blocks of ``block`` steps, so load drift hits all alike; per method the median, mean
+  (amortised over whole recompute periods) and worst step time, and their ratios to dense. By default
+  ``2 * recompute_every`` timed steps (at least 20): two recomputations of the periodic methods'
+  masks. Sparse models are attached to their optimizer (masks update once per optimizer step).
 * Recompiles (``--compile``): Dynamo's frame compilations (``counters["frames"]["total"]``, one per
   cache miss) in the timed steps, i.e. after warm-up (graph breaks: in warm-up). The methods' models
   share code objects, whose caches together would pass Dynamo's recompile limit that one model alone
@@ -289,7 +289,7 @@ def _runners(kind, base, methods, mode, o: StepOptions, sparsify_s: dict) -> lis
                 sparsify_s[name].append(time.perf_counter() - t0)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         if cfg is not None:
-            attach(model, opt)  # masks update once per optimizer step, outside the (compiled) forward
+            attach(model, opt)
         fn = torch.compile(model, backend=o.compile_backend) if mode == "compile" else model
         out.append(_Runner(name, method, model, fn, opt))
     return out
@@ -297,8 +297,7 @@ def _runners(kind, base, methods, mode, o: StepOptions, sparsify_s: dict) -> lis
 
 def _run_mode(kind, base, x, y, mode, steps, o: StepOptions, sparsify_s, log) -> list[_Runner]:
     runners = _runners(kind, base, o.methods, mode, o, sparsify_s)
-    compiled = mode == "compile"
-    ctx = contextlib.nullcontext()
+    compiled, ctx = mode == "compile", contextlib.nullcontext()
     if compiled:
         import torch._dynamo
 
