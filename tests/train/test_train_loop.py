@@ -309,3 +309,25 @@ def test_the_loop_attaches_weight_masks_to_its_optimizer(tmp_path, monkeypatch):
     model = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
     steps = [int(meta["nmsparse"]["weight"]["step"]) for meta in model._metadata.values() if "nmsparse" in meta]
     assert steps and set(steps) == {5}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost KeyboardInterrupt
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeypatch):
+    """Python loses the KeyboardInterrupt of a SIGINT that lands in a __del__ ("Exception ignored"); the loop
+    remembers the Ctrl-C and stops at the next step anyway."""
+    cfg_path = quick(tmp_path, epochs=1, checkpoint_every_steps=2)
+    real = loop.lr_factor
+
+    class Finalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler's KeyboardInterrupt is raised, and ignored, here
+
+    def lr_factor(name, step, *args):
+        if step == 5:
+            Finalizer()
+        return real(name, step, *args)
+
+    monkeypatch.setattr(loop, "lr_factor", lr_factor)
+    with pytest.raises(loop.TrainingInterrupted, match="the last checkpoint is"):
+        train(load_config(cfg_path), tmp_path / "run", log=lambda *_: None)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 6  # the step under way finished

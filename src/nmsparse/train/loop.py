@@ -15,7 +15,9 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +48,28 @@ TIME_CHECK_EVERY = 20  # under torchrun: steps between agreeing (one broadcast) 
 
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during train(): the text says where the last checkpoint is and that the same command resumes."""
+
+
+class _CtrlC:
+    """Remembers a Ctrl-C. The KeyboardInterrupt Python raises for it is lost when it lands in a finalizer
+    (``__del__``, a weakref callback: "Exception ignored"), so the loop also checks ``hit`` at every step."""
+
+    def __init__(self):
+        self.hit, self._old = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        self.hit = True
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 def loaders_for(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1):
@@ -116,7 +140,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
     peak = cfg.optim.lr * (cfg.data.batch_size * info.world_size / 256 if cfg.optim.batch_lr_scaling else 1)
     ckpt = out / CHECKPOINT if out is not None else None
 
-    with RunLock(out) if main else contextlib.nullcontext():
+    with RunLock(out) if main else contextlib.nullcontext(), contextlib.ExitStack() as stack:
         epoch, step, history, skip, partial = 0, 0, [], 0, None
         last = None  # (file, epoch, step, batch) of the newest checkpoint on disk, for the Ctrl-C message
         found = ckpt is not None and (ckpt.exists() or previous_path(ckpt).exists())
@@ -163,6 +187,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
         t_start = time.perf_counter()
         last_save = t_start
         try:
+            ctrl_c = stack.enter_context(_CtrlC())
             while epoch < n_epochs and step < total:
                 model.train()
                 set_epoch(train_loader, epoch, skip)
@@ -179,6 +204,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
                            initial=batch, total=steps_per_epoch,
                            disable=not (cfg.progress and info.is_main) or None, dynamic_ncols=True)
                 for x, y in bar:
+                    if ctrl_c.hit:
+                        raise KeyboardInterrupt
                     if step >= total:
                         break
                     torch.manual_seed(_step_seed(cfg.seed, step, info.rank))
