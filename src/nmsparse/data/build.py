@@ -70,6 +70,12 @@ def build_loaders(d: DataConfig, device: torch.device, *, seed: int = 0, channel
     return train, test
 
 
+def whole_split(loader):
+    """The loader over the whole held-out split: a text loader that samples validation blocks gives its
+    `full()` one, any other loader is itself."""
+    return loader.full() if isinstance(loader, SequentialBlocks) else loader
+
+
 def set_epoch(loader, epoch: int, skip_batches: int = 0) -> None:
     """Choose the epoch a train loader's next pass runs (its order and augmentation), without its first
     `skip_batches` batches (a run resumed from a checkpoint inside that epoch)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..common.system import check_parent_dirs, resolve_device
 from ..data import (NUM_CLASSES, STATS, TEXT_DATASETS, DataConfig, TensorLoader, build_loaders, calibration_blocks,
-                    load_dataset, normalize_uint8, text_corpus)
+                    load_dataset, normalize_uint8, text_corpus, whole_split)
 from ..models import autocast_dtype, evaluate, load_model, save_checkpoint
 from ..nn.sparsify import squash
 from .adaprune import adaprune, check_settings, recalibrate_bn
@@ -98,7 +98,7 @@ def checkpoint_metric(cfg: dict, dev) -> Metric:
     _, test_loader = build_loaders(data, dev, channels_last=cfg.get("channels_last", False))
     amp = autocast_dtype(cfg.get("amp", "auto"), dev)
     if data.name in TEXT_DATASETS:
-        full = test_loader.full()
+        full = whole_split(test_loader)
         return Metric("loss", "validation loss", " nats/char", lambda m: evaluate(m, full, dev, amp)["val_loss"])
     return Metric("acc", "test accuracy", "%",
                   lambda m: evaluate(m, test_loader, dev, amp, cfg.get("tta_flip", False))["test_acc"])

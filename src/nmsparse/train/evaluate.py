@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..common.text import markdown_table
+from ..data import whole_split
 from ..models import autocast_dtype, evaluate, load_model
 from ..nn.sparsify import format_report, sparsity_report, weight_masks
 from . import distributed
@@ -27,8 +28,7 @@ def load_trained(checkpoint: str | Path, device: str = "auto"):
 def evaluate_checkpoint(checkpoint: str | Path, device: str = "auto") -> dict:
     """Test-set metrics of a training checkpoint (``nmsparse eval``), with the run's name and epoch."""
     cfg, model, test_loader, dev, state = load_trained(checkpoint, device)
-    loader = test_loader.full() if hasattr(test_loader, "full") else test_loader  # a text run: the whole split
-    res = evaluate(model, loader, dev, autocast_dtype(cfg.amp, dev), cfg.tta_flip)
+    res = evaluate(model, whole_split(test_loader), dev, autocast_dtype(cfg.amp, dev), cfg.tta_flip)
     return {**res, "name": cfg.name, "epoch": state["epoch"]}
 
 

@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from ..data import build_loaders, normalize_uint8, num_classes, set_epoch
+from ..data import build_loaders, normalize_uint8, num_classes, set_epoch, whole_split
 from ..models import autocast_dtype, build_from_record, evaluate, headline, model_record
 from ..models.evaluate import autocast
 from ..nn.mask_step import attach
@@ -257,7 +257,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
                 last_epoch = epoch == n_epochs or step >= total
                 if epoch % cfg.eval_every == 0 or last_epoch:
                     # A text loader evaluating a sample of the validation blocks gives the whole split at the end.
-                    loader = test_loader.full() if last_epoch and hasattr(test_loader, "full") else test_loader
+                    loader = whole_split(test_loader) if last_epoch else test_loader
                     row.update(evaluate(model, loader, device, amp_dtype, cfg.tta_flip))
                 history.append(row)
                 if main:
