@@ -213,8 +213,11 @@ def test_use_triton_logic_on_a_cuda_tensor(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # ops: the CPU behaviour nn/ relies on
 
-def test_ops_fall_back_on_cpu():
+def test_ops_fall_back_on_cpu(monkeypatch):
     g = torch.randn(4, 8, 3)
+    native = ops.prune_grad_fast(g, 2, 4, "magnitude", 1)  # the compiled CPU kernel where it builds
+    assert native is None or torch.equal(native, ref.prune_reference(g, 2, 4, "magnitude", 1))
+    monkeypatch.setattr(ops, "prune_grad_native", lambda *a, **k: None)
     assert ops.prune_grad_fast(g, 2, 4, "magnitude", 1) is None
     w = torch.randn(16, 8, dtype=torch.float16)
     assert ops.sdgp_linear_dx(torch.randn(64, 16, dtype=torch.float16), w, 2, 4, "magnitude") is None

@@ -1,7 +1,8 @@
 """Entry points for nn/: the fastest available implementation, same results as the reference.
 
 - ``prune_grad_fast``: SDGP gradient pruning by the Triton kernel where ``use_triton`` says so,
-  else None (the caller keeps its torch implementation).
+  by the compiled one-pass CPU kernel (``native_prune``) on CPU tensors, else None (the caller
+  keeps its torch implementation).
 - ``tile24_prune_grad``: the "tile24" SDGP pattern: on a GPU by PyTorch's tile kernel, on a CPU
   by the reference emulation.
 - ``sdgp_linear_dx``: a Linear's SDGP input gradient on 2:4 sparse tensor cores, where that
@@ -19,6 +20,7 @@ import torch
 
 from . import reference
 from .dispatch import Dispatcher, default_dispatcher, use_triton
+from .native_prune import prune_grad_native
 from .semi_structured import SPARSE_DTYPES, is_available
 
 __all__ = ["prune_grad_fast", "tile24_prune_grad", "sdgp_linear_dx", "sparse24_applies",
@@ -51,14 +53,17 @@ def _guarded(fn):
 
 def prune_grad_fast(g: torch.Tensor, n: int, m: int, method: str, dim: int,
                     generator: torch.Generator | None = None, eps: float = 1e-4) -> torch.Tensor | None:
-    """The Triton version of SDGP's prune_grad for g, or None where it does not apply (CPU, an
-    unsupported dtype or m, triton missing or disabled, autograd through g, torch.compile).
+    """The Triton version of SDGP's prune_grad for g (on a CPU tensor the compiled CPU kernel's, same values as
+    the torch path), or None where neither applies (an unsupported dtype or m, triton missing or disabled, no
+    C++ build, autograd through g, torch.compile).
 
     "random" draws from the kernel's Philox stream seeded by ``generator.initial_seed()``
     (reproducible from the layer's (seed, step), but not the same choice as torch's stream).
     """
     if method not in TRITON_METHODS or g.requires_grad or torch.compiler.is_compiling():
         return None
+    if g.device.type == "cpu":
+        return prune_grad_native(g, n, m, method, dim, generator, eps)
     if _triton_failure is not None or not use_triton(g, m):
         return None
     from .triton_prune import prune, seed_from_generator

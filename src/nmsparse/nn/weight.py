@@ -55,6 +55,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..kernels.native_prune import nm_mask_native  # one pass in C++ on the CPU (None elsewhere)
 from ..kernels.transposable import transposable_mask  # the compiled exact solver on the CPU, else PyTorch
 from ..patterns.checks import check_fraction, check_nm
 from ..patterns.block import check_block, check_score, check_block_weight, block_scores, expand_block_grid
@@ -168,8 +169,9 @@ class NMWeightSparsity(_MaskedWeight):
 
     def _compute(self, w):
         w = w.detach()
-        if not self.transposable:
-            return nm_mask_checked(w, self.n, self.m, 1)  # n, m and the shape were checked when built
+        if not self.transposable:  # n, m and the shape were checked when built
+            mask = nm_mask_native(w, self.n, self.m, 1)
+            return nm_mask_checked(w, self.n, self.m, 1) if mask is None else mask
         if w.dim() == 2:
             return transposable_mask(w, self.n, self.m, self.mask_method)
         return conv_from_2d(transposable_mask(conv_to_2d(w), self.n, self.m, self.mask_method), w.shape)

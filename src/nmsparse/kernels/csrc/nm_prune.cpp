@@ -1,0 +1,372 @@
+// N:M masks and SDGP gradient pruning on the CPU in one pass over the tensor.
+//
+// Built on first use by nmsparse.kernels.native_prune (kernels/_extensions.py). The torch path
+// (patterns.nm, kernels.reference, kernels.unbiased) runs a method as a dozen whole-tensor passes
+// (abs, m(m-1)/2 compares, where, the norms of rescale; mvue's water-filling column by column);
+// here every group of m is read once, decided in registers and written once.
+//
+// Layout: the caller views the tensor as (B, O, C, I) with any strides (channels are dim 2, grouped
+// by m consecutive channels; B is the sample dim that rescale's planes keep, O and I the other dims
+// before and after the channels). Random draws come from the caller (torch.rand on the layer's
+// generator, the same calls as the torch path), numbered in the channels-last order of the torch
+// path: entry (b, o, c, i) -> ((b*O + o)*I + i)*C + c, group (b, o, g, i) -> ((b*O + o)*I + i)*G + g.
+//
+// Every method gives the torch path's values exactly (same keys, same tie rule: equal keys go to
+// the earlier position; NaN ranks as +inf; float32 arithmetic, float64 for float64 tensors, in the
+// torch path's order), except rescale's scale, whose plane sums are added in another order (a
+// rounding of the sum). Compile with -ffp-contract=off so no multiply-add is fused, and -fno-trapping-math
+// so lane loops may compute a division in every lane and select (no value changes).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int MAXM = 32;
+
+enum Method { MAGNITUDE = 0, RANDOM = 1, RESCALE = 2, RANDOM_UNBIASED = 3, MVUE = 4 };
+
+struct View {
+  int64_t B, O, C, I, sB, sO, sC, sI;
+  View(const torch::Tensor& t) {
+    B = t.size(0); O = t.size(1); C = t.size(2); I = t.size(3);
+    sB = t.stride(0); sO = t.stride(1); sC = t.stride(2); sI = t.stride(3);
+  }
+  int64_t at(int64_t b, int64_t o, int64_t c, int64_t i) const { return b * sB + o * sO + c * sC + i * sI; }
+};
+
+// Branch-free tests (std::isnan / std::isfinite keep the loops that use them from vectorizing).
+template <typename acc_t>
+inline bool finite(acc_t x) { return std::abs(x) <= std::numeric_limits<acc_t>::max(); }
+
+template <typename acc_t>
+inline acc_t magnitude_key(acc_t x) {
+  const acc_t a = std::abs(x);
+  return a == a ? a : std::numeric_limits<acc_t>::infinity();  // NaN ranks as +inf
+}
+
+// Work goes in tiles of W positions (W groups side by side): gathered into [m][W] arrays, decided
+// by loops whose inner index is the lane (the compiler vectorizes them), scattered back. Lane flags are
+// int, not bool: a select between floats on a byte-wide flag stays scalar (5x slower, measured).
+constexpr int W = 16;
+
+template <typename scalar_t>
+using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
+
+// keep[j][w] = the n largest keys of lane w (ties to the earlier position), by pairwise comparison.
+template <typename key_t>
+inline void top_n(const key_t (*key)[W], int m, int n, int (*keep)[W]) {
+  for (int j = 0; j < m; ++j) {
+    int rank[W] = {0};
+    for (int k = 0; k < j; ++k)
+      for (int w = 0; w < W; ++w) rank[w] += key[k][w] >= key[j][w];
+    for (int k = j + 1; k < m; ++k)
+      for (int w = 0; w < W; ++w) rank[w] += key[k][w] > key[j][w];
+    for (int w = 0; w < W; ++w) keep[j][w] = rank[w] < n;
+  }
+}
+
+// The minimum-variance unbiased n-of-m choice of kernels/unbiased.py's _mvue_columns, lane by lane,
+// in its order of operations: water-filling inclusion probabilities, systematic sampling with u.
+// Conditions are combined with & and | (not && and ||) so the lane loops have no branches.
+template <typename acc_t>
+inline void mvue_tile(const acc_t (*__restrict__ x)[W], int m, int n, const acc_t* __restrict__ u,
+                      acc_t (*__restrict__ y)[W]) {
+  acc_t a[MAXM][W];
+  int fin[MAXM][W], capped[MAXM][W];
+  int nz[W] = {0};
+  for (int j = 0; j < m; ++j)
+    for (int w = 0; w < W; ++w) {
+      const acc_t v = std::abs(x[j][w]);
+      fin[j][w] = finite(v);
+      a[j][w] = fin[j][w] ? v : acc_t(0);
+      nz[w] += a[j][w] > 0;
+      capped[j][w] = false;
+    }
+  int few[W];
+  acc_t s[W], r[W];
+  for (int w = 0; w < W; ++w) { few[w] = nz[w] <= n; s[w] = a[0][w]; r[w] = acc_t(n); }
+  for (int j = 1; j < m; ++j)
+    for (int w = 0; w < W; ++w) s[w] += a[j][w];
+  if (n > 1) {  // with n = 1, c * a_i = a_i / S <= 1: nothing is ever capped
+    for (int round = 0; round < n; ++round) {
+      acc_t c[W];
+      int grew = 0;
+      for (int w = 0; w < W; ++w) c[w] = r[w] / s[w];
+      for (int j = 0; j < m; ++j)
+        for (int w = 0; w < W; ++w) {
+          const int nw = (!capped[j][w]) & (!few[w]) & (a[j][w] * c[w] > acc_t(1));
+          capped[j][w] = capped[j][w] | nw;
+          grew |= nw;
+        }
+      if (!grew) break;
+      int nc[W] = {0};
+      acc_t t[W] = {0};
+      for (int j = 0; j < m; ++j)
+        for (int w = 0; w < W; ++w) {
+          nc[w] += capped[j][w];
+          const acc_t aj = a[j][w];
+          t[w] += capped[j][w] ? acc_t(0) : aj;
+        }
+      for (int w = 0; w < W; ++w) { r[w] = acc_t(n - nc[w]); s[w] = t[w]; }
+    }
+  }
+  acc_t ratio[W], mag[W], cum[W], prev[W];
+  int last[W];
+  for (int w = 0; w < W; ++w) {
+    const acc_t rw = r[w], sw = s[w];  // values, not conditional loads: those keep a loop scalar
+    r[w] = few[w] ? acc_t(0) : rw;
+    const bool pos_r = r[w] > 0;
+    const acc_t rs = r[w] / sw, sr = sw / r[w];  // computed in every lane, then selected
+    ratio[w] = pos_r ? rs : acc_t(0);
+    mag[w] = pos_r ? sr : acc_t(0);
+    last[w] = -1;
+    cum[w] = acc_t(0);
+    prev[w] = std::ceil(-u[w]);
+  }
+  acc_t q[MAXM][W];
+  for (int j = 0; j < m; ++j)
+    for (int w = 0; w < W; ++w) {
+      const acc_t p = a[j][w] * ratio[w];
+      q[j][w] = (capped[j][w] | few[w]) ? acc_t(0) : p;
+      const int lw = last[w];
+      last[w] = q[j][w] > 0 ? j : lw;
+    }
+  for (int j = 0; j < m; ++j)
+    for (int w = 0; w < W; ++w) {
+      cum[w] += q[j][w];
+      const acc_t rw = r[w], cw = cum[w];
+      const acc_t end = cw < rw ? cw : rw;  // min(cum, r) as torch.minimum (no NaN here)
+      const acc_t now = std::ceil((last[w] <= j ? rw : end) - u[w]);
+      const acc_t pv = prev[w], qv = q[j][w];
+      const acc_t drawn = (now > pv) & (qv > 0) ? acc_t(1) : acc_t(0);
+      prev[w] = now;
+      const acc_t g = x[j][w];
+      const acc_t sign = g > 0 ? acc_t(1) : (g < 0 ? acc_t(-1) : acc_t(0));
+      const int keep = capped[j][w] | few[w] | !fin[j][w];
+      const acc_t drawn_v = sign * mag[w] * drawn;
+      y[j][w] = keep ? g : drawn_v;
+    }
+}
+
+// A tile: `count` groups side by side, lane w's group starting at element off + w * step, its first
+// entry numbered key + w * key_step in channels-last order (random keys: + j), the group itself
+// grp + w * grp_step (mvue's uniform), its first channel c0 + w * c_step.
+struct Lanes {
+  int count;
+  int64_t off, step, key, key_step, grp, grp_step, c0, c_step;
+  int64_t at(int w, int j, int64_t sC) const { return off + w * step + j * sC; }
+};
+
+// x[j][w] = p[lane w's entry j] as acc_t (zero beyond count); contiguous loads when the lanes are adjacent.
+template <typename acc_t, typename scalar_t>
+inline void gather(const scalar_t* p, const Lanes& l, int m, int64_t sC, acc_t (*x)[W]) {
+  for (int j = 0; j < m; ++j) {
+    const scalar_t* q = p + l.off + j * sC;
+    if (l.count == W && l.step == 1) {
+      for (int w = 0; w < W; ++w) x[j][w] = static_cast<acc_t>(q[w]);
+    } else {
+      for (int w = 0; w < l.count; ++w) x[j][w] = static_cast<acc_t>(q[w * l.step]);
+      for (int w = l.count; w < W; ++w) x[j][w] = acc_t(0);
+    }
+  }
+}
+
+template <typename out_t, typename val_t>
+inline void scatter(out_t* p, const Lanes& l, int m, int64_t sC, const val_t (*y)[W]) {
+  for (int j = 0; j < m; ++j) {
+    out_t* q = p + l.off + j * sC;
+    if (l.count == W && l.step == 1) {
+      for (int w = 0; w < W; ++w) q[w] = static_cast<out_t>(y[j][w]);
+    } else {
+      for (int w = 0; w < l.count; ++w) q[w * l.step] = static_cast<out_t>(y[j][w]);
+    }
+  }
+}
+
+// Calls fn(tile, b) for the groups of the rows [lo, hi) of b * O + o of a (B, O, C, I) view: lanes along
+// I when I > 1 (a conv gradient: neighbouring positions of one group), else along the groups of a row.
+// A tile never spans two groups (I > 1) or two rows, so its lanes are evenly spaced.
+template <typename F>
+void for_tiles(const View& v, int m, int64_t lo, int64_t hi, F&& fn) {
+  const int64_t G = v.C / m;
+  for (int64_t bo = lo; bo < hi; ++bo) {
+    const int64_t b = bo / v.O, o = bo % v.O;
+    if (v.I > 1) {
+      for (int64_t gi = 0; gi < G; ++gi)
+        for (int64_t i = 0; i < v.I; i += W) {
+          const int64_t flat = bo * v.I + i;
+          fn(Lanes{static_cast<int>(std::min<int64_t>(W, v.I - i)), v.at(b, o, gi * m, i), v.sI,
+                   flat * v.C + gi * m, v.C, flat * G + gi, G, gi * m, 0}, b);
+        }
+    } else {
+      for (int64_t gi = 0; gi < G; gi += W)
+        fn(Lanes{static_cast<int>(std::min<int64_t>(W, G - gi)), v.at(b, o, gi * m, 0), m * v.sC,
+                 bo * v.C + gi * m, m, bo * G + gi, 1, gi * m, m}, b);
+    }
+  }
+}
+
+template <typename scalar_t>
+void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m, int method, const float* rnd,
+                double eps, bool row) {
+  using acc_t = acc_type<scalar_t>;
+  const View v(g4);
+  const View vo(o4);
+  TORCH_CHECK(vo.B == v.B && vo.O == v.O && vo.C == v.C && vo.I == v.I, "nm_prune: out's shape differs from g's");
+  TORCH_CHECK(v.sB == vo.sB && v.sO == vo.sO && v.sC == vo.sC && v.sI == vo.sI, "nm_prune: out's strides differ");
+  const scalar_t* gp = g4.data_ptr<scalar_t>();
+  scalar_t* op = o4.data_ptr<scalar_t>();
+  const acc_t unbiased = static_cast<acc_t>(static_cast<double>(m) / n);  // torch's tensor * Python float
+  const bool rescale = method == RESCALE;
+  // rescale: |g| and |kept| summed per (b, channel) plane over (O, I), or per b in row mode
+  const int64_t per_b = row ? 1 : v.C;
+  std::vector<acc_t> full(rescale ? v.B * per_b : 0), kept(rescale ? v.B * per_b : 0);
+
+  auto tile = [&](const Lanes& l, int64_t b) {
+    acc_t x[MAXM][W], y[MAXM][W];
+    gather<acc_t>(gp, l, m, v.sC, x);
+    if (method == MVUE) {
+      acc_t u[W];
+      for (int w = 0; w < W; ++w) u[w] = w < l.count ? static_cast<acc_t>(rnd[l.grp + w * l.grp_step]) : acc_t(0);
+      mvue_tile<acc_t>(x, m, n, u, y);
+    } else {
+      int keep[MAXM][W];
+      if (method == RANDOM || method == RANDOM_UNBIASED) {
+        float key[MAXM][W];
+        for (int j = 0; j < m; ++j)
+          for (int w = 0; w < W; ++w) key[j][w] = w < l.count ? rnd[l.key + w * l.key_step + j] : 0.0f;
+        for (int j = 0; j < m; ++j)
+          for (int w = 0; w < W; ++w) {
+            const float k = key[j][w];
+            key[j][w] = finite(x[j][w]) ? k : 2.0f;  // above any draw
+          }
+        top_n<float>(key, m, n, keep);
+      } else {
+        acc_t key[MAXM][W];
+        for (int j = 0; j < m; ++j)
+          for (int w = 0; w < W; ++w) key[j][w] = magnitude_key<acc_t>(x[j][w]);
+        top_n<acc_t>(key, m, n, keep);
+      }
+      if (method == RANDOM_UNBIASED) {  // in g's dtype, as torch multiplies a tensor by a Python float
+        for (int j = 0; j < m; ++j)
+          for (int w = 0; w < W; ++w) {
+            const acc_t k = static_cast<acc_t>(static_cast<scalar_t>(x[j][w] * unbiased));
+            y[j][w] = keep[j][w] ? k : acc_t(0);
+          }
+      } else {
+        for (int j = 0; j < m; ++j)
+          for (int w = 0; w < W; ++w) {
+            const acc_t k = x[j][w];
+            y[j][w] = keep[j][w] ? k : acc_t(0);
+          }
+      }
+    }
+    scatter(op, l, m, v.sC, y);
+    if (rescale) {
+      for (int j = 0; j < m; ++j) {
+        acc_t f = 0, k = 0;
+        for (int w = 0; w < l.count; ++w) {
+          f += std::abs(x[j][w]);
+          k += std::abs(static_cast<acc_t>(static_cast<scalar_t>(y[j][w])));
+        }
+        // lanes along I share their channels; lanes along a row hold channel (group of lane) * m + j
+        if (v.I > 1 || row) {
+          const int64_t c = row ? 0 : l.c0 + j;
+          full[b * per_b + c] += f;
+          kept[b * per_b + c] += k;
+        } else {
+          for (int w = 0; w < l.count; ++w) {
+            const int64_t c = l.c0 + w * l.c_step + j;
+            full[b * per_b + c] += std::abs(x[j][w]);
+            kept[b * per_b + c] += std::abs(static_cast<acc_t>(static_cast<scalar_t>(y[j][w])));
+          }
+        }
+      }
+    }
+  };
+  if (!rescale) {
+    at::parallel_for(0, v.B * v.O, 1, [&](int64_t lo, int64_t hi) { for_tiles(v, m, lo, hi, tile); });
+    return;
+  }
+  // rescale: rows of one b stay in one task (their sums), then out *= full / (kept + eps) per plane.
+  at::parallel_for(0, v.B, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      for_tiles(v, m, b * v.O, (b + 1) * v.O, tile);
+      std::vector<acc_t> sc(per_b);
+      for (int64_t c = 0; c < per_b; ++c) sc[c] = full[b * per_b + c] / (kept[b * per_b + c] + static_cast<acc_t>(eps));
+      for (int64_t o = 0; o < v.O; ++o)
+        for (int64_t c = 0; c < v.C; ++c) {
+          const acc_t s = sc[row ? 0 : c];
+          scalar_t* y = op + v.at(b, o, c, 0);
+          for (int64_t i = 0; i < v.I; ++i) y[i * v.sI] = static_cast<scalar_t>(static_cast<acc_t>(y[i * v.sI]) * s);
+        }
+    }
+  });
+}
+
+template <typename scalar_t>
+void mask_impl(const torch::Tensor& w4, torch::Tensor& m4, int n, int m) {
+  using acc_t = acc_type<scalar_t>;
+  const View v(w4), vm(m4);
+  TORCH_CHECK(v.sB == vm.sB && v.sO == vm.sO && v.sC == vm.sC && v.sI == vm.sI, "nm_mask: the mask's strides differ");
+  const scalar_t* wp = w4.data_ptr<scalar_t>();
+  bool* out = m4.data_ptr<bool>();
+  at::parallel_for(0, v.B * v.O, 1, [&](int64_t lo, int64_t hi) {
+    for_tiles(v, m, lo, hi, [&](const Lanes& l, int64_t) {
+      acc_t key[MAXM][W];
+      int keep[MAXM][W];
+      gather<acc_t>(wp, l, m, v.sC, key);
+      for (int j = 0; j < m; ++j)
+        for (int w = 0; w < W; ++w) key[j][w] = magnitude_key<acc_t>(key[j][w]);
+      top_n<acc_t>(key, m, n, keep);
+      scatter(out, l, m, v.sC, keep);
+    });
+  });
+}
+
+void check_args(const torch::Tensor& t, int64_t n, int64_t m) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4, "nm_prune: expects a 4-D (B, O, C, I) CPU view");
+  TORCH_CHECK(m >= 1 && m <= MAXM && n >= 1 && n <= m, "nm_prune: needs 1 <= n <= m <= ", MAXM);
+  TORCH_CHECK(t.size(2) % m == 0, "nm_prune: the channel count is not a multiple of m");
+}
+
+}  // namespace
+
+// g4, out4: (B, O, C, I) views of g and of a tensor like it; rnd: float32 keys or uniforms (or empty).
+void prune_grad(torch::Tensor g4, torch::Tensor out4, int64_t n, int64_t m, int64_t method, torch::Tensor rnd,
+                double eps, bool row) {
+  check_args(g4, n, m);
+  TORCH_CHECK(out4.scalar_type() == g4.scalar_type(), "nm_prune: out's dtype differs from g's");
+  TORCH_CHECK(method >= MAGNITUDE && method <= MVUE, "nm_prune: unknown method code ", method);
+  const bool drawn = method == RANDOM || method == RANDOM_UNBIASED || method == MVUE;
+  const int64_t need = g4.numel() / (method == MVUE ? m : 1);
+  TORCH_CHECK(!drawn || (rnd.scalar_type() == torch::kFloat32 && rnd.is_contiguous() && rnd.numel() == need),
+              "nm_prune: the draws must be a contiguous float32 tensor of ", need, " entries");
+  const float* r = drawn ? rnd.data_ptr<float>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g4.scalar_type(), "nm_prune", [&] {
+    prune_impl<scalar_t>(g4, out4, static_cast<int>(n), static_cast<int>(m), static_cast<int>(method), r, eps, row);
+  });
+}
+
+// w4: (B, O, C, I) view of a weight; mask4: a bool tensor's view of the same shape.
+void nm_mask(torch::Tensor w4, torch::Tensor mask4, int64_t n, int64_t m) {
+  check_args(w4, n, m);
+  TORCH_CHECK(mask4.scalar_type() == torch::kBool && mask4.sizes() == w4.sizes(), "nm_mask: bad mask view");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w4.scalar_type(), "nm_mask", [&] {
+    mask_impl<scalar_t>(w4, mask4, static_cast<int>(n), static_cast<int>(m));
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("prune_grad", &prune_grad, "SDGP's N:M gradient pruning of a (B, O, C, I) view, in one pass");
+  mod.def("nm_mask", &nm_mask, "magnitude N:M mask of a (B, O, C, I) view along C");
+  mod.attr("MAXM") = MAXM;
+}

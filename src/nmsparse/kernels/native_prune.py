@@ -1,0 +1,98 @@
+"""N:M weight masks and SDGP gradient pruning on the CPU by the compiled one-pass kernel (``csrc/nm_prune.cpp``).
+
+The torch path runs a method as a dozen whole-tensor passes; the kernel reads each group of m once and
+decides it in registers. Same values as the torch path (``kernels.reference.prune_checked``,
+``patterns.nm.nm_mask``): the random methods and mvue take their draws from the same ``torch.rand``
+calls on the same generator, and only rescale's plane sums are added in another order (its scale
+may differ in the last bit). Each function returns None where the kernel does not apply (not a CPU
+tensor, m above 32, autograd through the input, torch.compile tracing, a layout it cannot view
+without a copy, or no build: no compiler, or ``NMSPARSE_NO_NATIVE=1``); callers then take the torch
+path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._extensions import NativeExtension
+from .unbiased import channels_last_shape
+
+__all__ = ["prune_grad_native", "nm_mask_native", "native_prune_available", "native_prune_error", "MAX_M"]
+
+MAX_M = 32
+_CODES = {"magnitude": 0, "random": 1, "rescale": 2, "random-unbiased": 3, "mvue": 4}
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+# -ffp-contract=off: no fused multiply-add, so the float arithmetic rounds as the torch path's does.
+_extension = NativeExtension("nmsparse_nm_prune", ["nm_prune.cpp"], extra_ldflags=["-fopenmp"],
+                             extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"])
+
+
+def native_prune_available() -> bool:
+    """True when the kernel is built (building it now if needed: tens of seconds, once)."""
+    return _extension.load() is not None
+
+
+def native_prune_error() -> str | None:
+    """Why the kernel is unavailable (None when it is, or before the first attempt)."""
+    return _extension.error
+
+
+def _applies(x: torch.Tensor, m: int) -> bool:
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and m <= MAX_M and x.numel() > 0
+            and not x.requires_grad and not torch.compiler.is_compiling())
+
+
+def _bock(t: torch.Tensor, d: int) -> torch.Tensor | None:
+    """t as a (B, O, C, I) view (channels = dim d; for d = 0, B = O = 1), or None if its strides do not allow one."""
+    shape = t.shape
+    if d == 0:
+        b, o = 1, 1
+    else:
+        b, o = shape[0], math.prod(shape[1:d])
+    inner = math.prod(shape[d + 1:])
+    try:
+        return t.view(b, o, shape[d], inner)
+    except RuntimeError:  # not expressible as a view (e.g. a permuted tensor whose dims do not merge)
+        return None
+
+
+def prune_grad_native(g: torch.Tensor, n: int, m: int, method: str, d: int,
+                      generator: torch.Generator | None = None, eps: float = 1e-4) -> torch.Tensor | None:
+    """SDGP's prune of g (validated arguments, d non-negative) by the kernel, in g's layout; None where it does not apply."""
+    if method not in _CODES or not _applies(g, m):
+        return None
+    if n >= m:
+        return None  # the identity: the torch path returns it without work
+    if _extension.load() is None:
+        return None
+    out = torch.empty_like(g)
+    g4, o4 = _bock(g, d), _bock(out, d)
+    if g4 is None or o4 is None or g4.stride() != o4.stride():
+        return None
+    if method in ("random", "random-unbiased"):
+        rnd = torch.rand(channels_last_shape(g.shape, d), generator=generator, dtype=torch.float32)
+    elif method == "mvue":
+        shape = list(g.shape)
+        shape[d] //= m
+        rnd = torch.rand(channels_last_shape(shape, d), generator=generator, dtype=torch.float32)
+    else:
+        rnd = torch.empty(0)
+    row = g.dim() == 1 or (g.dim() == 2 and d == 1)  # no plane dims: rescale scales each sample's whole row
+    _extension.module.prune_grad(g4, o4, n, m, _CODES[method], rnd, float(eps), row)
+    return out
+
+
+def nm_mask_native(w: torch.Tensor, n: int, m: int, d: int) -> torch.Tensor | None:
+    """Magnitude N:M bool mask of w along dim d (validated arguments) by the kernel; None where it does not apply."""
+    if not 0 < n < m or not _applies(w.detach(), m) or _extension.load() is None:
+        return None
+    w = w.detach()
+    mask = torch.empty(w.shape, dtype=torch.bool)
+    w4, m4 = _bock(w, d), _bock(mask, d)
+    if w4 is None or w4.stride() != m4.stride():  # e.g. a channels_last conv weight
+        w4 = _bock(w.contiguous(), d)
+    _extension.module.nm_mask(w4, m4, n, m)
+    return mask

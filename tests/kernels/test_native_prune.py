@@ -1,0 +1,146 @@
+"""The compiled one-pass CPU kernel (kernels/native_prune.py) against the torch path it replaces.
+
+Every method must give the torch path's values bit for bit (same draws, same tie rule, same float
+arithmetic), except rescale, whose plane sums are added in another order, and mvue with m > 8,
+whose group sum the torch path takes with a reduction; those agree to the rounding.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from nmsparse.kernels import native_prune as native
+from nmsparse.kernels.reference import prune_checked
+from nmsparse.patterns.nm import is_nm, nm_mask
+
+pytestmark = pytest.mark.skipif(not native.native_prune_available(),
+                                reason=f"no C++ build: {native.native_prune_error()}")
+
+METHODS = ("magnitude", "random", "rescale", "random-unbiased", "mvue")
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _both(g, n, m, method, d, seed=5):
+    ref = prune_checked(g, n, m, method, d, torch.Generator().manual_seed(seed), 1e-4)
+    out = native.prune_grad_native(g, n, m, method, d, torch.Generator().manual_seed(seed), 1e-4)
+    assert out is not None, "the kernel should apply here"
+    return ref, out
+
+
+def _agree(ref, out, method, m, dtype):
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.stride() == ref.stride()
+    a, b = ref.double().nan_to_num(nan=7.0), out.double().nan_to_num(nan=7.0)
+    if method == "rescale" or (method == "mvue" and m > 8):
+        tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+        torch.testing.assert_close(b, a, rtol=tol, atol=1e-12)
+        assert torch.equal(out == 0, ref == 0) or method == "rescale"
+    else:
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,d", [((4, 8, 5, 3), 1), ((6, 16), 1), ((3, 5, 24), 2), ((16, 3), 0),
+                                     ((32,), 0), ((2, 16, 3, 3), 1)])
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (4, 8), (3, 8), (5, 16)])
+def test_equals_the_torch_path(method, dtype, shape, d, n, m):
+    if shape[d] % m:
+        pytest.skip("channels not divisible by m")
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    g.view(-1)[::7] = 0  # groups with fewer than n nonzeros
+    flat = g.view(-1)
+    flat[1:-1:11] = flat[2::11][: flat[1:-1:11].numel()]  # ties
+    ref, out = _both(g, n, m, method, d)
+    _agree(ref, out, method, m, dtype)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_entries_are_kept(method):
+    g = torch.randn(2, 8, 4, 4)
+    g[0, 0, 0, 0], g[1, 5, 2, 1], g[0, 4:8, 3, 3] = math.nan, math.inf, -math.inf
+    ref, out = _both(g, 2, 4, method, 1)
+    _agree(ref, out, method, 4, g.dtype)
+    assert out[0, 0, 0, 0].isnan() and not out[1, 4:8, 2, 1].isfinite().all()
+    assert not out[0, 4:8, 3, 3].isfinite().all()  # a group of infinities stays non-finite
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_channels_last_keeps_its_layout(method):
+    g = torch.randn(4, 8, 5, 5).to(memory_format=torch.channels_last)
+    ref, out = _both(g, 2, 4, method, 1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    _agree(ref, out, method, 4, g.dtype)
+
+
+def test_strided_views():
+    g = torch.randn(8, 6, 4).permute(2, 0, 1)  # (4, 8, 6), any strides: viewed as (4, 1, 8, 6)
+    ref, out = _both(g, 2, 4, "mvue", 1)
+    _agree(ref, out, "mvue", 4, g.dtype)
+    g = torch.randn(2, 8, 5, 6).transpose(2, 3)  # the dims after the channels do not merge: torch path
+    assert native.prune_grad_native(g, 2, 4, "magnitude", 1) is None
+
+
+def test_where_the_kernel_does_not_apply():
+    g = torch.randn(4, 8)
+    assert native.prune_grad_native(g.requires_grad_(), 2, 4, "magnitude", 1) is None  # autograd through g
+    assert native.prune_grad_native(torch.randn(4, 64), 2, 64, "magnitude", 1) is None  # m above MAX_M
+    assert native.prune_grad_native(torch.randn(4, 8), 4, 4, "magnitude", 1) is None  # n == m: identity
+    assert native.prune_grad_native(torch.randn(4, 8), 2, 4, "tile24", 1) is None
+    assert native.nm_mask_native(torch.randn(4, 8), 0, 4, 1) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(METHODS), st.sampled_from([(1, 2), (2, 4), (1, 4), (4, 8), (2, 8)]),
+       st.integers(1, 3), st.integers(1, 3), st.integers(1, 7), st.integers(0, 2**31 - 1))
+def test_property_same_as_torch(method, nm, batch, groups, inner, seed):
+    n, m = nm
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(batch, groups * m, inner, generator=gen)
+    g[torch.rand(g.shape, generator=gen) < 0.2] = 0
+    ref, out = _both(g, n, m, method, 1, seed)
+    _agree(ref, out, method, m, g.dtype)
+    kept = (out != 0).movedim(1, -1).reshape(-1, m).sum(-1)
+    assert (kept <= n).all()  # never more than n per group (fewer only where g has zeros)
+
+
+@pytest.mark.parametrize("shape,d", [((64, 32, 3, 3), 1), ((48, 64), 1), ((8, 16, 1, 1), 1), ((24, 32), 0)])
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (8, 16), (3, 32)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_equals_nm_mask(shape, d, n, m, dtype):
+    if shape[d] % m:
+        pytest.skip("channels not divisible by m")
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    w.view(-1)[::5] = w.view(-1)[1::5]  # ties go to the earlier position in both
+    w.view(-1)[3] = math.nan  # ranks as the largest
+    got = native.nm_mask_native(w, n, m, d)
+    assert got.dtype == torch.bool and got.is_contiguous()
+    assert torch.equal(got, nm_mask(w, n, m, dim=d)) and is_nm(got, n, m, dim=d)
+
+
+def test_mask_of_a_channels_last_weight():
+    w = torch.randn(16, 8, 3, 3).to(memory_format=torch.channels_last)
+    assert torch.equal(native.nm_mask_native(w, 2, 4, 1), nm_mask(w, 2, 4, dim=1))
+
+
+def test_sdgp_layer_backward_uses_it_and_matches_the_reference(monkeypatch):
+    from nmsparse.nn.sdgp import SDGPConv2d
+
+    torch.manual_seed(0)
+    layer = SDGPConv2d(8, 16, 3, padding=1, n=2, m=4, method="mvue", seed=3)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}  # step 0: the same draws below
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    calls = []
+    kernel = native.prune_grad_native
+    monkeypatch.setattr(native, "prune_grad_native", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    from nmsparse.kernels import ops
+    monkeypatch.setattr(ops, "prune_grad_native", native.prune_grad_native)
+    layer(x).square().sum().backward()
+    assert calls, "the CPU backward should go through the kernel"
+    fast = x.grad.clone()
+    monkeypatch.setattr(ops, "prune_grad_native", lambda *a, **k: None)  # the torch path, same draws
+    layer.load_state_dict(state)
+    x.grad = None
+    layer(x).square().sum().backward()
+    assert torch.equal(fast, x.grad)
