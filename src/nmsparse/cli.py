@@ -36,6 +36,14 @@ def _bench_transposable(args) -> int:
     return _print_tables(result, [f"machine: {result['machine']}", result["note"]], args.out)
 
 
+def _bench_prune(args) -> int:
+    from .bench import prune
+
+    n, m = _parse_nm(args.nm)
+    result = prune.run(n=n, m=m, repeats=args.repeats, threads=args.threads)
+    return _print_tables(result, [f"machine: {result['machine']}", result["note"]], args.out)
+
+
 def _parse_nm(text: str) -> tuple[int, int]:
     n, sep, m = text.partition(":")
     if not sep or not n.isdigit() or not m.isdigit() or not 0 < int(n) < int(m):
@@ -230,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--ortools-tiles", type=int, default=2000, help="tiles solved by OR-tools, extrapolated")
     bt.add_argument("--out", help="also write the tables (Markdown) and a JSON copy here")
     bt.set_defaults(func=_bench_transposable)
+    bq = bsub.add_parser("prune", help="SDGP gradient pruning and SR-STE masks on the CPU: the C++ kernel vs torch")
+    bq.add_argument("--nm", default="2:4", help="the N:M pattern (default 2:4)")
+    bq.add_argument("--repeats", type=_positive_int, default=9, help="timed calls per case (median)")
+    bq.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    bq.add_argument("--out", help="also write the tables (Markdown) and a JSON copy here")
+    bq.set_defaults(func=_bench_prune)
     bg = bsub.add_parser("gpu", help="Triton prune kernels and 2:4 sparse tensor cores vs dense (needs CUDA)")
     bg.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     bg.add_argument("--out", help="write JSON (and Markdown beside it) here")

@@ -192,14 +192,15 @@ inline void scatter(out_t* p, const Lanes& l, int m, int64_t sC, const val_t (*y
 }
 
 // Calls fn(tile, b) for the groups of the rows [lo, hi) of b * O + o of a (B, O, C, I) view: lanes along
-// I when I > 1 (a conv gradient: neighbouring positions of one group), else along the groups of a row.
-// A tile never spans two groups (I > 1) or two rows, so its lanes are evenly spaced.
+// I when I >= W (a conv gradient: neighbouring positions of one group), else along the groups of a row at
+// each position i (a Linear gradient, a conv weight's 3x3 taps). A tile never spans two groups (lanes along
+// I) or two positions, so its lanes are evenly spaced.
 template <typename F>
 void for_tiles(const View& v, int m, int64_t lo, int64_t hi, F&& fn) {
   const int64_t G = v.C / m;
   for (int64_t bo = lo; bo < hi; ++bo) {
     const int64_t b = bo / v.O, o = bo % v.O;
-    if (v.I > 1) {
+    if (v.I >= W) {
       for (int64_t gi = 0; gi < G; ++gi)
         for (int64_t i = 0; i < v.I; i += W) {
           const int64_t flat = bo * v.I + i;
@@ -207,9 +208,12 @@ void for_tiles(const View& v, int m, int64_t lo, int64_t hi, F&& fn) {
                    flat * v.C + gi * m, v.C, flat * G + gi, G, gi * m, 0}, b);
         }
     } else {
-      for (int64_t gi = 0; gi < G; gi += W)
-        fn(Lanes{static_cast<int>(std::min<int64_t>(W, G - gi)), v.at(b, o, gi * m, 0), m * v.sC,
-                 bo * v.C + gi * m, m, bo * G + gi, 1, gi * m, m}, b);
+      for (int64_t i = 0; i < v.I; ++i) {
+        const int64_t flat = bo * v.I + i;
+        for (int64_t gi = 0; gi < G; gi += W)
+          fn(Lanes{static_cast<int>(std::min<int64_t>(W, G - gi)), v.at(b, o, gi * m, i), m * v.sC,
+                   flat * v.C + gi * m, m, flat * G + gi, 1, gi * m, m}, b);
+      }
     }
   }
 }
@@ -277,8 +281,8 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m, int me
           f += std::abs(x[j][w]);
           k += std::abs(static_cast<acc_t>(static_cast<scalar_t>(y[j][w])));
         }
-        // lanes along I share their channels; lanes along a row hold channel (group of lane) * m + j
-        if (v.I > 1 || row) {
+        // lanes along I share their channels; lanes along a row hold channel c0 + w * m + j
+        if (l.c_step == 0 || row) {
           const int64_t c = row ? 0 : l.c0 + j;
           full[b * per_b + c] += f;
           kept[b * per_b + c] += k;
