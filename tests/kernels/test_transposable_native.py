@@ -181,7 +181,7 @@ def test_dispatch_keeps_the_pytorch_path_elsewhere():
     w = torch.randn(16, 16)
     assert nmsparse.transposable_mask is kt.transposable_mask
     assert not kt.uses_native(w, 2, 4)  # m < 8: enumeration
-    assert not kt.uses_native(w, 4, 8, "greedy")
+    assert kt.uses_native(w, 4, 8, "greedy") and kt.uses_native(w, 2, 4, "greedy")  # greedy: compiled for any m
     assert not kt.uses_native(torch.randn(128, 128), 64, 128)  # beyond the C++ solver's 64
     assert torch.equal(kt.transposable_mask(w, 4, 8, "greedy"), torch_mask(w, 4, 8, "greedy"))
     assert torch.equal(kt.transposable_mask(w, 2, 4), torch_mask(w, 2, 4))
@@ -193,6 +193,21 @@ def test_dispatch_keeps_the_pytorch_path_elsewhere():
         kt.transposable_mask(torch.randn(12, 16), 4, 8)
     with pytest.raises(TypeError):
         kt.transposable_mask(torch.ones(8, 8, dtype=torch.int32), 4, 8)
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (1, 4), (2, 4), (3, 4), (4, 8), (2, 8), (8, 16), (5, 16), (16, 32)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_greedy_is_the_pytorch_greedy_mask(n, m, dtype):
+    """Same mask entry for entry: same order (|w| descending, NaN and inf first, ties by position)."""
+    gen = torch.Generator().manual_seed(n * 100 + m)
+    w = torch.randn(3 * m, 5 * m, generator=gen).to(dtype)
+    w.view(-1)[::5] = 0.5  # ties across rows and columns
+    w.view(-1)[::11] = 0.0
+    if dtype != torch.float16:
+        w[0, 0], w[1, 2], w[m - 1, m - 1] = float("nan"), float("inf"), -float("inf")
+    got = kt.transposable_mask(w, n, m, "greedy")
+    assert torch.equal(got, torch_mask(w, n, m, "greedy"))
+    assert is_transposable(got, n, m, exact=False)
 
 
 def test_conv_weight_through_its_2d_view():

@@ -1,4 +1,4 @@
-"""The compiled exact transposable N:M solver, and the ``transposable_mask`` that uses it where it applies.
+"""The compiled transposable N:M solvers (exact and greedy), and the ``transposable_mask`` that uses them where they apply.
 
 ``transposable_exact_native(w, n, m)`` solves every m x m tile of a 2-D CPU matrix exactly (the
 mask with n kept per row and column of each tile that keeps the largest sum of |w|) in C++
@@ -30,7 +30,7 @@ from ..patterns.transposable import transposable_mask as torch_transposable_mask
 from ..patterns.checks import check_2d, check_divisible, check_float_tensor, check_nm
 from ._extensions import NativeExtension
 
-__all__ = ["transposable_mask", "transposable_exact_native", "uses_native", "native_available", "native_error",
+__all__ = ["transposable_mask", "transposable_exact_native", "transposable_greedy_native", "uses_native", "native_available", "native_error",
            "NATIVE_MIN_M", "NATIVE_MAX_M"]
 
 NATIVE_MIN_M = 8
@@ -76,10 +76,22 @@ def transposable_exact_native(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def uses_native(w: torch.Tensor, n: int, m: int, method: str = "exact") -> bool:
-    """Whether ``transposable_mask(w, n, m, method)`` runs the compiled solver (building it if needed)."""
-    return (method == "exact" and isinstance(w, torch.Tensor) and w.device.type == "cpu"
+    """Whether ``transposable_mask(w, n, m, method)`` runs compiled code (building it if needed): the exact
+    solver for NATIVE_MIN_M <= m <= NATIVE_MAX_M, the greedy one for any m up to NATIVE_MAX_M."""
+    low = NATIVE_MIN_M if method == "exact" else 1
+    return (isinstance(w, torch.Tensor) and w.device.type == "cpu"
             and w.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-            and isinstance(m, int) and NATIVE_MIN_M <= m <= NATIVE_MAX_M and native_available())
+            and isinstance(m, int) and low <= m <= NATIVE_MAX_M and isinstance(n, int) and 0 < n < m
+            and native_available())
+
+
+def transposable_greedy_native(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The greedy 2-approximate mask of 2-D CPU w (checked arguments) by the compiled code: the mask of
+    ``patterns.transposable_mask(w, n, m, "greedy")``, tile by tile in C++ instead of m*m batched steps."""
+    x = w.detach()
+    if x.dtype in _WIDEN:
+        x = x.float()
+    return _extension.load().transposable_greedy(x.contiguous(), n, m)
 
 
 def transposable_mask(w: torch.Tensor, n: int, m: int, method: str = "exact") -> torch.Tensor:
@@ -91,7 +103,8 @@ def transposable_mask(w: torch.Tensor, n: int, m: int, method: str = "exact") ->
     ``nmsparse.patterns.transposable_mask`` (enumeration of the valid tiles for m <= 4, a batched
     min-cost flow otherwise). Where a tile has several optimal masks the two may pick different
     ones. method="greedy" is the fast 2-approximation: kept sum at least half the optimum, and
-    some rows or columns may keep fewer than n. NaN and inf count as the largest magnitude.
+    some rows or columns may keep fewer than n (compiled on a CPU tensor, the same mask as PyTorch's).
+    NaN and inf count as the largest magnitude.
     """
     check_float_tensor(w, "w")
     n, m = check_nm(n, m)
@@ -99,5 +112,9 @@ def transposable_mask(w: torch.Tensor, n: int, m: int, method: str = "exact") ->
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if uses_native(w, n, m, method):
+        if method == "greedy":
+            check_divisible(w.shape[0], m, "w dim 0", w.shape)
+            check_divisible(w.shape[1], m, "w dim 1", w.shape)
+            return transposable_greedy_native(w, n, m)
         return transposable_exact_native(w, n, m)
     return torch_transposable_mask(w, n, m, method)

@@ -27,6 +27,7 @@
 #include <immintrin.h>
 #endif
 #include <algorithm>
+#include <numeric>
 #include <atomic>
 #include <cfloat>
 #include <cmath>
@@ -326,9 +327,61 @@ torch::Tensor transposable_exact(torch::Tensor w, int64_t n, int64_t m) {
   return out;
 }
 
+// The 2-approximation of Hubara et al. (patterns.transposable._greedy, same mask): per tile, entries by
+// descending |w| (NaN and inf first; ties to the lower row-major position), each kept while its row and
+// its column hold fewer than n.
+template <typename T>
+void greedy_all(const torch::Tensor& w, torch::Tensor& out, int n, int m) {
+  const int64_t C = w.size(1), tc = C / m, tiles = (w.size(0) / m) * tc;
+  const T* wv = w.data_ptr<T>();
+  bool* ov = out.data_ptr<bool>();
+  at::parallel_for(0, tiles, 64, [&](int64_t lo, int64_t hi) {
+    std::unique_ptr<double[]> key(new double[m * m]);
+    std::unique_ptr<int[]> order(new int[m * m]);
+    int rc[MAXM], cc[MAXM];
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t r0 = (t / tc) * m, c0 = (t % tc) * m;
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < m; ++j) {
+          const double a = std::abs(static_cast<double>(wv[(r0 + i) * C + c0 + j]));
+          key[i * m + j] = std::isnan(a) ? INF : a;
+          order[i * m + j] = i * m + j;
+        }
+      const double* k = key.get();
+      std::stable_sort(order.get(), order.get() + m * m, [k](int a, int b) { return k[a] > k[b]; });
+      std::fill(rc, rc + m, 0);
+      std::fill(cc, cc + m, 0);
+      for (int q = 0; q < m * m; ++q) {
+        const int i = order[q] / m, j = order[q] % m;
+        const bool ok = rc[i] < n && cc[j] < n;
+        ov[(r0 + i) * C + c0 + j] = ok;
+        rc[i] += ok;
+        cc[j] += ok;
+      }
+    }
+  });
+}
+
+torch::Tensor transposable_greedy(torch::Tensor w, int64_t n, int64_t m) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2, "transposable_greedy: w must be a 2-D CPU tensor");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kDouble,
+              "transposable_greedy: w must be float32 or float64");
+  TORCH_CHECK(m >= 1 && m <= MAXM, "transposable_greedy: m must be in [1, ", MAXM, "], got ", m);
+  TORCH_CHECK(n >= 0 && n <= m, "transposable_greedy: n must be in [0, m], got ", n);
+  TORCH_CHECK(w.size(0) % m == 0 && w.size(1) % m == 0, "transposable_greedy: w's dims must be multiples of m");
+  w = w.contiguous();
+  auto out = torch::empty(w.sizes(), w.options().dtype(torch::kBool));
+  if (w.numel() == 0) return out;
+  if (w.scalar_type() == torch::kFloat) greedy_all<float>(w, out, int(n), int(m));
+  else greedy_all<double>(w, out, int(n), int(m));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("transposable_greedy", &transposable_greedy,
+        "greedy (2-approximate) transposable N:M mask of a 2-D float32/float64 CPU matrix");
   m.def("transposable_exact", &transposable_exact,
         "exact transposable N:M mask of a 2-D float32/float64 CPU matrix (every m x m tile: n per row and column)");
 }
