@@ -40,7 +40,7 @@ def _bench_prune(args) -> int:
     from .bench import prune
 
     n, m = _parse_nm(args.nm)
-    result = prune.run(n=n, m=m, repeats=args.repeats, threads=args.threads)
+    result = prune.run(n=n, m=m, repeats=args.repeats, threads=args.threads, quick=args.quick)
     return _print_tables(result, [f"machine: {result['machine']}", result["note"]], args.out)
 
 
@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--nm", default="2:4", help="the N:M pattern (default 2:4)")
     bq.add_argument("--repeats", type=_positive_int, default=9, help="timed calls per case (median)")
     bq.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    bq.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     bq.add_argument("--out", help="also write the tables (Markdown) and a JSON copy here")
     bq.set_defaults(func=_bench_prune)
     bg = bsub.add_parser("gpu", help="Triton prune kernels and 2:4 sparse tensor cores vs dense (needs CUDA)")

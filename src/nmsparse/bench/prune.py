@@ -31,6 +31,9 @@ GRADS = {  # name: (shape, channel dim, the dense product of the layer, for scal
     "linear grad 12x64x1024": ((12, 64, 1024), 2, "matmul (768x1024)@(1024x256)"),
 }
 WEIGHTS = {"conv weight 512x512x3x3": (512, 512, 3, 3), "linear weight 1024x256": (1024, 256)}
+QUICK_GRADS = {"conv grad 4x16x8x8": ((4, 16, 8, 8), 1, "conv 16->16 3x3"),
+               "linear grad 2x8x64": ((2, 8, 64), 2, "matmul (16x64)@(64x256)")}
+QUICK_WEIGHTS = {"conv weight 32x32x3x3": (32, 32, 3, 3), "linear weight 64x32": (64, 32)}
 METHODS = tuple(m for m in PRUNE_METHODS)
 
 
@@ -62,8 +65,9 @@ def _check(ref: torch.Tensor, out: torch.Tensor, method: str, where: str) -> Non
         raise AssertionError(f"the native kernel disagrees with the torch path: {method} on {where}")
 
 
-def run(n: int = 2, m: int = 4, repeats: int = 9, threads: int = 1, seed: int = 0) -> dict:
-    """Time every case; returns {"machine", "note", "tables": {title: markdown}, "rows": [...]}."""
+def run(n: int = 2, m: int = 4, repeats: int = 9, threads: int = 1, seed: int = 0, quick: bool = False) -> dict:
+    """Time every case (``quick``: small shapes); returns {"machine", "note", "tables": {title: markdown}, "rows"}."""
+    grads, weights = (QUICK_GRADS, QUICK_WEIGHTS) if quick else (GRADS, WEIGHTS)
     if not native_prune_available():
         raise RuntimeError(f"the compiled kernel is unavailable here: {native_prune_error()}")
     old = torch.get_num_threads()
@@ -71,7 +75,7 @@ def run(n: int = 2, m: int = 4, repeats: int = 9, threads: int = 1, seed: int = 
     try:
         torch.manual_seed(seed)
         rows, grad_rows, mask_rows = [], [], []
-        for where, (shape, d, what) in GRADS.items():
+        for where, (shape, d, what) in grads.items():
             g = torch.randn(shape)
             numel = g.numel()
             fns = {"product": _product(shape, what)}
@@ -91,7 +95,7 @@ def run(n: int = 2, m: int = 4, repeats: int = 9, threads: int = 1, seed: int = 
                 grad_rows.append([where, method, f"{row['torch_ms']:.2f}", f"{row['native_ms']:.2f}",
                                   f"{row['torch_ns']:.2f}", f"{row['native_ns']:.2f}", f"{row['speedup_cpu']:.1f}x",
                                   f"{row['native_vs_product']:.2f} of {what} ({row['product_ms']:.1f} ms)"])
-        for where, shape in WEIGHTS.items():
+        for where, shape in weights.items():
             w = torch.randn(shape)
             if not torch.equal(nm_mask(w, n, m, dim=1), nm_mask_native(w, n, m, 1)):
                 raise AssertionError(f"the native mask disagrees with nm_mask on {where}")
