@@ -144,3 +144,38 @@ def test_sdgp_layer_backward_uses_it_and_matches_the_reference(monkeypatch):
     x.grad = None
     layer(x).square().sum().backward()
     assert torch.equal(fast, x.grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_srste_elementwise_passes_equal_torch(dtype):
+    gen = torch.Generator().manual_seed(4)
+    w, g = torch.randn(64, 48, generator=gen).to(dtype), torch.randn(64, 48, generator=gen).to(dtype)
+    w[0, :3] = torch.tensor([math.inf, -math.inf, math.nan])
+    mask = nm_mask(torch.randn(64, 48, generator=gen), 2, 4, dim=1)
+    mask[0, :3] = False  # inf * 0 is NaN in torch's product: the kernel must agree
+    out = native.masked_weight_native(w, mask)
+    assert torch.equal(out.nan_to_num(nan=7.0), (w * mask).nan_to_num(nan=7.0))
+    got = native.srste_grad_native(g, w, mask, 2e-4)
+    assert torch.equal(got.nan_to_num(nan=7.0), (g + 2e-4 * w.masked_fill(mask, 0)).nan_to_num(nan=7.0))
+    assert native.masked_weight_native(w.t(), mask.t()) is None  # not contiguous: the torch path
+
+
+def test_srste_layer_gradients_with_and_without_the_kernel(monkeypatch):
+    from nmsparse.nn import masked
+
+    torch.manual_seed(0)
+    for method in ("srste", "fixed"):
+        from nmsparse import sparsify
+        from nmsparse.nn.config import SparsityConfig, WeightNM
+        model = sparsify(torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)),
+                         SparsityConfig(weight=WeightNM(2, 4, method=method)))
+        x = torch.randn(8, 32)
+        model(x).square().sum().backward()
+        original = model[0].parametrizations.weight.original
+        fast = original.grad.clone()
+        model.zero_grad()
+        monkeypatch.setattr(masked, "masked_weight_native", lambda *a: None)
+        monkeypatch.setattr(masked, "srste_grad_native", lambda *a: None)
+        model(x).square().sum().backward()
+        assert torch.equal(fast, original.grad), method
+        monkeypatch.undo()

@@ -19,7 +19,8 @@ import torch
 from ._extensions import NativeExtension
 from .unbiased import channels_last_shape
 
-__all__ = ["prune_grad_native", "nm_mask_native", "native_prune_available", "native_prune_error", "MAX_M"]
+__all__ = ["prune_grad_native", "nm_mask_native", "masked_weight_native", "srste_grad_native",
+           "native_prune_available", "native_prune_error", "MAX_M"]
 
 MAX_M = 32
 _CODES = {"magnitude": 0, "random": 1, "rescale": 2, "random-unbiased": 3, "mvue": 4}
@@ -40,8 +41,13 @@ def native_prune_error() -> str | None:
     return _extension.error
 
 
+def _plain(*tensors: torch.Tensor) -> bool:
+    """Plain tensors only: a subclass (FakeTensor while tracing, DTensor) has no data for C++ to read."""
+    return all(type(t) is torch.Tensor for t in tensors)
+
+
 def _applies(x: torch.Tensor, m: int) -> bool:
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and m <= MAX_M and x.numel() > 0
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and m <= MAX_M and x.numel() > 0 and _plain(x)
             and not x.requires_grad and not torch.compiler.is_compiling())
 
 
@@ -96,3 +102,24 @@ def nm_mask_native(w: torch.Tensor, n: int, m: int, d: int) -> torch.Tensor | No
         w4 = _bock(w.contiguous(), d)
     _extension.module.nm_mask(w4, m4, n, m)
     return mask
+
+
+def _elementwise_ok(*tensors: torch.Tensor) -> bool:
+    t = tensors[0]
+    return (t.device.type == "cpu" and t.dtype in _DTYPES and _plain(*tensors) and all(x.is_contiguous() for x in tensors)
+            and all(x.shape == t.shape for x in tensors) and not torch.compiler.is_compiling()
+            and _extension.load() is not None)
+
+
+def masked_weight_native(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """``w * mask`` (bool mask) in one pass, the same values; None where the kernel does not apply."""
+    if mask.dtype != torch.bool or not _elementwise_ok(w, mask):
+        return None
+    return _extension.module.masked_weight(w, mask)
+
+
+def srste_grad_native(grad: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor | None:
+    """SR-STE's ``grad + decay * w.masked_fill(mask, 0)`` in one pass, the same values; None where it does not apply."""
+    if mask.dtype != torch.bool or grad.dtype != w.dtype or not _elementwise_ok(grad, w, mask):
+        return None
+    return _extension.module.srste_grad(grad, w, mask, float(decay))

@@ -11,6 +11,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..kernels.native_prune import masked_weight_native, srste_grad_native
 from .layers import weight_in_out
 from .profiling import MASK, MASKING, scope
 
@@ -32,15 +33,46 @@ class _StraightThrough(torch.autograd.Function):
         ctx.decay = decay
         if decay:
             ctx.save_for_backward(w, mask)
-        return w * mask
+        return multiply(w, mask)
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.decay:
             w, mask = ctx.saved_tensors
             with scope(MASKING):
-                grad = grad + ctx.decay * w.masked_fill(mask, 0)
+                fused = srste_grad_native(grad, w, mask, ctx.decay)  # one pass on the CPU
+                grad = grad + ctx.decay * w.masked_fill(mask, 0) if fused is None else fused
         return grad, None, None
+
+
+class _Masked(torch.autograd.Function):
+    """W * mask forward, grad * mask backward (a frozen mask): each one C++ pass on the CPU."""
+
+    @staticmethod
+    def forward(ctx, w, mask):
+        ctx.save_for_backward(mask)
+        return multiply(w, mask)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return multiply(grad, mask), None
+
+
+def multiply(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """w * mask: in one C++ pass where nothing records a graph through it (same values), else by torch."""
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        out = masked_weight_native(w, mask)
+        if out is not None:
+            return out
+    return w * mask
+
+
+def masked_product(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """w * mask with the gradient grad * mask; the C++ passes on a CPU weight, plain torch under torch.compile."""
+    if torch.compiler.is_compiling() or w.device.type != "cpu":
+        return w * mask
+    return _Masked.apply(w, mask)
 
 
 class _MaskedWeight(nn.Module):
@@ -81,7 +113,7 @@ class _MaskedWeight(nn.Module):
         return self._view(self.mask)
 
     def _multiply(self, w, mask):
-        return w * mask
+        return masked_product(w, mask)
 
     def eval_mask(self, w: torch.Tensor) -> torch.Tensor:
         """The mask a forward that is not a training forward applies to w."""

@@ -61,7 +61,7 @@ from ..patterns.checks import check_fraction, check_nm
 from ..patterns.block import check_block, check_score, check_block_weight, block_scores, expand_block_grid
 from ..patterns.nm import nm_mask_checked
 from ..patterns.transposable import conv_from_2d, conv_to_2d
-from .masked import _MaskedWeight, _StraightThrough
+from .masked import _MaskedWeight, _StraightThrough, masked_product
 
 NM_METHODS = ("srste", "ste", "fixed")
 MASK_METHODS = ("exact", "greedy")
@@ -188,7 +188,7 @@ class NMWeightSparsity(_MaskedWeight):
 
     def _multiply(self, w, mask):
         if self.method == "fixed":
-            return w * mask
+            return masked_product(w, mask)
         return _StraightThrough.apply(w, mask, self.decay if self.method == "srste" else 0.0)
 
     def pattern_name(self) -> str:

@@ -377,7 +377,53 @@ void nm_mask(torch::Tensor w4, torch::Tensor mask4, int64_t n, int64_t m) {
   });
 }
 
+// SR-STE's two elementwise passes over a weight, each one read and one write (the torch expressions
+// they replace take 3-4 passes through bool-to-float promotion): the masked weight w * mask, and the
+// backward grad + decay * (mask ? 0 : w). Same arithmetic as the torch expressions, in g's dtype.
+torch::Tensor masked_weight(torch::Tensor w, torch::Tensor mask) {
+  TORCH_CHECK(w.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == torch::kBool &&
+              w.sizes() == mask.sizes() && w.device().is_cpu(), "masked_weight: contiguous CPU w and bool mask");
+  auto out = torch::empty_like(w);
+  const bool* mk = mask.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, w.numel(), 1 << 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i)  // w * 1 or w * 0, as torch multiplies (so inf * 0 is NaN there too)
+        op[i] = static_cast<scalar_t>(static_cast<acc_t>(wp[i]) * static_cast<acc_t>(mk[i] ? 1 : 0));
+    });
+  });
+  return out;
+}
+
+torch::Tensor srste_grad(torch::Tensor grad, torch::Tensor w, torch::Tensor mask, double decay) {
+  TORCH_CHECK(grad.is_contiguous() && w.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == torch::kBool &&
+              grad.sizes() == w.sizes() && w.sizes() == mask.sizes() && grad.scalar_type() == w.scalar_type() &&
+              w.device().is_cpu(), "srste_grad: contiguous CPU grad, w of one dtype and a bool mask");
+  auto out = torch::empty_like(grad);
+  const bool* mk = mask.data_ptr<bool>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "srste_grad", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const acc_t d = static_cast<acc_t>(decay);
+    at::parallel_for(0, w.numel(), 1 << 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        // torch: grad + decay * w.masked_fill(mask, 0), each op rounded to the dtype
+        const scalar_t wv = mk[i] ? scalar_t(0) : wp[i];
+        const scalar_t dw = static_cast<scalar_t>(d * static_cast<acc_t>(wv));
+        op[i] = static_cast<scalar_t>(static_cast<acc_t>(gp[i]) + static_cast<acc_t>(dw));
+      }
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("masked_weight", &masked_weight, "w * mask (bool) in one pass");
+  mod.def("srste_grad", &srste_grad, "SR-STE's weight gradient grad + decay * (mask ? 0 : w) in one pass");
   mod.def("prune_grad", &prune_grad, "SDGP's N:M gradient pruning of a (B, O, C, I) view, in one pass");
   mod.def("nm_mask", &nm_mask, "magnitude N:M mask of a (B, O, C, I) view along C");
   mod.attr("MAXM") = MAXM;
