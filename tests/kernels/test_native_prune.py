@@ -179,3 +179,26 @@ def test_srste_layer_gradients_with_and_without_the_kernel(monkeypatch):
         model(x).square().sum().backward()
         assert torch.equal(fast, original.grad), method
         monkeypatch.undo()
+
+
+@pytest.mark.slow
+def test_compiled_sdgp_calls_the_kernel_through_the_custom_op(monkeypatch):
+    """Under torch.compile, magnitude/rescale pruning is the opaque op nmsparse::prune_grad_cpu, which runs
+    the kernel when the graph runs: same input gradient as eager."""
+    import copy
+
+    from nmsparse.nn.sdgp import SDGPConv2d
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(SDGPConv2d(8, 16, 3, padding=1, n=2, m=4, method="rescale"), torch.nn.ReLU(),
+                              SDGPConv2d(16, 16, 3, padding=1, n=2, m=4, method="rescale"))
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    net(x).square().sum().backward()
+    eager = x.grad.clone()
+    calls = []
+    kernel = native.prune_grad_native
+    monkeypatch.setattr(native, "prune_grad_native", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    x.grad = None
+    torch.compile(copy.deepcopy(net), backend="aot_eager")(x).square().sum().backward()
+    assert calls, "the compiled backward should run the kernel"
+    torch.testing.assert_close(x.grad, eager, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ import torch
 from ._extensions import NativeExtension
 from .unbiased import channels_last_shape
 
-__all__ = ["prune_grad_native", "nm_mask_native", "masked_weight_native", "srste_grad_native",
+__all__ = ["prune_grad_native", "prune_grad_op", "nm_mask_native", "masked_weight_native", "srste_grad_native",
            "native_prune_available", "native_prune_error", "MAX_M"]
 
 MAX_M = 32
@@ -89,6 +89,24 @@ def prune_grad_native(g: torch.Tensor, n: int, m: int, method: str, d: int,
     row = g.dim() == 1 or (g.dim() == 2 and d == 1)  # no plane dims: rescale scales each sample's whole row
     _extension.module.prune_grad(g4, o4, n, m, _CODES[method], rnd, float(eps), row)
     return out
+
+
+@torch.library.custom_op("nmsparse::prune_grad_cpu", mutates_args=())
+def prune_grad_op(g: torch.Tensor, n: int, m: int, method: str, d: int, eps: float) -> torch.Tensor:
+    """The deterministic methods' prune (magnitude, rescale) as one opaque op, so a graph that
+    torch.compile traces calls the kernel instead of tracing the torch path's dozen passes (measured:
+    a compiled GPT step with SDGP rescale ran at 2.1x the compiled dense step before this op)."""
+    out = prune_grad_native(g, n, m, method, d, None, eps)
+    if out is None:  # no build here: the torch path, the same values
+        from .reference import prune_checked
+
+        out = prune_checked(g, n, m, method, d, None, eps)
+    return out
+
+
+@prune_grad_op.register_fake
+def _prune_grad_op_fake(g, n, m, method, d, eps):
+    return torch.empty_like(g)
 
 
 def nm_mask_native(w: torch.Tensor, n: int, m: int, d: int) -> torch.Tensor | None:

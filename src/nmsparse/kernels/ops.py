@@ -20,13 +20,14 @@ import torch
 
 from . import reference
 from .dispatch import Dispatcher, default_dispatcher, use_triton
-from .native_prune import prune_grad_native
+from .native_prune import prune_grad_native, prune_grad_op
 from .semi_structured import SPARSE_DTYPES, is_available
 
 __all__ = ["prune_grad_fast", "tile24_prune_grad", "sdgp_linear_dx", "sparse24_applies",
            "weight24_applies", "weight24_linear", "weight24_linear_dx", "triton_failure"]
 
 _triton_failure: str | None = None
+_CPU_OP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # The methods the Triton kernel computes (all but tile24, which has PyTorch's own kernel).
 TRITON_METHODS = reference.PRUNE_METHODS
 
@@ -55,11 +56,15 @@ def prune_grad_fast(g: torch.Tensor, n: int, m: int, method: str, dim: int,
                     generator: torch.Generator | None = None, eps: float = 1e-4) -> torch.Tensor | None:
     """The Triton version of SDGP's prune_grad for g (on a CPU tensor the compiled CPU kernel's, same values as
     the torch path), or None where neither applies (an unsupported dtype or m, triton missing or disabled, no
-    C++ build, autograd through g, torch.compile).
+    C++ build, autograd through g, torch.compile). Under torch.compile a CPU magnitude or rescale prune is the
+    opaque op ``nmsparse::prune_grad_cpu`` (the C++ kernel when the graph runs).
 
     "random" draws from the kernel's Philox stream seeded by ``generator.initial_seed()``
     (reproducible from the layer's (seed, step), but not the same choice as torch's stream).
     """
+    if (torch.compiler.is_compiling() and g.device.type == "cpu" and method in ("magnitude", "rescale")
+            and not g.requires_grad and g.numel() and n < m <= 32 and g.dtype in _CPU_OP_DTYPES):
+        return prune_grad_op(g, n, m, method, dim, eps)  # opaque to the compiler: the C++ kernel at run time
     if method not in TRITON_METHODS or g.requires_grad or torch.compiler.is_compiling():
         return None
     if g.device.type == "cpu":
