@@ -245,12 +245,22 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 4
 
 
+@pytest.fixture
+def sigint_default():
+    """Ctrl-C as in a terminal. A test process started in the background by a non-interactive shell
+    (``cmd &``) inherits SIGINT ignored, which the loop rightly respects; these tests need it delivered."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 @pytest.mark.slow
 def test_sigint_in_a_real_process(tmp_path):
     cfg_path = quick(tmp_path, epochs=50, checkpoint_every_steps=3)
     run = tmp_path / "run"
     proc = _run_cli(["train", "--config", str(cfg_path), "--out", str(run)], stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE, text=True)
+                    stderr=subprocess.PIPE, text=True,
+                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see sigint_default
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "checkpoint.pt").exists():
         time.sleep(0.01)
@@ -312,7 +322,7 @@ def test_the_loop_attaches_weight_masks_to_its_optimizer(tmp_path, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the lost KeyboardInterrupt
-def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeypatch):
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeypatch, sigint_default):
     """Python loses the KeyboardInterrupt of a SIGINT that lands in a __del__ ("Exception ignored"); the loop
     remembers the Ctrl-C and stops at the next step anyway."""
     cfg_path = quick(tmp_path, epochs=1, checkpoint_every_steps=2)
