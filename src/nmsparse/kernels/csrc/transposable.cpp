@@ -27,7 +27,6 @@
 #include <immintrin.h>
 #endif
 #include <algorithm>
-#include <numeric>
 #include <atomic>
 #include <cfloat>
 #include <cmath>
@@ -311,15 +310,19 @@ void solve_sized(const torch::Tensor& w, torch::Tensor& out, int n, int m) {
   }
 }
 
-torch::Tensor transposable_exact(torch::Tensor w, int64_t n, int64_t m) {
-  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2, "transposable_exact: w must be a 2-D CPU tensor");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kDouble,
-              "transposable_exact: w must be float32 or float64");
-  TORCH_CHECK(m >= 1 && m <= MAXM, "transposable_exact: m must be in [1, ", MAXM, "], got ", m);
-  TORCH_CHECK(n >= 0 && n <= m, "transposable_exact: n must be in [0, m], got ", n);
-  TORCH_CHECK(w.size(0) % m == 0 && w.size(1) % m == 0, "transposable_exact: w's dims must be multiples of m");
+// The checks both entry points make; makes w contiguous and returns an uninitialised bool mask like it.
+torch::Tensor checked_mask(torch::Tensor& w, int64_t n, int64_t m, const char* fn) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2, fn, ": w must be a 2-D CPU tensor");
+  TORCH_CHECK(w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kDouble, fn, ": w must be float32 or float64");
+  TORCH_CHECK(m >= 1 && m <= MAXM, fn, ": m must be in [1, ", MAXM, "], got ", m);
+  TORCH_CHECK(n >= 0 && n <= m, fn, ": n must be in [0, m], got ", n);
+  TORCH_CHECK(w.size(0) % m == 0 && w.size(1) % m == 0, fn, ": w's dims must be multiples of m");
   w = w.contiguous();
-  auto out = torch::empty(w.sizes(), w.options().dtype(torch::kBool));
+  return torch::empty(w.sizes(), w.options().dtype(torch::kBool));
+}
+
+torch::Tensor transposable_exact(torch::Tensor w, int64_t n, int64_t m) {
+  auto out = checked_mask(w, n, m, "transposable_exact");
   if (w.numel() == 0) return out;
   if (n == 0 || n == m) return out.fill_(n == m);
   if (w.scalar_type() == torch::kFloat) solve_sized<float>(w, out, int(n), int(m));
@@ -363,14 +366,7 @@ void greedy_all(const torch::Tensor& w, torch::Tensor& out, int n, int m) {
 }
 
 torch::Tensor transposable_greedy(torch::Tensor w, int64_t n, int64_t m) {
-  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2, "transposable_greedy: w must be a 2-D CPU tensor");
-  TORCH_CHECK(w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kDouble,
-              "transposable_greedy: w must be float32 or float64");
-  TORCH_CHECK(m >= 1 && m <= MAXM, "transposable_greedy: m must be in [1, ", MAXM, "], got ", m);
-  TORCH_CHECK(n >= 0 && n <= m, "transposable_greedy: n must be in [0, m], got ", n);
-  TORCH_CHECK(w.size(0) % m == 0 && w.size(1) % m == 0, "transposable_greedy: w's dims must be multiples of m");
-  w = w.contiguous();
-  auto out = torch::empty(w.sizes(), w.options().dtype(torch::kBool));
+  auto out = checked_mask(w, n, m, "transposable_greedy");
   if (w.numel() == 0) return out;
   if (w.scalar_type() == torch::kFloat) greedy_all<float>(w, out, int(n), int(m));
   else greedy_all<double>(w, out, int(n), int(m));
