@@ -24,7 +24,7 @@ __all__ = ["prune_grad_native", "prune_grad_op", "nm_mask_native", "masked_weigh
 
 MAX_M = 32
 _CODES = {"magnitude": 0, "random": 1, "rescale": 2, "random-unbiased": 3, "mvue": 4}
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernel takes
 
 # -ffp-contract=off: no fused multiply-add, so the float arithmetic rounds as the torch path's does.
 _extension = NativeExtension("nmsparse_nm_prune", ["nm_prune.cpp"], extra_ldflags=["-fopenmp"],
@@ -47,7 +47,7 @@ def _plain(*tensors: torch.Tensor) -> bool:
 
 
 def _applies(x: torch.Tensor, m: int) -> bool:
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and m <= MAX_M and x.numel() > 0 and _plain(x)
+    return (x.device.type == "cpu" and x.dtype in DTYPES and m <= MAX_M and x.numel() > 0 and _plain(x)
             and not x.requires_grad and not torch.compiler.is_compiling())
 
 
@@ -124,7 +124,7 @@ def nm_mask_native(w: torch.Tensor, n: int, m: int, d: int) -> torch.Tensor | No
 
 def _elementwise_ok(*tensors: torch.Tensor) -> bool:
     t = tensors[0]
-    return (t.device.type == "cpu" and t.dtype in _DTYPES and _plain(*tensors) and all(x.is_contiguous() for x in tensors)
+    return (t.device.type == "cpu" and t.dtype in DTYPES and _plain(*tensors) and all(x.is_contiguous() for x in tensors)
             and all(x.shape == t.shape for x in tensors) and not torch.compiler.is_compiling()
             and _extension.load() is not None)
 
