@@ -61,8 +61,9 @@ template <typename scalar_t>
 using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
 // keep[j][w] = the n largest keys of lane w (ties to the earlier position), by pairwise comparison.
-template <typename key_t>
-inline void top_n(const key_t (*key)[W], int m, int n, int (*keep)[W]) {
+template <typename key_t, int MT>
+inline void top_n(const key_t (*key)[W], int m_arg, int n, int (*keep)[W]) {
+  const int m = MT ? MT : m_arg;
   for (int j = 0; j < m; ++j) {
     int rank[W] = {0};
     for (int k = 0; k < j; ++k)
@@ -76,9 +77,10 @@ inline void top_n(const key_t (*key)[W], int m, int n, int (*keep)[W]) {
 // The minimum-variance unbiased n-of-m choice of kernels/unbiased.py's _mvue_columns, lane by lane,
 // in its order of operations: water-filling inclusion probabilities, systematic sampling with u.
 // Conditions are combined with & and | (not && and ||) so the lane loops have no branches.
-template <typename acc_t>
-inline void mvue_tile(const acc_t (*__restrict__ x)[W], int m, int n, const acc_t* __restrict__ u,
+template <typename acc_t, int MT>
+inline void mvue_tile(const acc_t (*__restrict__ x)[W], int m_arg, int n, const acc_t* __restrict__ u,
                       acc_t (*__restrict__ y)[W]) {
+  const int m = MT ? MT : m_arg;
   acc_t a[MAXM][W];
   int fin[MAXM][W], capped[MAXM][W];
   int nz[W] = {0};
@@ -166,8 +168,9 @@ struct Lanes {
 };
 
 // x[j][w] = p[lane w's entry j] as acc_t (zero beyond count); contiguous loads when the lanes are adjacent.
-template <typename acc_t, typename scalar_t>
-inline void gather(const scalar_t* p, const Lanes& l, int m, int64_t sC, acc_t (*x)[W]) {
+template <typename acc_t, int MT, typename scalar_t>
+inline void gather(const scalar_t* p, const Lanes& l, int m_arg, int64_t sC, acc_t (*x)[W]) {
+  const int m = MT ? MT : m_arg;
   for (int j = 0; j < m; ++j) {
     const scalar_t* q = p + l.off + j * sC;
     if (l.count == W && l.step == 1) {
@@ -179,8 +182,9 @@ inline void gather(const scalar_t* p, const Lanes& l, int m, int64_t sC, acc_t (
   }
 }
 
-template <typename out_t, typename val_t>
-inline void scatter(out_t* p, const Lanes& l, int m, int64_t sC, const val_t (*y)[W]) {
+template <int MT, typename out_t, typename val_t>
+inline void scatter(out_t* p, const Lanes& l, int m_arg, int64_t sC, const val_t (*y)[W]) {
+  const int m = MT ? MT : m_arg;
   for (int j = 0; j < m; ++j) {
     out_t* q = p + l.off + j * sC;
     if (l.count == W && l.step == 1) {
@@ -218,9 +222,10 @@ void for_tiles(const View& v, int m, int64_t lo, int64_t hi, F&& fn) {
   }
 }
 
-template <typename scalar_t>
-void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m, int method, const float* rnd,
+template <typename scalar_t, int MT>
+void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, int method, const float* rnd,
                 double eps, bool row) {
+  const int m = MT ? MT : m_arg;
   using acc_t = acc_type<scalar_t>;
   const View v(g4);
   const View vo(o4);
@@ -236,11 +241,11 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m, int me
 
   auto tile = [&](const Lanes& l, int64_t b) {
     acc_t x[MAXM][W], y[MAXM][W];
-    gather<acc_t>(gp, l, m, v.sC, x);
+    gather<acc_t, MT>(gp, l, m, v.sC, x);
     if (method == MVUE) {
       acc_t u[W];
       for (int w = 0; w < W; ++w) u[w] = w < l.count ? static_cast<acc_t>(rnd[l.grp + w * l.grp_step]) : acc_t(0);
-      mvue_tile<acc_t>(x, m, n, u, y);
+      mvue_tile<acc_t, MT>(x, m, n, u, y);
     } else {
       int keep[MAXM][W];
       if (method == RANDOM || method == RANDOM_UNBIASED) {
@@ -252,12 +257,12 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m, int me
             const float k = key[j][w];
             key[j][w] = finite(x[j][w]) ? k : 2.0f;  // above any draw
           }
-        top_n<float>(key, m, n, keep);
+        top_n<float, MT>(key, m, n, keep);
       } else {
         acc_t key[MAXM][W];
         for (int j = 0; j < m; ++j)
           for (int w = 0; w < W; ++w) key[j][w] = magnitude_key<acc_t>(x[j][w]);
-        top_n<acc_t>(key, m, n, keep);
+        top_n<acc_t, MT>(key, m, n, keep);
       }
       if (method == RANDOM_UNBIASED) {  // in g's dtype, as torch multiplies a tensor by a Python float
         for (int j = 0; j < m; ++j)
@@ -273,7 +278,7 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m, int me
           }
       }
     }
-    scatter(op, l, m, v.sC, y);
+    scatter<MT>(op, l, m, v.sC, y);
     if (rescale) {
       for (int j = 0; j < m; ++j) {
         acc_t f = 0, k = 0;
@@ -324,8 +329,9 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m, int me
   });
 }
 
-template <typename scalar_t>
-void mask_impl(const torch::Tensor& w4, torch::Tensor& m4, int n, int m) {
+template <typename scalar_t, int MT>
+void mask_impl(const torch::Tensor& w4, torch::Tensor& m4, int n, int m_arg) {
+  const int m = MT ? MT : m_arg;
   using acc_t = acc_type<scalar_t>;
   const View v(w4), vm(m4);
   TORCH_CHECK(v.sB == vm.sB && v.sO == vm.sO && v.sC == vm.sC && v.sI == vm.sI, "nm_mask: the mask's strides differ");
@@ -335,13 +341,22 @@ void mask_impl(const torch::Tensor& w4, torch::Tensor& m4, int n, int m) {
     for_tiles(v, m, lo, hi, [&](const Lanes& l, int64_t) {
       acc_t key[MAXM][W];
       int keep[MAXM][W];
-      gather<acc_t>(wp, l, m, v.sC, key);
+      gather<acc_t, MT>(wp, l, m, v.sC, key);
       for (int j = 0; j < m; ++j)
         for (int w = 0; w < W; ++w) key[j][w] = magnitude_key<acc_t>(key[j][w]);
-      top_n<acc_t>(key, m, n, keep);
-      scatter(out, l, m, v.sC, keep);
+      top_n<acc_t, MT>(key, m, n, keep);
+      scatter<MT>(out, l, m, v.sC, keep);
     });
   });
+}
+
+// fn(std::integral_constant<int, M>) with M = m for the common 2:4 and 4:8 groups (the loops over a group
+// then unroll), M = 0 (m at run time) otherwise.
+template <typename F>
+void with_m(int64_t m, F&& fn) {
+  if (m == 4) fn(std::integral_constant<int, 4>());
+  else if (m == 8) fn(std::integral_constant<int, 8>());
+  else fn(std::integral_constant<int, 0>());
 }
 
 void check_args(const torch::Tensor& t, int64_t n, int64_t m) {
@@ -364,7 +379,10 @@ void prune_grad(torch::Tensor g4, torch::Tensor out4, int64_t n, int64_t m, int6
               "nm_prune: the draws must be a contiguous float32 tensor of ", need, " entries");
   const float* r = drawn ? rnd.data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g4.scalar_type(), "nm_prune", [&] {
-    prune_impl<scalar_t>(g4, out4, static_cast<int>(n), static_cast<int>(m), static_cast<int>(method), r, eps, row);
+    with_m(m, [&](auto mt) {
+      prune_impl<scalar_t, decltype(mt)::value>(g4, out4, static_cast<int>(n), static_cast<int>(m), static_cast<int>(method), r,
+                                                 eps, row);
+    });
   });
 }
 
@@ -373,7 +391,7 @@ void nm_mask(torch::Tensor w4, torch::Tensor mask4, int64_t n, int64_t m) {
   check_args(w4, n, m);
   TORCH_CHECK(mask4.scalar_type() == torch::kBool && mask4.sizes() == w4.sizes(), "nm_mask: bad mask view");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w4.scalar_type(), "nm_mask", [&] {
-    mask_impl<scalar_t>(w4, mask4, static_cast<int>(n), static_cast<int>(m));
+    with_m(m, [&](auto mt) { mask_impl<scalar_t, decltype(mt)::value>(w4, mask4, static_cast<int>(n), static_cast<int>(m)); });
   });
 }
 
