@@ -45,8 +45,11 @@ def ref_mvue_group(group, n, u):
 
 
 def uniforms(groups, seed):
-    """The uniforms "mvue" draws from a generator seeded with `seed`: one per group, channels-last order."""
-    return torch.rand(groups, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    """The uniforms "mvue" draws on the CPU from a generator seeded with `seed`: one per group, channels-last
+    order; two per 64-bit word of the generator, its bits 0-23 and 24-47 over 2**24 (kernels.draws)."""
+    words = torch.empty((groups + 1) // 2, dtype=torch.int64).random_(generator=torch.Generator().manual_seed(seed))
+    vals = [((w >> shift) & 0xFFFFFF) / 2**24 for w in words.tolist() for shift in (0, 24)]
+    return torch.tensor(vals[:groups], dtype=torch.float32)
 
 
 @st.composite

@@ -2,8 +2,8 @@
 
 The torch path runs a method as a dozen whole-tensor passes; the kernel reads each group of m once and
 decides it in registers. Same values as the torch path (``kernels.reference.prune_checked``,
-``patterns.nm.nm_mask``): the random methods and mvue take their draws from the same ``torch.rand``
-calls on the same generator, and only rescale's plane sums are added in another order (its scale
+``patterns.nm.nm_mask``): the random methods and mvue read the same words of the same generator
+(``kernels.draws``), and only rescale's plane sums are added in another order (its scale
 may differ in the last bit). Each function returns None where the kernel does not apply (not a CPU
 tensor, m above 32, autograd through the input, torch.compile tracing, a layout it cannot view
 without a copy, or no build: no compiler, or ``NMSPARSE_NO_NATIVE=1``); callers then take the torch
@@ -17,7 +17,7 @@ import math
 import torch
 
 from ._extensions import NativeExtension
-from .unbiased import channels_last_shape
+from .draws import draw_words
 
 __all__ = ["prune_grad_native", "prune_grad_op", "nm_mask_native", "masked_weight_native", "srste_grad_native",
            "native_prune_available", "native_prune_error", "MAX_M"]
@@ -78,14 +78,10 @@ def prune_grad_native(g: torch.Tensor, n: int, m: int, method: str, d: int,
     g4, o4 = _bock(g, d), _bock(out, d)
     if g4 is None or o4 is None or g4.stride() != o4.stride():
         return None
-    if method in ("random", "random-unbiased"):
-        rnd = torch.rand(channels_last_shape(g.shape, d), generator=generator, dtype=torch.float32)
-    elif method == "mvue":
-        shape = list(g.shape)
-        shape[d] //= m
-        rnd = torch.rand(channels_last_shape(shape, d), generator=generator, dtype=torch.float32)
+    if method in ("random", "random-unbiased", "mvue"):  # one uniform per entry, or per group (mvue)
+        rnd = draw_words(g.numel() // (m if method == "mvue" else 1), generator)
     else:
-        rnd = torch.empty(0)
+        rnd = torch.empty(0, dtype=torch.int64)
     row = g.dim() == 1 or (g.dim() == 2 and d == 1)  # no plane dims: rescale scales each sample's whole row
     _extension.module.prune_grad(g4, o4, n, m, _CODES[method], rnd, float(eps), row)
     return out

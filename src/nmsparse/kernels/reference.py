@@ -24,6 +24,7 @@ import torch
 from ..patterns.checks import check_dim, check_divisible, check_float_tensor, check_nm
 from ..common.text import did_you_mean
 from ..patterns.nm import magnitude_key, nm_mask, topn_in_groups
+from .draws import uniforms
 from .unbiased import UNBIASED_METHODS, channels_last_shape, prune_mvue_layout, random_unbiased_grouped
 
 __all__ = [
@@ -98,7 +99,7 @@ def prune_reference(g: torch.Tensor, n: int, m: int, method: str = "magnitude", 
     """g pruned n:m in groups of m consecutive entries along `dim`, in g's layout (SDGP's prune).
 
     "magnitude" keeps the n largest |g| (NaN and inf rank largest; ties go to the earlier
-    position); "random" keeps n positions drawn from `generator`'s torch.rand stream (non-finite
+    position); "random" keeps n positions by uniform keys from `generator` (``kernels.draws``; non-finite
     entries are always kept); "rescale" is magnitude followed by scaling each (sample, channel)
     plane (see ``plane_dims``) by sum|g| / (sum|pruned g| + eps), computed in float32
     (float64 for float64 g). "random-unbiased" is "random" times m / n; "mvue" keeps n per group
@@ -113,11 +114,11 @@ def prune_checked(g: torch.Tensor, n: int, m: int, method: str, d: int, generato
     """``prune_reference`` for arguments already validated (d non-negative): the torch path of prune_grad."""
     # Channels innermost: free for channels_last conv grads and Linear grads, one copy otherwise.
     if method == "mvue":  # in g's own layout; one uniform per group, drawn in channels-last group order
-        return prune_mvue_layout(g, n, m, d, lambda shape: torch.rand(
-            channels_last_shape(shape, d), generator=generator, device=g.device, dtype=torch.float32).movedim(-1, d))
+        return prune_mvue_layout(g, n, m, d, lambda shape: uniforms(
+            channels_last_shape(shape, d), generator, g.device).movedim(-1, d))
     gc = g.movedim(d, -1).contiguous()
     if method in ("random", "random-unbiased"):
-        keys = torch.rand(gc.shape, generator=generator, device=gc.device, dtype=torch.float32)
+        keys = uniforms(gc.shape, generator, gc.device)
         keys.masked_fill_(~torch.isfinite(gc), 2.0)  # above any draw: non-finite entries stay
         mask = topn_keys(keys.view(-1, m), n).view(gc.shape)
         if method == "random-unbiased":

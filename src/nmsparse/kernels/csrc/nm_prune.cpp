@@ -7,9 +7,9 @@
 //
 // Layout: the caller views the tensor as (B, O, C, I) with any strides (channels are dim 2, grouped
 // by m consecutive channels; B is the sample dim that rescale's planes keep, O and I the other dims
-// before and after the channels). Random draws come from the caller (torch.rand on the layer's
-// generator, the same calls as the torch path), numbered in the channels-last order of the torch
-// path: entry (b, o, c, i) -> ((b*O + o)*I + i)*C + c, group (b, o, g, i) -> ((b*O + o)*I + i)*G + g.
+// before and after the channels). Random draws come from the caller as int64 words of the layer's
+// generator, two 24-bit uniforms per word (kernels/draws.py, which the torch path converts the same
+// way: see draw), numbered in the channels-last order of the torch path: entry (b, o, c, i) -> ((b*O + o)*I + i)*C + c, group (b, o, g, i) -> ((b*O + o)*I + i)*G + g.
 //
 // Every method gives the torch path's values exactly (same keys, same tie rule: equal keys go to
 // the earlier position; NaN ranks as +inf; float32 arithmetic, float64 for float64 tensors, in the
@@ -56,6 +56,13 @@ inline acc_t magnitude_key(acc_t x) {
 // by loops whose inner index is the lane (the compiler vectorizes them), scattered back. Lane flags are
 // int, not bool: a select between floats on a byte-wide flag stays scalar (5x slower, measured).
 constexpr int W = 8;  // one AVX2 vector of floats: 16 measured slower (larger unrolled code)
+
+// Uniform number e of the caller's words: bits 0-23 (e even) or 24-47 (e odd) of word e / 2, times 2^-24
+// (exact in float32; kernels/draws.py words_to_uniforms).
+inline float draw(const int64_t* words, int64_t e) {
+  const uint64_t bits = static_cast<uint64_t>(words[e >> 1]) >> ((e & 1) * 24);
+  return static_cast<float>(bits & 0xFFFFFF) * (1.0f / 16777216.0f);
+}
 
 template <typename scalar_t>
 using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
@@ -223,7 +230,7 @@ void for_tiles(const View& v, int m, int64_t lo, int64_t hi, F&& fn) {
 }
 
 template <typename scalar_t, int MT>
-void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, int method, const float* rnd,
+void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, int method, const int64_t* rnd,
                 double eps, bool row) {
   const int m = MT ? MT : m_arg;
   using acc_t = acc_type<scalar_t>;
@@ -235,8 +242,11 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
   scalar_t* op = o4.data_ptr<scalar_t>();
   const acc_t unbiased = static_cast<acc_t>(static_cast<double>(m) / n);  // torch's tensor * Python float
   const bool rescale = method == RESCALE;
-  // rescale: |g| and |kept| summed per (b, channel) plane over (O, I), or per b in row mode
-  const int64_t per_b = row ? 1 : v.C;
+  // rescale: |g| and |kept| summed per (b, channel) plane over (O, I), or per b in row mode. Channel
+  // c = g * m + j sums at slot j * G + g, so the lanes of a tile along a row (channels c0 + w * m + j)
+  // add to adjacent slots: one vector add per j instead of a scalar add per entry.
+  const int64_t per_b = row ? 1 : v.C, G = v.C / m;
+  auto slot = [&](int64_t c) { return (c % m) * G + c / m; };
   std::vector<acc_t> full(rescale ? v.B * per_b : 0), kept(rescale ? v.B * per_b : 0);
 
   auto tile = [&](const Lanes& l, int64_t b) {
@@ -244,14 +254,14 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
     gather<acc_t, MT>(gp, l, m, v.sC, x);
     if (method == MVUE) {
       acc_t u[W];
-      for (int w = 0; w < W; ++w) u[w] = w < l.count ? static_cast<acc_t>(rnd[l.grp + w * l.grp_step]) : acc_t(0);
+      for (int w = 0; w < W; ++w) u[w] = w < l.count ? static_cast<acc_t>(draw(rnd, l.grp + w * l.grp_step)) : acc_t(0);
       mvue_tile<acc_t, MT>(x, m, n, u, y);
     } else {
       int keep[MAXM][W];
       if (method == RANDOM || method == RANDOM_UNBIASED) {
         float key[MAXM][W];
         for (int j = 0; j < m; ++j)
-          for (int w = 0; w < W; ++w) key[j][w] = w < l.count ? rnd[l.key + w * l.key_step + j] : 0.0f;
+          for (int w = 0; w < W; ++w) key[j][w] = w < l.count ? draw(rnd, l.key + w * l.key_step + j) : 0.0f;
         for (int j = 0; j < m; ++j)
           for (int w = 0; w < W; ++w) {
             const float k = key[j][w];
@@ -281,21 +291,22 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
     scatter<MT>(op, l, m, v.sC, y);
     if (rescale) {
       for (int j = 0; j < m; ++j) {
-        acc_t f = 0, k = 0;
-        for (int w = 0; w < l.count; ++w) {
-          f += std::abs(x[j][w]);
-          k += std::abs(static_cast<acc_t>(static_cast<scalar_t>(y[j][w])));
-        }
         // lanes along I share their channels; lanes along a row hold channel c0 + w * m + j
         if (l.c_step == 0 || row) {
-          const int64_t c = row ? 0 : l.c0 + j;
-          full[b * per_b + c] += f;
-          kept[b * per_b + c] += k;
-        } else {
+          acc_t f = 0, k = 0;
           for (int w = 0; w < l.count; ++w) {
-            const int64_t c = l.c0 + w * l.c_step + j;
-            full[b * per_b + c] += std::abs(x[j][w]);
-            kept[b * per_b + c] += std::abs(static_cast<acc_t>(static_cast<scalar_t>(y[j][w])));
+            f += std::abs(x[j][w]);
+            k += std::abs(static_cast<acc_t>(static_cast<scalar_t>(y[j][w])));
+          }
+          const int64_t s = row ? 0 : slot(l.c0 + j);
+          full[b * per_b + s] += f;
+          kept[b * per_b + s] += k;
+        } else {
+          acc_t* f = full.data() + b * per_b + slot(l.c0 + j);
+          acc_t* k = kept.data() + b * per_b + slot(l.c0 + j);
+          for (int w = 0; w < l.count; ++w) {
+            f[w] += std::abs(x[j][w]);
+            k[w] += std::abs(static_cast<acc_t>(static_cast<scalar_t>(y[j][w])));
           }
         }
       }
@@ -310,7 +321,10 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
     for (int64_t b = lo; b < hi; ++b) {
       for_tiles(v, m, b * v.O, (b + 1) * v.O, tile);
       std::vector<acc_t> sc(per_b);
-      for (int64_t c = 0; c < per_b; ++c) sc[c] = full[b * per_b + c] / (kept[b * per_b + c] + static_cast<acc_t>(eps));
+      for (int64_t c = 0; c < per_b; ++c) {
+        const int64_t s = b * per_b + (row ? 0 : slot(c));
+        sc[c] = full[s] / (kept[s] + static_cast<acc_t>(eps));
+      }
       auto scale = [](scalar_t* y, int64_t len, int64_t stride, acc_t s) {
         if (stride == 1) {
           for (int64_t i = 0; i < len; ++i) y[i] = static_cast<scalar_t>(static_cast<acc_t>(y[i]) * s);
@@ -321,6 +335,14 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
       for (int64_t o = 0; o < v.O; ++o) {
         if (row) {  // one scale for the whole row (I == 1 here): along the channels
           scale(op + v.at(b, o, 0, 0), v.C, v.sC, sc[0]);
+        } else if (v.I == 1) {  // a Linear gradient: a scale per channel along the row
+          scalar_t* y = op + v.at(b, o, 0, 0);
+          const acc_t* f = sc.data();
+          if (v.sC == 1) {
+            for (int64_t c = 0; c < v.C; ++c) y[c] = static_cast<scalar_t>(static_cast<acc_t>(y[c]) * f[c]);
+          } else {
+            for (int64_t c = 0; c < v.C; ++c) y[c * v.sC] = static_cast<scalar_t>(static_cast<acc_t>(y[c * v.sC]) * f[c]);
+          }
         } else {
           for (int64_t c = 0; c < v.C; ++c) scale(op + v.at(b, o, c, 0), v.I, v.sI, sc[c]);
         }
@@ -367,7 +389,7 @@ void check_args(const torch::Tensor& t, int64_t n, int64_t m) {
 
 }  // namespace
 
-// g4, out4: (B, O, C, I) views of g and of a tensor like it; rnd: float32 keys or uniforms (or empty).
+// g4, out4: (B, O, C, I) views of g and of a tensor like it; rnd: int64 words of draws (or empty).
 void prune_grad(torch::Tensor g4, torch::Tensor out4, int64_t n, int64_t m, int64_t method, torch::Tensor rnd,
                 double eps, bool row) {
   check_args(g4, n, m);
@@ -375,9 +397,9 @@ void prune_grad(torch::Tensor g4, torch::Tensor out4, int64_t n, int64_t m, int6
   TORCH_CHECK(method >= MAGNITUDE && method <= MVUE, "nm_prune: unknown method code ", method);
   const bool drawn = method == RANDOM || method == RANDOM_UNBIASED || method == MVUE;
   const int64_t need = g4.numel() / (method == MVUE ? m : 1);
-  TORCH_CHECK(!drawn || (rnd.scalar_type() == torch::kFloat32 && rnd.is_contiguous() && rnd.numel() == need),
-              "nm_prune: the draws must be a contiguous float32 tensor of ", need, " entries");
-  const float* r = drawn ? rnd.data_ptr<float>() : nullptr;
+  TORCH_CHECK(!drawn || (rnd.scalar_type() == torch::kInt64 && rnd.is_contiguous() && rnd.numel() == (need + 1) / 2),
+              "nm_prune: the draws must be a contiguous int64 tensor of ", (need + 1) / 2, " words");
+  const int64_t* r = drawn ? rnd.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g4.scalar_type(), "nm_prune", [&] {
     with_m(m, [&](auto mt) {
       prune_impl<scalar_t, decltype(mt)::value>(g4, out4, static_cast<int>(n), static_cast<int>(m), static_cast<int>(method), r,
