@@ -84,7 +84,10 @@ inline void top_n(const key_t (*key)[W], int m_arg, int n, int (*keep)[W]) {
 // The minimum-variance unbiased n-of-m choice of kernels/unbiased.py's _mvue_columns, lane by lane,
 // in its order of operations: water-filling inclusion probabilities, systematic sampling with u.
 // Conditions are combined with & and | (not && and ||) so the lane loops have no branches.
-template <typename acc_t, int MT>
+// STOP: end the water-filling once a round caps nothing. Such a round leaves r and s as they were, so the
+// rounds after it change nothing; for n <= 2 running them is cheaper than the test, whose branch
+// mispredicts and whose lane reduction keeps the rounds from being optimised (measured 7.1 -> 3.8 ns per entry).
+template <typename acc_t, int MT, bool STOP>
 inline void mvue_tile(const acc_t (*__restrict__ x)[W], int m_arg, int n, const acc_t* __restrict__ u,
                       acc_t (*__restrict__ y)[W]) {
   const int m = MT ? MT : m_arg;
@@ -115,7 +118,7 @@ inline void mvue_tile(const acc_t (*__restrict__ x)[W], int m_arg, int n, const 
           capped[j][w] = capped[j][w] | nw;
           grew |= nw;
         }
-      if (!grew) break;
+      if (STOP && !grew) break;
       int nc[W] = {0};
       acc_t t[W] = {0};
       for (int j = 0; j < m; ++j)
@@ -255,7 +258,8 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
     if (method == MVUE) {
       acc_t u[W];
       for (int w = 0; w < W; ++w) u[w] = w < l.count ? static_cast<acc_t>(draw(rnd, l.grp + w * l.grp_step)) : acc_t(0);
-      mvue_tile<acc_t, MT>(x, m, n, u, y);
+      if (n > 2) mvue_tile<acc_t, MT, true>(x, m, n, u, y);
+      else mvue_tile<acc_t, MT, false>(x, m, n, u, y);
     } else {
       int keep[MAXM][W];
       if (method == RANDOM || method == RANDOM_UNBIASED) {
