@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from nmsparse.bench.step import METHODS, StepOptions, run_step_bench, select_methods
+from nmsparse.bench.step import METHODS, StepOptions, _groups, run_step_bench, select_methods
 from nmsparse.bench.step_report import format_result, table
 from nmsparse.cli import main
 
@@ -70,6 +70,27 @@ def test_compiled_steps_count_recompiles_as_integers():
     compiled = [r for r in res["rows"] if r["mode"] == "compile"]
     assert all(r["compiles_warmup"] >= 1 for r in compiled)  # the warm-up compiled each model
     assert "| gpt | compile | fixed-2:4 |" in table(res["rows"]) and "torch.compile backend eager" in res["header"][2]
+
+
+@pytest.mark.slow
+def test_graph_breaking_methods_do_not_recompile_the_others():
+    """SDGP random's per-layer graph breaks once made every other compiled model recompile during the timed steps;
+    it is timed in its own group (own dense baseline, after a Dynamo reset), and one dense row is reported."""
+    opts = StepOptions(models=("gpt",), methods=["fixed-2:4", "sdgp-random-2:4"], compile="on",
+                       compile_backend="eager", **TINY, **FAST)
+    rows = run_step_bench(opts, log=quiet)["rows"]
+    assert [r["method"] for r in rows] == ["dense", "fixed-2:4", "sdgp-random-2:4"]
+    assert [r["recompiles"] for r in rows[:2]] == [0, 0]
+    assert rows[2]["graph_breaks"] > 0
+
+
+def test_methods_are_grouped_for_compile_only():
+    methods = select_methods(["fixed-2:4", "sdgp-*"])
+    assert _groups(methods, "eager") == [methods]
+    assert _groups(methods, "compile") == [
+        ["dense", "fixed-2:4", "sdgp-magnitude-2:4", "sdgp-rescale-2:4"],
+        ["dense", "sdgp-random-2:4", "sdgp-random-unbiased-2:4", "sdgp-mvue-2:4"]]
+    assert _groups(["dense", "fixed-2:4"], "compile") == [["dense", "fixed-2:4"]]
 
 
 def test_methods_are_selected_by_name_or_pattern_with_dense_first():
