@@ -48,10 +48,10 @@ from ..nn import profiling
 from ..nn.config import GradSparsity, SparsityConfig, WeightBlock, WeightNM
 from ..nn.mask_step import attach
 from ..nn.sparsify import sparsify
+from .step_profile import profile_window
 
 __all__ = ["METHODS", "MODELS", "StepOptions", "select_methods", "run_step_bench"]
 
-STEP_SCOPE = "nmsparse.bench.step"
 MODELS = ("resnet18", "gpt")
 MIN_STEPS = 20
 
@@ -225,58 +225,6 @@ def _dynamo_counts() -> tuple[int, int]:
     return counters["frames"]["total"], sum(counters["graph_break"].values())
 
 
-def _tensor_bytes(model, opt) -> int:
-    """Bytes of the storages of parameters, gradients, buffers and optimizer state (each storage once)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    storages = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        storages[(s.data_ptr(), s.nbytes())] = s.nbytes()
-    return sum(storages.values())
-
-
-def _profile(r: _Runner, x, y, steps: int, period: int | None, done: int, eager: bool) -> dict:
-    """Scope shares (eager) and peak tensor bytes over `steps` profiled training steps, after `done` steps.
-
-    The profiler reports a free only for memory allocated while it runs, so one profiled step comes
-    first, uncounted; a periodic method first steps on to a recompute step, so that the mask replaced
-    in the counted window was allocated under the profiler too."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    for _ in range((-done) % period if period else 0):
-        _train_step(r.fn, r.opt, x, y)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _train_step(r.fn, r.opt, x, y)
-        alive = _tensor_bytes(r.model, r.opt)
-        for _ in range(steps):
-            with record_function(STEP_SCOPE):
-                _train_step(r.fn, r.opt, x, y)
-    # from the profiler's raw events (key_averages() would build every event's tree: seconds per step)
-    scopes, allocs = [], []  # (name, start, duration); (time, +bytes allocated / -bytes freed)
-    for e in prof.profiler.kineto_results.events():
-        name = e.name()
-        if name == "[memory]":
-            allocs.append((e.start_ns(), e.nbytes()))
-        elif name == STEP_SCOPE or name in profiling.SCOPES:
-            scopes.append((name, e.start_ns(), e.duration_ns()))
-    first = min((t for name, t, _ in scopes if name == STEP_SCOPE), default=0)  # the counted window's start
-    busy = dict.fromkeys((STEP_SCOPE,) + profiling.SCOPES, 0)
-    for name, t, duration in scopes:
-        busy[name] += duration if t >= first else 0
-    shares = None
-    if eager and busy[STEP_SCOPE] > 0:
-        shares = {s: busy[s] / busy[STEP_SCOPE] for s in profiling.SCOPES}
-        shares["rest"] = max(0.0, 1.0 - sum(shares.values()))
-    now = peak = 0
-    for t, nbytes in sorted(allocs, key=lambda a: a[0]):
-        if t >= first:
-            now += nbytes
-            peak = max(peak, now)
-    return {"shares": shares, "peak_bytes": alive + peak, "profiled_steps": steps}
-
-
 def _runners(kind, base, methods, mode, o: StepOptions, sparsify_s: dict) -> list[_Runner]:
     out = []
     for name in methods:
@@ -328,7 +276,8 @@ def _run_mode(kind, base, x, y, mode, steps, o: StepOptions, sparsify_s, log, me
         if o.profile_steps:
             for r in runners:
                 period = o.recompute_every if r.method.periodic else None
-                r.profile = _profile(r, x, y, period or o.profile_steps, period, o.warmup + steps, not compiled)
+                r.profile = profile_window(lambda r=r: _train_step(r.fn, r.opt, x, y), r.model, r.opt,
+                                           period or o.profile_steps, period, o.warmup + steps, not compiled)
     return runners
 
 
