@@ -56,7 +56,8 @@ class _Masked(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return multiply(grad, mask), None
+        with scope(MASKING):  # the profile's "masking" share counts the backward pass too
+            return multiply(grad, mask), None
 
 
 def multiply(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
