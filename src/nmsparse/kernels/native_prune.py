@@ -42,8 +42,10 @@ def native_prune_error() -> str | None:
 
 
 def _plain(*tensors: torch.Tensor) -> bool:
-    """Plain tensors only: a subclass (FakeTensor while tracing, DTensor) has no data for C++ to read."""
-    return all(type(t) is torch.Tensor for t in tensors)
+    """Plain tensors and Parameters only: another subclass (FakeTensor while tracing, DTensor) has no data for C++
+    to read. (A Parameter does: SR-STE's backward gets the layer's weight Parameter, and refusing it sent every
+    SR-STE backward to the torch path's three passes.)"""
+    return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
 
 def _applies(x: torch.Tensor, m: int) -> bool:
