@@ -19,7 +19,7 @@ import torch
 from ._extensions import NativeExtension
 from .draws import draw_words
 
-__all__ = ["prune_grad_native", "prune_grad_op", "nm_mask_native", "masked_weight_native", "srste_grad_native",
+__all__ = ["prune_grad_native", "prune_grad_op", "kernel_takes", "nm_mask_native", "masked_weight_native", "srste_grad_native",
            "native_prune_available", "native_prune_error", "MAX_M"]
 
 MAX_M = 32
@@ -48,9 +48,14 @@ def _plain(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
 
+def kernel_takes(x: torch.Tensor, m: int) -> bool:
+    """Whether the kernel can prune x in groups of m (device, dtype, m, non-empty, no autograd through x): also
+    what decides, under torch.compile, whether the custom op ``prune_grad_op`` stands in for the torch path."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and m <= MAX_M and x.numel() > 0 and not x.requires_grad
+
+
 def _applies(x: torch.Tensor, m: int) -> bool:
-    return (x.device.type == "cpu" and x.dtype in DTYPES and m <= MAX_M and x.numel() > 0 and _plain(x)
-            and not x.requires_grad and not torch.compiler.is_compiling())
+    return kernel_takes(x, m) and _plain(x) and not torch.compiler.is_compiling()
 
 
 def _bock(t: torch.Tensor, d: int) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ import torch
 
 from . import reference
 from .dispatch import Dispatcher, default_dispatcher, use_triton
-from .native_prune import DTYPES as NATIVE_DTYPES, MAX_M as NATIVE_MAX_M, prune_grad_native, prune_grad_op
+from .native_prune import kernel_takes, prune_grad_native, prune_grad_op
 from .semi_structured import SPARSE_DTYPES, is_available
 
 __all__ = ["prune_grad_fast", "tile24_prune_grad", "sdgp_linear_dx", "sparse24_applies",
@@ -61,8 +61,7 @@ def prune_grad_fast(g: torch.Tensor, n: int, m: int, method: str, dim: int,
     "random" draws from the kernel's Philox stream seeded by ``generator.initial_seed()``
     (reproducible from the layer's (seed, step), but not the same choice as torch's stream).
     """
-    if (torch.compiler.is_compiling() and g.device.type == "cpu" and method in ("magnitude", "rescale")
-            and not g.requires_grad and g.numel() and n < m <= NATIVE_MAX_M and g.dtype in NATIVE_DTYPES):
+    if torch.compiler.is_compiling() and method in ("magnitude", "rescale") and n < m and kernel_takes(g, m):
         return prune_grad_op(g, n, m, method, dim, eps)  # opaque to the compiler: the C++ kernel at run time
     if method not in TRITON_METHODS or g.requires_grad or torch.compiler.is_compiling():
         return None

@@ -41,7 +41,9 @@ class _StraightThrough(torch.autograd.Function):
             w, mask = ctx.saved_tensors
             with scope(MASKING):
                 fused = srste_grad_native(grad, w, mask, ctx.decay)  # one pass on the CPU
-                grad = grad + ctx.decay * w.masked_fill(mask, 0) if fused is None else fused
+                if fused is None:
+                    fused = grad + ctx.decay * w.masked_fill(mask, 0)
+                grad = fused
         return grad, None, None
 
 

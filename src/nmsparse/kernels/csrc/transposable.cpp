@@ -335,7 +335,7 @@ torch::Tensor transposable_exact(torch::Tensor w, int64_t n, int64_t m) {
 // its column hold fewer than n; a tile stops once it holds n * m.
 // Sort keys: a float32 magnitude packs with its position into one 64-bit integer (the bits of a
 // non-negative float order as the float does; the inverted position breaks ties to the lower one), so
-// one std::sort of integers orders a tile; float64 magnitudes sort as (magnitude, position) pairs.
+// a tile sorts as integers (sort_keys); float64 magnitudes sort as (magnitude, position) pairs.
 struct DKey {
   double a;
   int idx;
