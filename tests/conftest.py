@@ -46,3 +46,28 @@ def no_matplotlib(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError):
         import matplotlib  # noqa: F401
+
+
+M32 = 0xFFFFFFFF
+
+
+def plain_hash32(x: int) -> int:
+    """kernels.draws' 32-bit mix in its textbook form, on Python integers (an independent reference)."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & M32
+    x ^= x >> 15
+    x = (x * 0xD35A2D97) & M32
+    return x ^ (x >> 15)
+
+
+def plain_uniform(key: int, e: int) -> float:
+    """Uniform number e of `key` on the CPU: the top 24 bits of two rounds of the mix, over 2**24."""
+    x = plain_hash32((e & M32) ^ (key & M32))
+    x = plain_hash32(x ^ (e >> 32) ^ (key >> 32))
+    return (x >> 8) / 2**24
+
+
+def plain_uniforms(count: int, seed: int) -> list[float]:
+    """The `count` uniforms a CPU call draws from a generator seeded with `seed`: one word of it is the key."""
+    key = int(torch.empty((), dtype=torch.int64).random_(generator=torch.Generator().manual_seed(seed)))
+    return [plain_uniform(key, e) for e in range(count)]

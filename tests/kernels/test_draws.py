@@ -1,4 +1,5 @@
-"""The random methods' uniforms (kernels.draws): the word-to-uniform rule, range, reproducibility, uniformity."""
+"""The random methods' uniforms (kernels.draws): the hash against plain integers, range, reproducibility,
+one generator word per call, uniformity and independence."""
 
 import math
 
@@ -6,16 +7,26 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmsparse.kernels.draws import draw_words, uniforms, words_to_uniforms
+from conftest import M32, plain_hash32, plain_uniform
+from nmsparse.kernels.draws import draw_key, hash32, hashed_uniforms, uniforms
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, M32), min_size=1, max_size=50))
+def test_hash32_matches_plain_integers(xs):
+    assert hash32(torch.tensor(xs, dtype=torch.int64)).tolist() == [plain_hash32(x) for x in xs]
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.integers(-2**63, 2**63 - 1), min_size=1, max_size=20), st.data())
-def test_words_to_uniforms_takes_bits_0_23_then_24_47(words, data):
-    count = data.draw(st.integers(0, 2 * len(words)))
-    got = words_to_uniforms(torch.tensor(words, dtype=torch.int64), count)
-    want = [((w % 2**64) >> shift & 0xFFFFFF) / 2**24 for w in words for shift in (0, 24)][:count]
-    assert got.dtype == torch.float32 and got.tolist() == want
+@given(st.integers(0, 2**63 - 1), st.integers(0, 40), st.integers(0, 2**40))
+def test_hashed_uniforms_match_plain_integers(key, count, start):
+    got = hashed_uniforms(key, count, start=start)
+    assert got.dtype == torch.float32
+    assert got.tolist() == [plain_uniform(key, e) for e in range(start, start + count)]
+
+
+def test_hash32_is_a_bijection_on_a_million_counters():
+    out = hash32(torch.arange(1 << 20, dtype=torch.int64) ^ 0x5BD1E995)
+    assert out.unique().numel() == 1 << 20 and int(out.min()) >= 0 and int(out.max()) <= M32
 
 
 @given(st.lists(st.integers(1, 5), min_size=0, max_size=3), st.integers(0, 2**31 - 1))
@@ -26,25 +37,35 @@ def test_cpu_uniforms_shape_range_and_reproducibility(shape, seed):
     assert bool(((a >= 0) & (a < 1)).all())
 
 
-def test_cpu_uniforms_advance_the_generator_by_their_words():
+def test_a_call_takes_one_word_of_the_generator():
     gen = torch.Generator().manual_seed(3)
     first = uniforms((5,), gen, "cpu")
-    second = uniforms((5,), gen, "cpu")
-    assert not torch.equal(first, second)
-    words = draw_words(10, torch.Generator().manual_seed(3))  # 5 words: 3 then 3 (the odd count rounds up)
-    assert words.shape == (5,)
-    assert torch.equal(first, words_to_uniforms(words[:3], 5))
+    second = uniforms((1000,), gen, "cpu")
+    words = torch.empty(2, dtype=torch.int64).random_(generator=torch.Generator().manual_seed(3)).tolist()
+    assert torch.equal(first, hashed_uniforms(words[0], 5)) and torch.equal(second, hashed_uniforms(words[1], 1000))
+    assert draw_key(torch.Generator().manual_seed(3)) == words[0]
+    assert not torch.equal(first, second[:5])
 
 
-def test_cpu_uniforms_are_uniform():
-    """Kolmogorov-Smirnov distance to U[0, 1) of 200k draws (critical value at 1e-6: 2.7 / sqrt(n)),
-    and the two halves of each word independent (their correlation within 5 standard errors)."""
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    return ((a * b).mean() / (a.std() * b.std())).item()
+
+
+def test_cpu_uniforms_are_uniform_and_independent():
+    """Kolmogorov-Smirnov distance to U[0, 1) of 200k draws (critical value at 1e-6: 2.7 / sqrt(n)); neighbours
+    uncorrelated, and the streams of neighbouring keys (consecutive steps' generators) too (within 5 standard errors)."""
     n = 200_000
     u = uniforms((n,), torch.Generator().manual_seed(0), "cpu").double()
     s, _ = u.sort()
     grid = torch.arange(1, n + 1, dtype=torch.float64) / n
     ks = torch.maximum((grid - s).abs().max(), (s - (grid - 1 / n)).abs().max()).item()
     assert ks < 2.7 / math.sqrt(n)
-    lo, hi = u[0::2] - 0.5, u[1::2] - 0.5
-    corr = (lo * hi).mean() / (lo.std() * hi.std())
-    assert abs(corr.item()) < 5 / math.sqrt(n / 2)
+    assert abs(_corr(u[:-1], u[1:])) < 5 / math.sqrt(n)
+    assert abs(_corr(u[0::2], u[1::2])) < 5 / math.sqrt(n / 2)
+    for key in (0, 1, 2**32, 12345):
+        a, b = hashed_uniforms(key, n).double(), hashed_uniforms(key + 1, n).double()
+        assert abs(_corr(a, b)) < 5 / math.sqrt(n)
+    # the 4 entries of a 2:4 group: each position is the largest equally often
+    top = hashed_uniforms(7, 4 * n).view(n, 4).argmax(1).bincount(minlength=4).double() / n
+    assert (top - 0.25).abs().max().item() < 5 * math.sqrt(0.25 * 0.75 / n)

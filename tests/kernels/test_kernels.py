@@ -567,3 +567,21 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     with pytest.warns(RuntimeWarning, match="stale build lock"):
         assert clear_stale_lock(lock)
     assert not lock.exists() and not clear_stale_lock(lock)
+
+
+def test_a_failed_build_reports_the_compilers_error(monkeypatch):
+    """torch's build error ends in "ninja: build stopped: subcommand failed"; the reason kept names the error."""
+    from nmsparse.kernels import _extensions
+
+    log = ("[1/2] c++ -c x.cpp\nFAILED: x.o\nx.cpp:147:23: error: invalid 'static_cast' from type 'int'\n"
+           "x.cpp:150:1: error: expected ';'\nninja: build stopped: subcommand failed.")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(log)
+
+    monkeypatch.setattr(_extensions, "build_extension", fail)
+    monkeypatch.delenv("NMSPARSE_NO_NATIVE", raising=False)
+    ext = _extensions.NativeExtension("nmsparse_test", ["x.cpp"])
+    assert ext.load() is None and ext.load() is None
+    assert ext.error.startswith("RuntimeError: x.cpp:147:23: error: invalid 'static_cast'")
+    assert "x.cpp:150:1: error" in ext.error and ext.error.endswith("subcommand failed.")

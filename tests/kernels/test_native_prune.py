@@ -43,7 +43,9 @@ def _agree(ref, out, method, m, dtype):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,d", [((4, 8, 5, 3), 1), ((6, 16), 1), ((3, 5, 24), 2), ((16, 3), 0),
-                                     ((32,), 0), ((2, 16, 3, 3), 1)])
+                                     ((32,), 0), ((2, 16, 3, 3), 1),
+                                     # rows of whole 8-group tiles and a partial one (the transposing gather)
+                                     ((5, 80), 1), ((2, 3, 144), 2)])
 @pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (4, 8), (3, 8), (5, 16)])
 def test_equals_the_torch_path(method, dtype, shape, d, n, m):
     if shape[d] % m:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 
-from conftest import FLOAT_DTYPES
+from conftest import FLOAT_DTYPES, plain_uniforms
 from nmsparse import GradSparsity
 from nmsparse.kernels.unbiased import (mvue_grouped, mvue_probabilities, mvue_variance,
                                        random_unbiased_variance)
@@ -46,10 +46,8 @@ def ref_mvue_group(group, n, u):
 
 def uniforms(groups, seed):
     """The uniforms "mvue" draws on the CPU from a generator seeded with `seed`: one per group, channels-last
-    order; two per 64-bit word of the generator, its bits 0-23 and 24-47 over 2**24 (kernels.draws)."""
-    words = torch.empty((groups + 1) // 2, dtype=torch.int64).random_(generator=torch.Generator().manual_seed(seed))
-    vals = [((w >> shift) & 0xFFFFFF) / 2**24 for w in words.tolist() for shift in (0, 24)]
-    return torch.tensor(vals[:groups], dtype=torch.float32)
+    order, hashed from one word of the generator (kernels.draws; conftest.plain_uniforms)."""
+    return torch.tensor(plain_uniforms(groups, seed), dtype=torch.float32)
 
 
 @st.composite

@@ -98,7 +98,9 @@ class NativeExtension:
             try:
                 self.module = build_extension(self.name, self.sources, flags, self.extra_ldflags)
             except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
-                msg = str(e).strip()
-                self.error = f"{type(e).__name__}: {msg.splitlines()[-1] if msg else e}"
+                # the compiler's first errors and torch's last line ("ninja: build stopped" alone says nothing)
+                lines = str(e).strip().splitlines() or [repr(e)]
+                first = [ln.strip() for ln in lines[:-1] if "error" in ln.lower()][:3]
+                self.error = f"{type(e).__name__}: {' | '.join(first + [lines[-1]])}"
                 self.module = None
             return self.module

@@ -2,7 +2,7 @@
 
 The torch path runs a method as a dozen whole-tensor passes; the kernel reads each group of m once and
 decides it in registers. Same values as the torch path (``kernels.reference.prune_checked``,
-``patterns.nm.nm_mask``): the random methods and mvue read the same words of the same generator
+``patterns.nm.nm_mask``): the random methods and mvue hash the same key from the same generator
 (``kernels.draws``), and only rescale's plane sums are added in another order (its scale
 may differ in the last bit). Each function returns None where the kernel does not apply (not a CPU
 tensor, m above 32, autograd through the input, torch.compile tracing, a layout it cannot view
@@ -17,7 +17,7 @@ import math
 import torch
 
 from ._extensions import NativeExtension
-from .draws import draw_words
+from .draws import draw_key
 
 __all__ = ["prune_grad_native", "prune_grad_op", "kernel_takes", "nm_mask_native", "masked_weight_native", "srste_grad_native",
            "native_prune_available", "native_prune_error", "MAX_M"]
@@ -27,8 +27,9 @@ _CODES = {"magnitude": 0, "random": 1, "rescale": 2, "random-unbiased": 3, "mvue
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # what the kernel takes
 
 # -ffp-contract=off: no fused multiply-add, so the float arithmetic rounds as the torch path's does.
+# -Wno-psabi: the float64 lane vectors (64 bytes) stay inside the file, so the note on their ABI does not apply.
 _extension = NativeExtension("nmsparse_nm_prune", ["nm_prune.cpp"], extra_ldflags=["-fopenmp"],
-                             extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"])
+                             extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-Wno-psabi"])
 
 
 def native_prune_available() -> bool:
@@ -85,12 +86,9 @@ def prune_grad_native(g: torch.Tensor, n: int, m: int, method: str, d: int,
     g4, o4 = _bock(g, d), _bock(out, d)
     if g4 is None or o4 is None or g4.stride() != o4.stride():
         return None
-    if method in ("random", "random-unbiased", "mvue"):  # one uniform per entry, or per group (mvue)
-        rnd = draw_words(g.numel() // (m if method == "mvue" else 1), generator)
-    else:
-        rnd = torch.empty(0, dtype=torch.int64)
+    key = draw_key(generator) if method in ("random", "random-unbiased", "mvue") else 0  # one word per call
     row = g.dim() == 1 or (g.dim() == 2 and d == 1)  # no plane dims: rescale scales each sample's whole row
-    _extension.module.prune_grad(g4, o4, n, m, _CODES[method], rnd, float(eps), row)
+    _extension.module.prune_grad(g4, o4, n, m, _CODES[method], key, float(eps), row)
     return out
 
 

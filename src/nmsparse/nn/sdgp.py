@@ -43,8 +43,8 @@ def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: 
 
     Groups follow the logical channel dim at every sample and spatial position, so NCHW and
     channels_last give the same values. "magnitude" keeps the n largest |g|; "random" keeps n
-    positions drawn from `generator` (on the CPU two 24-bit uniforms per 64-bit word of it:
-    ``kernels.draws``); "rescale" is magnitude, then each (sample, channel) plane
+    positions drawn from `generator` (on the CPU one 64-bit word of it per call keys a counter-based
+    hash: ``kernels.draws``); "rescale" is magnitude, then each (sample, channel) plane
     (dim 0 x `dim`, over all other dims) is scaled by sum|g| / (sum|pruned g| + eps) to keep
     its L1 norm. With no such spatial dims (a Linear on (batch, features)) rescale scales each
     sample's row over all its channels instead; for a 1-D g, the whole vector. Every group that

@@ -7,9 +7,9 @@
 //
 // Layout: the caller views the tensor as (B, O, C, I) with any strides (channels are dim 2, grouped
 // by m consecutive channels; B is the sample dim that rescale's planes keep, O and I the other dims
-// before and after the channels). Random draws come from the caller as int64 words of the layer's
-// generator, two 24-bit uniforms per word (kernels/draws.py, which the torch path converts the same
-// way: see draw), numbered in the channels-last order of the torch path: entry (b, o, c, i) -> ((b*O + o)*I + i)*C + c, group (b, o, g, i) -> ((b*O + o)*I + i)*G + g.
+// before and after the channels). Random draws are hashes of (the caller's key, a counter): one word of
+// the layer's generator per call (kernels/draws.py, which the torch path computes the same way: see draw),
+// numbered in the channels-last order of the torch path: entry (b, o, c, i) -> ((b*O + o)*I + i)*C + c, group (b, o, g, i) -> ((b*O + o)*I + i)*G + g.
 //
 // Every method gives the torch path's values exactly (same keys, same tie rule: equal keys go to
 // the earlier position; NaN ranks as +inf; float32 arithmetic, float64 for float64 tensors, in the
@@ -22,10 +22,15 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -57,11 +62,21 @@ inline acc_t magnitude_key(acc_t x) {
 // int, not bool: a select between floats on a byte-wide flag stays scalar (5x slower, measured).
 constexpr int W = 8;  // one AVX2 vector of floats: 16 measured slower (larger unrolled code)
 
-// Uniform number e of the caller's words: bits 0-23 (e even) or 24-47 (e odd) of word e / 2, times 2^-24
-// (exact in float32; kernels/draws.py words_to_uniforms).
-inline float draw(const int64_t* words, int64_t e) {
-  const uint64_t bits = static_cast<uint64_t>(words[e >> 1]) >> ((e & 1) * 24);
-  return static_cast<float>(bits & 0xFFFFFF) * (1.0f / 16777216.0f);
+// kernels/draws.py hash32: a bijective mix of 32-bit words (uint32 arithmetic, so the lanes vectorize).
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21f0aaadu;
+  x ^= x >> 15;
+  x *= 0xd35a2d97u;
+  return x ^ (x >> 15);
+}
+
+// Uniform number e of `key`: hash32(hash32(lo(e) ^ lo(key)) ^ hi(e) ^ hi(key)), its top 24 bits times 2^-24
+// (exact in float32; kernels/draws.py hashed_uniforms). Through int32: AVX2 converts signed ints only.
+inline float draw(uint64_t key, uint64_t e) {
+  uint32_t x = hash32(static_cast<uint32_t>(e) ^ static_cast<uint32_t>(key));
+  x = hash32(x ^ static_cast<uint32_t>(e >> 32) ^ static_cast<uint32_t>(key >> 32));
+  return static_cast<float>(static_cast<int32_t>(x >> 8)) * (1.0f / 16777216.0f);
 }
 
 template <typename scalar_t>
@@ -81,91 +96,100 @@ inline void top_n(const key_t (*key)[W], int m_arg, int n, int (*keep)[W]) {
   }
 }
 
+// The W lanes of a tile as one vector (GCC/Clang vector extensions): the mvue tile keeps its state in
+// registers. Written as lane loops over [m][W] arrays, the compiler vectorized some loops 16 bytes wide and
+// others 32, and every 32-byte load of a row stored as two 16-byte halves stalled (store forwarding).
+template <typename acc_t>
+struct Lane {
+  typedef acc_t V __attribute__((vector_size(W * sizeof(acc_t))));
+  using M = decltype(V{} < V{});  // a lane mask: -1 or 0, integers as wide as acc_t
+  static V load(const acc_t* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
+  static void store(acc_t* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static V splat(acc_t x) { return V{} + x; }
+  static V ceil(V v) {
+#ifdef __AVX__
+    if constexpr (std::is_same<acc_t, float>::value && sizeof(V) == 32)
+      return (V)_mm256_round_ps((__m256)v, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+#endif
+    for (int w = 0; w < W; ++w) v[w] = std::ceil(v[w]);
+    return v;
+  }
+  static bool any(M m) {
+    bool out = false;
+    for (int w = 0; w < W; ++w) out |= m[w] != 0;
+    return out;
+  }
+};
+
 // The minimum-variance unbiased n-of-m choice of kernels/unbiased.py's _mvue_columns, lane by lane,
 // in its order of operations: water-filling inclusion probabilities, systematic sampling with u.
-// Conditions are combined with & and | (not && and ||) so the lane loops have no branches.
 // STOP: end the water-filling once a round caps nothing. Such a round leaves r and s as they were, so the
-// rounds after it change nothing; for n <= 2 running them is cheaper than the test, whose branch
-// mispredicts and whose lane reduction keeps the rounds from being optimised (measured 7.1 -> 3.8 ns per entry).
+// rounds after it change nothing; for n <= 2 running them is cheaper than the test (a branch that mispredicts).
 template <typename acc_t, int MT, bool STOP>
-inline void mvue_tile(const acc_t (*__restrict__ x)[W], int m_arg, int n, const acc_t* __restrict__ u,
+inline void mvue_tile(const acc_t (*__restrict__ x)[W], int m_arg, int n, const acc_t* __restrict__ u_in,
                       acc_t (*__restrict__ y)[W]) {
+  using L = Lane<acc_t>;
+  using V = typename L::V;
+  using M = typename L::M;
   const int m = MT ? MT : m_arg;
-  acc_t a[MAXM][W];
-  int fin[MAXM][W], capped[MAXM][W];
-  int nz[W] = {0};
-  for (int j = 0; j < m; ++j)
-    for (int w = 0; w < W; ++w) {
-      const acc_t v = std::abs(x[j][w]);
-      fin[j][w] = finite(v);
-      a[j][w] = fin[j][w] ? v : acc_t(0);
-      nz[w] += a[j][w] > 0;
-      capped[j][w] = false;
-    }
-  int few[W];
-  acc_t s[W], r[W];
-  for (int w = 0; w < W; ++w) { few[w] = nz[w] <= n; s[w] = a[0][w]; r[w] = acc_t(n); }
-  for (int j = 1; j < m; ++j)
-    for (int w = 0; w < W; ++w) s[w] += a[j][w];
+  constexpr int MA = MT ? MT : MAXM;  // arrays of the constant size stay in registers
+  const V zero = V{}, one = L::splat(1), nv = L::splat(acc_t(n));
+  const M no_sign = M{} + std::numeric_limits<std::remove_reference_t<decltype(M{}[0])>>::max();
+  V a[MA];
+  M fin[MA], capped[MA];
+  M nz = M{};
+  for (int j = 0; j < m; ++j) {
+    const V v = L::load(x[j]);
+    const V av = (V)((M)v & no_sign);  // |x| as std::abs: the sign bit cleared (NaN stays NaN, fails the test below)
+    fin[j] = av <= L::splat(std::numeric_limits<acc_t>::max());
+    a[j] = fin[j] ? av : zero;
+    nz -= a[j] > zero;  // a true mask is -1
+    capped[j] = M{};
+  }
+  const M few = nz <= M{} + n;
+  V s = a[0], r = nv;
+  for (int j = 1; j < m; ++j) s += a[j];
   if (n > 1) {  // with n = 1, c * a_i = a_i / S <= 1: nothing is ever capped
     for (int round = 0; round < n; ++round) {
-      acc_t c[W];
-      int grew = 0;
-      for (int w = 0; w < W; ++w) c[w] = r[w] / s[w];
-      for (int j = 0; j < m; ++j)
-        for (int w = 0; w < W; ++w) {
-          const int nw = (!capped[j][w]) & (!few[w]) & (a[j][w] * c[w] > acc_t(1));
-          capped[j][w] = capped[j][w] | nw;
-          grew |= nw;
-        }
-      if (STOP && !grew) break;
-      int nc[W] = {0};
-      acc_t t[W] = {0};
-      for (int j = 0; j < m; ++j)
-        for (int w = 0; w < W; ++w) {
-          nc[w] += capped[j][w];
-          const acc_t aj = a[j][w];
-          t[w] += capped[j][w] ? acc_t(0) : aj;
-        }
-      for (int w = 0; w < W; ++w) { r[w] = acc_t(n - nc[w]); s[w] = t[w]; }
+      const V c = r / s;
+      M grew = M{};
+      for (int j = 0; j < m; ++j) {
+        const M nw = ~capped[j] & ~few & (a[j] * c > one);
+        capped[j] |= nw;
+        grew |= nw;
+      }
+      if (STOP && !L::any(grew)) break;
+      V nc = zero, t = zero;
+      for (int j = 0; j < m; ++j) {
+        nc += capped[j] ? one : zero;
+        t += capped[j] ? zero : a[j];
+      }
+      r = nv - nc;
+      s = t;
     }
   }
-  acc_t ratio[W], mag[W], cum[W], prev[W];
-  int last[W];
-  for (int w = 0; w < W; ++w) {
-    const acc_t rw = r[w], sw = s[w];  // values, not conditional loads: those keep a loop scalar
-    r[w] = few[w] ? acc_t(0) : rw;
-    const bool pos_r = r[w] > 0;
-    const acc_t rs = r[w] / sw, sr = sw / r[w];  // computed in every lane, then selected
-    ratio[w] = pos_r ? rs : acc_t(0);
-    mag[w] = pos_r ? sr : acc_t(0);
-    last[w] = -1;
-    cum[w] = acc_t(0);
-    prev[w] = std::ceil(-u[w]);
+  r = few ? zero : r;
+  const M pos_r = r > zero;
+  const V ratio = pos_r ? r / s : zero, mag = pos_r ? s / r : zero;  // computed in every lane, then selected
+  const V u = L::load(u_in);
+  V q[MA];
+  M last = M{} - 1;
+  for (int j = 0; j < m; ++j) {
+    q[j] = (capped[j] | few) ? zero : a[j] * ratio;
+    last = q[j] > zero ? M{} + j : last;
   }
-  acc_t q[MAXM][W];
-  for (int j = 0; j < m; ++j)
-    for (int w = 0; w < W; ++w) {
-      const acc_t p = a[j][w] * ratio[w];
-      q[j][w] = (capped[j][w] | few[w]) ? acc_t(0) : p;
-      const int lw = last[w];
-      last[w] = q[j][w] > 0 ? j : lw;
-    }
-  for (int j = 0; j < m; ++j)
-    for (int w = 0; w < W; ++w) {
-      cum[w] += q[j][w];
-      const acc_t rw = r[w], cw = cum[w];
-      const acc_t end = cw < rw ? cw : rw;  // min(cum, r) as torch.minimum (no NaN here)
-      const acc_t now = std::ceil((last[w] <= j ? rw : end) - u[w]);
-      const acc_t pv = prev[w], qv = q[j][w];
-      const acc_t drawn = (now > pv) & (qv > 0) ? acc_t(1) : acc_t(0);
-      prev[w] = now;
-      const acc_t g = x[j][w];
-      const acc_t sign = g > 0 ? acc_t(1) : (g < 0 ? acc_t(-1) : acc_t(0));
-      const int keep = capped[j][w] | few[w] | !fin[j][w];
-      const acc_t drawn_v = sign * mag[w] * drawn;
-      y[j][w] = keep ? g : drawn_v;
-    }
+  V cum = zero, prev = L::ceil(-u);
+  for (int j = 0; j < m; ++j) {
+    cum += q[j];
+    const V end = cum < r ? cum : r;  // min(cum, r) as torch.minimum (no NaN here)
+    const V now = L::ceil((last <= j ? r : end) - u);
+    const M drawn = (now > prev) & (q[j] > zero);
+    prev = now;
+    const V g = L::load(x[j]);
+    const V sign = g > zero ? one : (g < zero ? -one : zero);
+    const M keep = capped[j] | few | ~fin[j];
+    L::store(y[j], keep ? g : sign * mag * (drawn ? one : zero));
+  }
 }
 
 // A tile: `count` groups side by side, lane w's group starting at element off + w * step, its first
@@ -177,10 +201,55 @@ struct Lanes {
   int64_t at(int w, int j, int64_t sC) const { return off + w * step + j * sC; }
 };
 
-// x[j][w] = p[lane w's entry j] as acc_t (zero beyond count); contiguous loads when the lanes are adjacent.
+#ifdef __AVX__
+// 8 groups of 4 floats in a row (q[4w + j]) to x[j][w] and back, in registers: one 32-byte store per x[j]. The
+// compiler's own transpose stores 16-byte halves, which the 32-byte loads of the lane loops then cannot take
+// from the store buffer (a store-forwarding stall per row: most of a 2:4 Linear prune's time, measured).
+inline void transpose_8x4_in(const float* q, float (*x)[W]) {
+  const __m256 a0 = _mm256_loadu_ps(q), a1 = _mm256_loadu_ps(q + 8), a2 = _mm256_loadu_ps(q + 16),
+               a3 = _mm256_loadu_ps(q + 24);                       // groups (0|1), (2|3), (4|5), (6|7)
+  const __m256 v0 = _mm256_permute2f128_ps(a0, a2, 0x20), v1 = _mm256_permute2f128_ps(a0, a2, 0x31),
+               v2 = _mm256_permute2f128_ps(a1, a3, 0x20), v3 = _mm256_permute2f128_ps(a1, a3, 0x31);  // (0|4) .. (3|7)
+  const __m256 t0 = _mm256_unpacklo_ps(v0, v1), t1 = _mm256_unpackhi_ps(v0, v1), t2 = _mm256_unpacklo_ps(v2, v3),
+               t3 = _mm256_unpackhi_ps(v2, v3);
+  _mm256_storeu_ps(x[0], _mm256_shuffle_ps(t0, t2, 0x44));
+  _mm256_storeu_ps(x[1], _mm256_shuffle_ps(t0, t2, 0xEE));
+  _mm256_storeu_ps(x[2], _mm256_shuffle_ps(t1, t3, 0x44));
+  _mm256_storeu_ps(x[3], _mm256_shuffle_ps(t1, t3, 0xEE));
+}
+
+inline void transpose_4x8_out(const float (*y)[W], float* q) {
+  const __m256 r0 = _mm256_loadu_ps(y[0]), r1 = _mm256_loadu_ps(y[1]), r2 = _mm256_loadu_ps(y[2]),
+               r3 = _mm256_loadu_ps(y[3]);
+  const __m256 u0 = _mm256_unpacklo_ps(r0, r1), u1 = _mm256_unpackhi_ps(r0, r1), u2 = _mm256_unpacklo_ps(r2, r3),
+               u3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 v0 = _mm256_shuffle_ps(u0, u2, 0x44), v1 = _mm256_shuffle_ps(u0, u2, 0xEE),
+               v2 = _mm256_shuffle_ps(u1, u3, 0x44), v3 = _mm256_shuffle_ps(u1, u3, 0xEE);  // (0|4) .. (3|7)
+  _mm256_storeu_ps(q, _mm256_permute2f128_ps(v0, v1, 0x20));
+  _mm256_storeu_ps(q + 8, _mm256_permute2f128_ps(v2, v3, 0x20));
+  _mm256_storeu_ps(q + 16, _mm256_permute2f128_ps(v0, v1, 0x31));
+  _mm256_storeu_ps(q + 24, _mm256_permute2f128_ps(v2, v3, 0x31));
+}
+#endif
+
+// x[j][w] = p[lane w's entry j] as acc_t (zero beyond count); contiguous loads when the lanes are adjacent, and
+// for W whole groups side by side in a row (a Linear gradient) loads and shuffles: the compiler vectorizes the
+// transpose when MT is a constant (with a run-time stride it loads lane by lane).
 template <typename acc_t, int MT, typename scalar_t>
 inline void gather(const scalar_t* p, const Lanes& l, int m_arg, int64_t sC, acc_t (*x)[W]) {
   const int m = MT ? MT : m_arg;
+  if (MT && l.count == W && l.step == MT && sC == 1) {  // W whole groups in a row: a transpose of W * MT values
+    const scalar_t* q = p + l.off;
+#ifdef __AVX__
+    if constexpr (MT == 4 && std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
+      transpose_8x4_in(q, x);
+      return;
+    }
+#endif
+    for (int j = 0; j < m; ++j)
+      for (int w = 0; w < W; ++w) x[j][w] = static_cast<acc_t>(q[w * MT + j]);
+    return;
+  }
   for (int j = 0; j < m; ++j) {
     const scalar_t* q = p + l.off + j * sC;
     if (l.count == W && l.step == 1) {
@@ -195,6 +264,18 @@ inline void gather(const scalar_t* p, const Lanes& l, int m_arg, int64_t sC, acc
 template <int MT, typename out_t, typename val_t>
 inline void scatter(out_t* p, const Lanes& l, int m_arg, int64_t sC, const val_t (*y)[W]) {
   const int m = MT ? MT : m_arg;
+  if (MT && l.count == W && l.step == MT && sC == 1) {
+    out_t* q = p + l.off;
+#ifdef __AVX__
+    if constexpr (MT == 4 && std::is_same<out_t, float>::value && std::is_same<val_t, float>::value) {
+      transpose_4x8_out(y, q);
+      return;
+    }
+#endif
+    for (int j = 0; j < m; ++j)
+      for (int w = 0; w < W; ++w) q[w * MT + j] = static_cast<out_t>(y[j][w]);
+    return;
+  }
   for (int j = 0; j < m; ++j) {
     out_t* q = p + l.off + j * sC;
     if (l.count == W && l.step == 1) {
@@ -233,7 +314,7 @@ void for_tiles(const View& v, int m, int64_t lo, int64_t hi, F&& fn) {
 }
 
 template <typename scalar_t, int MT>
-void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, int method, const int64_t* rnd,
+void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, int method, uint64_t rnd,
                 double eps, bool row) {
   const int m = MT ? MT : m_arg;
   using acc_t = acc_type<scalar_t>;
@@ -257,7 +338,10 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
     gather<acc_t, MT>(gp, l, m, v.sC, x);
     if (method == MVUE) {
       acc_t u[W];
-      for (int w = 0; w < W; ++w) u[w] = w < l.count ? static_cast<acc_t>(draw(rnd, l.grp + w * l.grp_step)) : acc_t(0);
+      for (int w = 0; w < W; ++w) {
+        const acc_t d = static_cast<acc_t>(draw(rnd, static_cast<uint64_t>(l.grp + w * l.grp_step)));
+        u[w] = w < l.count ? d : acc_t(0);
+      }
       if (n > 2) mvue_tile<acc_t, MT, true>(x, m, n, u, y);
       else mvue_tile<acc_t, MT, false>(x, m, n, u, y);
     } else {
@@ -265,7 +349,10 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
       if (method == RANDOM || method == RANDOM_UNBIASED) {
         float key[MAXM][W];
         for (int j = 0; j < m; ++j)
-          for (int w = 0; w < W; ++w) key[j][w] = w < l.count ? draw(rnd, l.key + w * l.key_step + j) : 0.0f;
+          for (int w = 0; w < W; ++w) {
+            const float d = draw(rnd, static_cast<uint64_t>(l.key + w * l.key_step + j));
+            key[j][w] = w < l.count ? d : 0.0f;
+          }
         for (int j = 0; j < m; ++j)
           for (int w = 0; w < W; ++w) {
             const float k = key[j][w];
@@ -393,17 +480,13 @@ void check_args(const torch::Tensor& t, int64_t n, int64_t m) {
 
 }  // namespace
 
-// g4, out4: (B, O, C, I) views of g and of a tensor like it; rnd: int64 words of draws (or empty).
-void prune_grad(torch::Tensor g4, torch::Tensor out4, int64_t n, int64_t m, int64_t method, torch::Tensor rnd,
+// g4, out4: (B, O, C, I) views of g and of a tensor like it; key: the random methods' key (draw).
+void prune_grad(torch::Tensor g4, torch::Tensor out4, int64_t n, int64_t m, int64_t method, int64_t key,
                 double eps, bool row) {
   check_args(g4, n, m);
   TORCH_CHECK(out4.scalar_type() == g4.scalar_type(), "nm_prune: out's dtype differs from g's");
   TORCH_CHECK(method >= MAGNITUDE && method <= MVUE, "nm_prune: unknown method code ", method);
-  const bool drawn = method == RANDOM || method == RANDOM_UNBIASED || method == MVUE;
-  const int64_t need = g4.numel() / (method == MVUE ? m : 1);
-  TORCH_CHECK(!drawn || (rnd.scalar_type() == torch::kInt64 && rnd.is_contiguous() && rnd.numel() == (need + 1) / 2),
-              "nm_prune: the draws must be a contiguous int64 tensor of ", (need + 1) / 2, " words");
-  const int64_t* r = drawn ? rnd.data_ptr<int64_t>() : nullptr;
+  const uint64_t r = static_cast<uint64_t>(key);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g4.scalar_type(), "nm_prune", [&] {
     with_m(m, [&](auto mt) {
       prune_impl<scalar_t, decltype(mt)::value>(g4, out4, static_cast<int>(n), static_cast<int>(m), static_cast<int>(method), r,
