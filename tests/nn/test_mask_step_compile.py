@@ -132,3 +132,47 @@ def test_compiled_cnn_with_inductor():
 def test_import_does_not_load_dynamo():
     code = "import sys, nmsparse; sys.exit('torch._dynamo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _conv_parametrizations(model):
+    return [p for _, _, p, _ in sparse_layers(model) if p is not None]
+
+
+def test_compiled_graphs_read_a_channels_last_copy_of_each_conv_mask_kept_equal_to_it():
+    """Inductor lays convolution weights out channels-last and copied each contiguous bool mask into that layout at
+    every step; the parametrization keeps such a copy (not saved) through every way a mask changes."""
+    torch.manual_seed(0)
+    config = nmsparse.SparsityConfig(weight=nmsparse.WeightNM(2, 4, transposable=True, recompute_every=1))
+    model = nmsparse.sparsify(TinyCNN(), config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    nmsparse.attach(model, opt)
+
+    def agree():
+        convs = 0
+        for p in _conv_parametrizations(model):
+            if p.mask.dim() == 4:
+                convs += 1
+                assert p.mask_cl.is_contiguous(memory_format=torch.channels_last) and p.mask.is_contiguous()
+                assert torch.equal(p.mask_cl, p.mask)
+            else:
+                assert p.mask_cl is None  # the Linear head: nothing to lay out
+        assert convs == 2  # the 3-channel stem cannot be grouped by 4
+
+    agree()
+    before = {k: v.clone() for k, v in nmsparse.weight_masks(model).items()}
+    for step in range(2):  # every step recomputes the masks, in place
+        x, y = batch("cnn", step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.float()), y).backward()
+        opt.step()
+        agree()
+    assert any(not torch.equal(before[k], v) for k, v in nmsparse.weight_masks(model).items())
+    state = model.state_dict()
+    assert not any(k.endswith("mask_cl") for k in state)
+    fresh = nmsparse.sparsify(TinyCNN(), config)
+    fresh.load_state_dict(state)
+    model = fresh
+    agree()
+    copied = copy.deepcopy(fresh)
+    for a, b in zip(_conv_parametrizations(copied), _conv_parametrizations(fresh)):
+        assert (a.mask_cl is None) == (b.mask_cl is None) and (a.mask_cl is None or torch.equal(a.mask_cl, b.mask))

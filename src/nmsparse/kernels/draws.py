@@ -29,26 +29,40 @@ def draw_key(generator: torch.Generator | None = None) -> int:
     return int(torch.empty((), dtype=torch.int64).random_(generator=generator))
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2**32 for x in [0, 2**32), exact in int64: c split in 16-bit halves so no product passes 2**48."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
+def _signed32(c: int) -> int:
+    """The int32 with the bits of c (0 <= c < 2**32)."""
+    return (c ^ 0x80000000) - 0x80000000
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """hash32 of a fresh int32 tensor, in place: int32 products wrap modulo 2**32, and a right shift of a signed
+    int is arithmetic, so each shift is masked to its logical value (the torch path runs this where the kernel
+    cannot; in place, as allocating each pass's result cost more than the arithmetic)."""
+    t = torch.empty_like(x)
+    for shift, mult in ((16, _MULTIPLIERS[0]), (15, _MULTIPLIERS[1]), (15, None)):
+        torch.bitwise_right_shift(x, shift, out=t)
+        x ^= t.bitwise_and_((1 << (32 - shift)) - 1)
+        if mult is not None:
+            x *= _signed32(mult)
+    return x
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
     """The 32-bit mix of each entry of x (int64 in [0, 2**32)): x ^= x >> 16; x *= c0; x ^= x >> 15; x *= c1; x ^= x >> 15."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, _MULTIPLIERS[0])
-    x = x ^ (x >> 15)
-    x = _mul32(x, _MULTIPLIERS[1])
-    return x ^ (x >> 15)
+    return _mix(x.to(torch.int32)).to(torch.int64) & _MASK32
 
 
 def hashed_uniforms(key: int, count: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
     """Uniforms number start .. start + count - 1 of `key` (float32 in [0, 1)), as the kernel computes them."""
-    e = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    x = hash32((e & _MASK32) ^ (key & _MASK32))
-    x = hash32(x ^ (e >> 32) ^ ((key >> 32) & _MASK32))
-    return (x >> (32 - BITS)).to(torch.float32) * (2.0 ** -BITS)  # exact: 24-bit integers and a power of two
+    lo, hi = _signed32(key & _MASK32), _signed32((key >> 32) & _MASK32)
+    if start + count <= 1 << 31:  # every counter fits an int32 (its high word is 0)
+        x = _mix(torch.arange(start, start + count, dtype=torch.int32, device=device) ^ lo)
+        x = _mix(x.bitwise_xor_(hi))
+    else:
+        e = torch.arange(start, start + count, dtype=torch.int64, device=device)
+        x = _mix((e & _MASK32).to(torch.int32) ^ lo)
+        x = _mix(x.bitwise_xor_((e >> 32).to(torch.int32) ^ hi))
+    return ((x >> (32 - BITS)) & ((1 << BITS) - 1)).to(torch.float32) * (2.0 ** -BITS)  # exact: 24-bit integers
 
 
 def uniforms(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

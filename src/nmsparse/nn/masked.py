@@ -85,6 +85,8 @@ class _MaskedWeight(nn.Module):
         super().__init__()
         # 1-D and empty until the first forward, which learns W's (2-D or 4-D) shape.
         self.register_buffer("mask", torch.ones(0, dtype=torch.bool))
+        # A conv mask's channels-last copy, which compiled graphs read (_traced_mask); None for other masks.
+        self.register_buffer("mask_cl", None, persistent=False)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.in_out = False  # W stored (in, out), as transformers' Conv1D: the hooks see W^T (see orient)
         self.pending = True  # the update of `step` may not be in `mask` yet (optimizer mode applies it before use)
@@ -113,7 +115,21 @@ class _MaskedWeight(nn.Module):
         raise NotImplementedError
 
     def _eval_mask(self, w):  # the mask used by a forward that is not a training forward
-        return self._view(self.mask)
+        return self._view(self._traced_mask())
+
+    def _traced_mask(self) -> torch.Tensor:
+        """The mask a forward multiplies by: under torch.compile, a conv mask's channels-last copy. Inductor lays a
+        convolution's weight out channels-last, and with it every 4-D input that feeds one, so it copied each
+        contiguous bool mask into that layout at every step, element by element: ~0.5 s of a 2.6 s ResNet-18 step
+        (measured; ~0.08 s with the copy kept in that layout)."""
+        if self.mask_cl is not None and torch.compiler.is_compiling():
+            return self.mask_cl
+        return self.mask
+
+    def _sync_cl(self) -> None:
+        m = self.mask
+        conv = m.dim() == 4 and m.shape[2] * m.shape[3] > 1  # a 1x1 kernel's mask is channels-last already
+        self.mask_cl = m.contiguous(memory_format=torch.channels_last) if conv else None
 
     def _multiply(self, w, mask):
         return masked_product(w, mask)
@@ -136,13 +152,13 @@ class _MaskedWeight(nn.Module):
                                  f"{tuple(self.mask.shape)} this parametrization was set up for")
             self.check_weight(w.shape)
             self._set(self._view(self._initial(self._view(w))))
-            mask = self.mask
+            mask = self._traced_mask()
         elif self.training and torch.is_grad_enabled():
             if self.steps_by == FORWARD:
                 self._count_forward(w)
             elif self.pending:  # a state saved or switched before its update: once, then forwards read only
                 self._apply_pending(w)
-            mask = self.mask
+            mask = self._traced_mask()
         else:
             with scope(MASK):
                 mask = self.eval_mask(w)
@@ -204,6 +220,8 @@ class _MaskedWeight(nn.Module):
                 new = self._view(self._compute(self._view(_whole(w)))).to(torch.bool)
             if new.shape == self.mask.shape and new.device == self.mask.device:
                 self.mask.copy_(new)  # in place: a compiled graph or a CUDA graph keeps reading the same buffer
+                if self.mask_cl is not None:
+                    self.mask_cl.copy_(new)
             else:
                 self._set(new)
         return counted
@@ -219,6 +237,7 @@ class _MaskedWeight(nn.Module):
     def _set(self, mask: torch.Tensor) -> None:
         # Rebind rather than copy_: a mask saved for a pending backward must not change under it.
         self.mask = mask.to(torch.bool).contiguous()
+        self._sync_cl()
 
     @torch.no_grad()
     def reset_mask(self, w: torch.Tensor) -> torch.Tensor:
@@ -241,6 +260,7 @@ class _MaskedWeight(nn.Module):
         if saved is not None and not self._ready() and saved.shape != self.mask.shape:
             self.mask = torch.empty(saved.shape, dtype=torch.bool, device=self.mask.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._sync_cl()
         if prefix + "step" in state_dict:
             # Saved before or after the update of its step: applying it again from the same W changes nothing.
             self.pending = True
@@ -259,6 +279,9 @@ class _MaskedWeight(nn.Module):
         for name, value in (("pending", True), ("steps_by", FORWARD), ("attached_to", None)):
             self.__dict__.setdefault(name, value)
         self.__dict__.setdefault("_counting_from", int(self.step))
+        if "mask_cl" not in self._buffers:
+            self.register_buffer("mask_cl", None, persistent=False)
+            self._sync_cl()
 
     def extra_repr(self) -> str:
         return self.pattern_name()

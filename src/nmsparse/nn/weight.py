@@ -184,7 +184,7 @@ class NMWeightSparsity(_MaskedWeight):
     def _eval_mask(self, w):
         if self.method != "fixed" and not self.transposable:
             return self._compute(w)
-        return self._view(self.mask)
+        return self._view(self._traced_mask())
 
     def _multiply(self, w, mask):
         if self.method == "fixed":

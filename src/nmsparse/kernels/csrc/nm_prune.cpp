@@ -511,14 +511,14 @@ torch::Tensor masked_weight(torch::Tensor w, torch::Tensor mask) {
   TORCH_CHECK(w.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == torch::kBool &&
               w.sizes() == mask.sizes() && w.device().is_cpu(), "masked_weight: contiguous CPU w and bool mask");
   auto out = torch::empty_like(w);
-  const bool* mk = mask.data_ptr<bool>();
+  const uint8_t* mk = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());  // bytes: a bool select stayed a branch
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, w.numel(), 1 << 16, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i)  // w * 1 or w * 0, as torch multiplies (so inf * 0 is NaN there too)
-        op[i] = static_cast<scalar_t>(static_cast<acc_t>(wp[i]) * static_cast<acc_t>(mk[i] ? 1 : 0));
+        op[i] = static_cast<scalar_t>(static_cast<acc_t>(wp[i]) * static_cast<acc_t>(mk[i]));
     });
   });
   return out;
@@ -529,7 +529,7 @@ torch::Tensor srste_grad(torch::Tensor grad, torch::Tensor w, torch::Tensor mask
               grad.sizes() == w.sizes() && w.sizes() == mask.sizes() && grad.scalar_type() == w.scalar_type() &&
               w.device().is_cpu(), "srste_grad: contiguous CPU grad, w of one dtype and a bool mask");
   auto out = torch::empty_like(grad);
-  const bool* mk = mask.data_ptr<bool>();
+  const uint8_t* mk = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());  // bytes: a bool select stayed a branch
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "srste_grad", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* gp = grad.data_ptr<scalar_t>();
@@ -539,7 +539,8 @@ torch::Tensor srste_grad(torch::Tensor grad, torch::Tensor w, torch::Tensor mask
     at::parallel_for(0, w.numel(), 1 << 16, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         // torch: grad + decay * w.masked_fill(mask, 0), each op rounded to the dtype
-        const scalar_t wv = mk[i] ? scalar_t(0) : wp[i];
+        const scalar_t wl = wp[i];  // loaded in every lane: a conditional load keeps the loop scalar
+        const scalar_t wv = mk[i] ? scalar_t(0) : wl;
         const scalar_t dw = static_cast<scalar_t>(d * static_cast<acc_t>(wv));
         op[i] = static_cast<scalar_t>(static_cast<acc_t>(gp[i]) + static_cast<acc_t>(dw));
       }
