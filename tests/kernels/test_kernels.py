@@ -573,7 +573,8 @@ def test_a_failed_build_reports_the_compilers_error(monkeypatch):
     """torch's build error ends in "ninja: build stopped: subcommand failed"; the reason kept names the error."""
     from nmsparse.kernels import _extensions
 
-    log = ("[1/2] c++ -c x.cpp\nFAILED: x.o\nx.cpp:147:23: error: invalid 'static_cast' from type 'int'\n"
+    log = ("Error building extension 'nmsparse_x': [1/2] c++ -MMD -DTORCH_EXTENSION_NAME=x -O3 -c x.cpp -o x.o\n"
+           "FAILED: x.o\nx.cpp:147:23: error: invalid 'static_cast' from type 'int'\n"
            "x.cpp:150:1: error: expected ';'\nninja: build stopped: subcommand failed.")
 
     def fail(*args, **kwargs):

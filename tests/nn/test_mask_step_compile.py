@@ -176,3 +176,20 @@ def test_compiled_graphs_read_a_channels_last_copy_of_each_conv_mask_kept_equal_
     copied = copy.deepcopy(fresh)
     for a, b in zip(_conv_parametrizations(copied), _conv_parametrizations(fresh)):
         assert (a.mask_cl is None) == (b.mask_cl is None) and (a.mask_cl is None or torch.equal(a.mask_cl, b.mask))
+
+
+def test_loading_a_state_keeps_the_channels_last_buffer_and_a_new_mask_rebinds_it():
+    def built(seed):
+        torch.manual_seed(seed)
+        net = nmsparse.sparsify(TinyCNN(), nmsparse.SparsityConfig(weight=nmsparse.WeightNM(2, 4, method="fixed")))
+        net(torch.randn(2, 3, 6, 6))
+        return net, next(p for p in _conv_parametrizations(net) if p.mask_cl is not None)
+
+    (model, p), (other, q) = built(0), built(1)
+    kept, before = p.mask_cl, p.mask.clone()
+    assert not torch.equal(q.mask, before)
+    model.load_state_dict(other.state_dict())
+    assert torch.equal(p.mask, q.mask)
+    assert p.mask_cl is kept and torch.equal(kept, p.mask)  # copied into: a captured graph reads the same buffer
+    p._set(before)  # as a due update outside advance: rebound, so a pending backward keeps the one it saved
+    assert p.mask_cl is not kept and torch.equal(p.mask_cl, before) and torch.equal(kept, q.mask)

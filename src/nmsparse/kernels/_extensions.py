@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 import warnings
@@ -21,6 +22,7 @@ from typing import Sequence
 import torch
 
 CSRC = Path(__file__).with_name("csrc")
+_DIAGNOSTIC = re.compile(r":\d+(:\d+)?: (fatal )?error:")
 
 
 def arch_flags() -> list[str]:
@@ -98,9 +100,10 @@ class NativeExtension:
             try:
                 self.module = build_extension(self.name, self.sources, flags, self.extra_ldflags)
             except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
-                # the compiler's first errors and torch's last line ("ninja: build stopped" alone says nothing)
+                # the compiler's first diagnostics ("file:line:col: error: ...") and torch's last line ("ninja: build
+                # stopped" alone says nothing; torch's first line, "Error building extension", is the command line)
                 lines = str(e).strip().splitlines() or [repr(e)]
-                first = [ln.strip() for ln in lines[:-1] if "error" in ln.lower()][:3]
+                first = [ln.strip() for ln in lines[:-1] if _DIAGNOSTIC.search(ln)][:3]
                 self.error = f"{type(e).__name__}: {' | '.join(first + [lines[-1]])}"
                 self.module = None
             return self.module

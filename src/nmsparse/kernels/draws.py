@@ -49,7 +49,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
     """The 32-bit mix of each entry of x (int64 in [0, 2**32)): x ^= x >> 16; x *= c0; x ^= x >> 15; x *= c1; x ^= x >> 15."""
-    return _mix(x.to(torch.int32)).to(torch.int64) & _MASK32
+    return _mix(x.to(torch.int32, copy=True)).to(torch.int64) & _MASK32  # a copy: _mix works in place
 
 
 def hashed_uniforms(key: int, count: int, device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:

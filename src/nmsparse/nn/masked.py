@@ -126,10 +126,17 @@ class _MaskedWeight(nn.Module):
             return self.mask_cl
         return self.mask
 
-    def _sync_cl(self) -> None:
-        m = self.mask
-        conv = m.dim() == 4 and m.shape[2] * m.shape[3] > 1  # a 1x1 kernel's mask is channels-last already
-        self.mask_cl = m.contiguous(memory_format=torch.channels_last) if conv else None
+    def _sync_cl(self, in_place: bool = False) -> None:
+        """mask_cl from mask: rebound as _set rebinds mask, or (in_place, for a loaded state) copied into, as advance
+        does, so that a captured graph keeps reading the same buffer."""
+        m, old = self.mask, self.mask_cl
+        if not (m.dim() == 4 and m.shape[2] * m.shape[3] > 1):  # a 1x1 kernel's mask is channels-last already
+            self.mask_cl = None
+        elif in_place and old is not None and old.shape == m.shape and old.device == m.device and \
+                old.data_ptr() != m.data_ptr():
+            old.copy_(m)
+        else:
+            self.mask_cl = m.contiguous(memory_format=torch.channels_last)
 
     def _multiply(self, w, mask):
         return masked_product(w, mask)
@@ -260,7 +267,7 @@ class _MaskedWeight(nn.Module):
         if saved is not None and not self._ready() and saved.shape != self.mask.shape:
             self.mask = torch.empty(saved.shape, dtype=torch.bool, device=self.mask.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._sync_cl()
+        self._sync_cl(in_place=True)
         if prefix + "step" in state_dict:
             # Saved before or after the update of its step: applying it again from the same W changes nothing.
             self.pending = True
