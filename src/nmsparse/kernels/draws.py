@@ -56,12 +56,11 @@ def hashed_uniforms(key: int, count: int, device: torch.device | str = "cpu", st
     """Uniforms number start .. start + count - 1 of `key` (float32 in [0, 1)), as the kernel computes them."""
     lo, hi = _signed32(key & _MASK32), _signed32((key >> 32) & _MASK32)
     if start + count <= 1 << 31:  # every counter fits an int32 (its high word is 0)
-        x = _mix(torch.arange(start, start + count, dtype=torch.int32, device=device) ^ lo)
-        x = _mix(x.bitwise_xor_(hi))
+        low, high = torch.arange(start, start + count, dtype=torch.int32, device=device), hi
     else:
         e = torch.arange(start, start + count, dtype=torch.int64, device=device)
-        x = _mix((e & _MASK32).to(torch.int32) ^ lo)
-        x = _mix(x.bitwise_xor_((e >> 32).to(torch.int32) ^ hi))
+        low, high = (e & _MASK32).to(torch.int32), (e >> 32).to(torch.int32) ^ hi
+    x = _mix(_mix(low ^ lo).bitwise_xor_(high))
     return ((x >> (32 - BITS)) & ((1 << BITS) - 1)).to(torch.float32) * (2.0 ** -BITS)  # exact: 24-bit integers
 
 

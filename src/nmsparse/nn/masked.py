@@ -41,9 +41,9 @@ class _StraightThrough(torch.autograd.Function):
             w, mask = ctx.saved_tensors
             with scope(MASKING):
                 fused = srste_grad_native(grad, w, mask, ctx.decay)  # one pass on the CPU
-                if fused is None:
-                    fused = grad + ctx.decay * w.masked_fill(mask, 0)
-                grad = fused
+                if fused is not None:
+                    return fused, None, None
+                grad = grad + ctx.decay * w.masked_fill(mask, 0)
         return grad, None, None
 
 
@@ -127,8 +127,8 @@ class _MaskedWeight(nn.Module):
         return self.mask
 
     def _sync_cl(self, in_place: bool = False) -> None:
-        """mask_cl from mask: rebound as _set rebinds mask, or (in_place, for a loaded state) copied into, as advance
-        does, so that a captured graph keeps reading the same buffer."""
+        """mask_cl from mask: rebound as _set rebinds mask, or (in_place: advance, a loaded state) copied into, as
+        advance copies into mask, so that a captured graph keeps reading the same buffer."""
         m, old = self.mask, self.mask_cl
         if not (m.dim() == 4 and m.shape[2] * m.shape[3] > 1):  # a 1x1 kernel's mask is channels-last already
             self.mask_cl = None
@@ -227,8 +227,7 @@ class _MaskedWeight(nn.Module):
                 new = self._view(self._compute(self._view(_whole(w)))).to(torch.bool)
             if new.shape == self.mask.shape and new.device == self.mask.device:
                 self.mask.copy_(new)  # in place: a compiled graph or a CUDA graph keeps reading the same buffer
-                if self.mask_cl is not None:
-                    self.mask_cl.copy_(new)
+                self._sync_cl(in_place=True)
             else:
                 self._set(new)
         return counted

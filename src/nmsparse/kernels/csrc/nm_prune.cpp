@@ -199,6 +199,9 @@ struct Lanes {
   int count;
   int64_t off, step, key, key_step, grp, grp_step, c0, c_step;
   int64_t at(int w, int j, int64_t sC) const { return off + w * step + j * sC; }
+  // W whole groups of MT side by side in a row (a Linear gradient): q[w * MT + j], a transpose of W * MT values
+  template <int MT>
+  bool whole_row(int64_t sC) const { return MT && count == W && step == MT && sC == 1; }
 };
 
 #ifdef __AVX__
@@ -238,7 +241,7 @@ inline void transpose_4x8_out(const float (*y)[W], float* q) {
 template <typename acc_t, int MT, typename scalar_t>
 inline void gather(const scalar_t* p, const Lanes& l, int m_arg, int64_t sC, acc_t (*x)[W]) {
   const int m = MT ? MT : m_arg;
-  if (MT && l.count == W && l.step == MT && sC == 1) {  // W whole groups in a row: a transpose of W * MT values
+  if (l.whole_row<MT>(sC)) {
     const scalar_t* q = p + l.off;
 #ifdef __AVX__
     if constexpr (MT == 4 && std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
@@ -264,7 +267,7 @@ inline void gather(const scalar_t* p, const Lanes& l, int m_arg, int64_t sC, acc
 template <int MT, typename out_t, typename val_t>
 inline void scatter(out_t* p, const Lanes& l, int m_arg, int64_t sC, const val_t (*y)[W]) {
   const int m = MT ? MT : m_arg;
-  if (MT && l.count == W && l.step == MT && sC == 1) {
+  if (l.whole_row<MT>(sC)) {
     out_t* q = p + l.off;
 #ifdef __AVX__
     if constexpr (MT == 4 && std::is_same<out_t, float>::value && std::is_same<val_t, float>::value) {
