@@ -5,17 +5,20 @@ No timing assertions: how fast a method is belongs to the benchmark, not to the 
 import csv
 
 import pytest
+import torch
 
-from nmsparse.bench.step import METHODS, StepOptions, _groups, run_step_bench, select_methods
+from nmsparse.bench.step import METHODS, StepOptions, _groups, make_optimizer, run_step_bench, select_methods
 from nmsparse.bench.step_report import format_result, table
+from nmsparse.bench.step_rss import measure_rss
 from nmsparse.cli import main
 
 TINY = dict(resnet_width=8, resnet_batch=2, image_size=8, gpt_layers=1, gpt_width=16, gpt_heads=2, gpt_block=8,
             gpt_batch=2, gpt_vocab=17)
-FAST = dict(steps=2, warmup=1, block=1, recompute_every=2, profile_steps=1, sparsify_repeats=1)
+FAST = dict(steps=2, warmup=1, block=1, recompute_every=2, profile_steps=1, sparsify_repeats=1, rss_steps=0)
 TINY_ARGS = ["--resnet-width", "8", "--resnet-batch", "2", "--image-size", "8", "--gpt-layers", "1", "--gpt-width",
              "16", "--gpt-heads", "2", "--gpt-block", "8", "--gpt-batch", "2", "--steps", "2", "--warmup", "1",
-             "--block", "1", "--recompute-every", "2", "--profile-steps", "1", "--sparsify-repeats", "1"]
+             "--block", "1", "--recompute-every", "2", "--profile-steps", "1", "--sparsify-repeats", "1",
+             "--rss-steps", "0"]
 SHARES = ("share_mask", "share_masking", "share_grad_prune", "share_rest")
 
 
@@ -33,7 +36,7 @@ def check_rows(rows, models, modes, methods):
             assert r["target"] is None and r["peak_vs_dense"] == 1.0
         else:
             assert r["target"] in (1.10, 1.15) and isinstance(r["meets"], bool) and r["sparsify_s"] > 0
-        assert r["peak_mb"] > 0
+        assert r["peak_mb"] > 0 and r["rss_mb"] is None  # rss_steps=0: no RSS processes
         if r["mode"] == "compile":
             assert all(type(r[k]) is int and r[k] >= 0 for k in ("recompiles", "compiles_warmup", "graph_breaks"))
             assert all(r[k] is None for k in SHARES)  # Dynamo drops profiler scopes: shares are eager only
@@ -82,6 +85,47 @@ def test_graph_breaking_methods_do_not_recompile_the_others():
     assert [r["method"] for r in rows] == ["dense", "fixed-2:4", "sdgp-random-2:4"]
     assert [r["recompiles"] for r in rows[:2]] == [0, 0]
     assert rows[2]["graph_breaks"] > 0
+
+
+@pytest.mark.slow
+def test_peak_rss_comes_from_each_methods_own_process():
+    """Eager rows get the peak RSS of a fresh process per method and its difference to dense's; compiled rows none."""
+    opts = StepOptions(models=("gpt",), methods=["fixed-2:4", "transposable-4:8-exact"], compile="both",
+                       compile_backend="eager", **TINY, **{**FAST, "rss_steps": 2})
+    rows = run_step_bench(opts, log=quiet)["rows"]
+    eager = [r for r in rows if r["mode"] == "eager"]
+    assert [r["method"] for r in eager] == ["dense", "fixed-2:4", "transposable-4:8-exact"]
+    assert eager[0]["rss_mb"] > 50 and eager[0]["rss_vs_dense_mb"] == 0  # torch alone takes more than 50 MB
+    for r in eager[1:]:
+        assert r["rss_mb"] > 50 and r["rss_vs_dense_mb"] == pytest.approx(r["rss_mb"] - eager[0]["rss_mb"])
+    assert all(r["rss_mb"] is None for r in rows if r["mode"] == "compile")
+    assert "| RSS MB | RSS +MB |" in table(rows)
+
+
+def test_fused_adamw_is_an_option_the_header_names():
+    opts = StepOptions(models=("gpt",), methods=["fixed-2:4"], compile="off", optimizer="adamw-fused", **TINY, **FAST)
+    res = run_step_bench(opts, log=quiet)
+    assert "AdamW (fused)" in res["header"][2] and [r["method"] for r in res["rows"]] == ["dense", "fixed-2:4"]
+    assert make_optimizer(torch.nn.Linear(4, 4), opts).defaults["fused"] is True
+    assert not make_optimizer(torch.nn.Linear(4, 4), StepOptions()).defaults["fused"]
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, adamw-fused, got 'adam'"):
+        StepOptions(optimizer="adam")
+
+
+def test_the_peak_rss_is_the_childs_own_not_the_parents():
+    """Linux keeps ru_maxrss across exec: a child forked from a large bench process reported the parent's peak."""
+    from nmsparse.bench.step_rss import _peak_mb
+
+    ballast = torch.ones(2**27)  # 512 MB, touched
+    parent = _peak_mb()
+    child = measure_rss("gpt", ["dense"], StepOptions(**TINY), 1, log=quiet)["dense"]
+    del ballast
+    assert 0 < child["base_mb"] <= child["peak_mb"] < parent - 400
+
+
+def test_a_failing_rss_process_names_model_method_and_cause():
+    with pytest.raises(RuntimeError, match=r"(?s)peak-RSS process of nope dense failed.*unknown model 'nope'"):
+        measure_rss("nope", ["dense"], StepOptions(), 1, log=quiet)
 
 
 def test_methods_are_grouped_for_compile_only():

@@ -180,11 +180,11 @@ def test_dispatch_runs_native_for_every_float_dtype(dtype):
 def test_dispatch_keeps_the_pytorch_path_elsewhere():
     w = torch.randn(16, 16)
     assert nmsparse.transposable_mask is kt.transposable_mask
-    assert not kt.uses_native(w, 2, 4)  # m < 8: enumeration
+    assert kt.uses_native(w, 2, 4) and not kt.uses_native(w, 1, 2)  # m = 2: enumeration
     assert kt.uses_native(w, 4, 8, "greedy") and kt.uses_native(w, 2, 4, "greedy")  # greedy: compiled for any m
     assert not kt.uses_native(torch.randn(128, 128), 64, 128)  # beyond the C++ solver's 64
     assert torch.equal(kt.transposable_mask(w, 4, 8, "greedy"), torch_mask(w, 4, 8, "greedy"))
-    assert torch.equal(kt.transposable_mask(w, 2, 4), torch_mask(w, 2, 4))
+    assert torch.equal(kt.transposable_mask(w, 1, 2), torch_mask(w, 1, 2))
     with pytest.raises(ValueError, match="method"):
         kt.transposable_mask(w, 4, 8, "optimal")
     with pytest.raises(ValueError, match="m <= 64"):

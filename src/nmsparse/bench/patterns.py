@@ -1,7 +1,7 @@
 """`nmsparse bench patterns`: mask computation times, greedy vs exact quality, OR-tools baseline.
 
 Transposable masks come from ``nmsparse.transposable_mask`` (the compiled exact solver for
-m >= 8 on the CPU); `nmsparse bench transposable` compares the exact solvers in detail.
+m >= 4 on the CPU); `nmsparse bench transposable` compares the exact solvers in detail.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from ..kernels.transposable import transposable_mask  # what users get: the compiled exact solver for m >= 8
+from ..kernels.transposable import transposable_mask  # what users get: the compiled exact solver for m >= 4
 from ..patterns import block_mask, nm_mask
 from ..patterns.transposable import to_tiles
 from ..common.system import machine_info

@@ -4,7 +4,8 @@ Models (random weights and inputs): a ResNet-18 with the CIFAR stem (3x32x32 ima
 classes) and the GPT of ``nmsparse.models`` (4 layers, 256 wide, 4 heads, block 64, batch 12,
 vocabulary 65). Each method is a ``SparsityConfig`` applied by ``nmsparse.sparsify`` with the default
 filter to a copy of the same dense model (``METHODS``). The step is README's loop, ``_train_step``:
-forward, cross-entropy, backward, AdamW step, on the model or on ``torch.compile(model)``.
+forward, cross-entropy, backward, AdamW step (``optimizer``: torch's default AdamW, or its fused CPU/CUDA
+kernel), on the model or on ``torch.compile(model)``.
 
 * Timing: after ``warmup`` steps each (compilation happens there), every method's steps run in
   round-robin blocks of ``block`` steps, so load drift hits all alike; per method the median, mean
@@ -23,7 +24,8 @@ forward, cross-entropy, backward, AdamW step, on the model or on ``torch.compile
   its start (parameters, gradients, buffers such as masks, optimizer state; each storage once) plus
   the peak of the running sum of the profiler's allocation events (``profile_memory``: the CPU
   allocator's allocations and frees, compiled code's included). Python objects and allocator slack
-  are left out: RSS would mix them in, tracemalloc does not see tensors.
+  are left out: RSS would mix them in, tracemalloc does not see tensors. Peak RSS too (``rss_steps``): each
+  method in its own process, eager (``step_rss``), and its difference to dense's.
 * ``sparsify`` itself: its wall time per method (median over the builds), target < 0.5 s on ResNet-18.
 """
 
@@ -49,10 +51,12 @@ from ..nn.config import GradSparsity, SparsityConfig, WeightBlock, WeightNM
 from ..nn.mask_step import attach
 from ..nn.sparsify import sparsify
 from .step_profile import profile_window
+from .step_rss import measure_rss
 
-__all__ = ["METHODS", "MODELS", "StepOptions", "select_methods", "run_step_bench"]
+__all__ = ["METHODS", "MODELS", "OPTIMIZERS", "StepOptions", "make_optimizer", "select_methods", "run_step_bench"]
 
 MODELS = ("resnet18", "gpt")
+OPTIMIZERS = ("adamw", "adamw-fused")
 MIN_STEPS = 20
 
 
@@ -132,6 +136,7 @@ class StepOptions:
     methods: list | None = None  # names or patterns (select_methods); None: all
     compile: str = "both"  # "off" (eager) | "on" (torch.compile) | "both"
     compile_backend: str = "inductor"
+    optimizer: str = "adamw"  # or "adamw-fused": torch.optim.AdamW(fused=True)
     steps: int | None = None  # timed steps per method; None: 2 * recompute_every (at least MIN_STEPS)
     warmup: int = 3
     block: int = 4  # steps per method per round-robin turn
@@ -139,6 +144,7 @@ class StepOptions:
     recompute_every: int = 40
     profile_steps: int = 5  # profiled steps of the per-step methods (0: no profile, no shares, no memory)
     sparsify_repeats: int = 3
+    rss_steps: int = 3  # eager steps of each method's own process for its peak RSS (0: no RSS)
     resnet_width: int = 64
     resnet_batch: int = 32
     image_size: int = 32
@@ -151,12 +157,14 @@ class StepOptions:
     seed: int = 0
 
     def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.compile not in ("off", "on", "both"):
             raise ValueError(f"compile must be 'off', 'on' or 'both', got {self.compile!r}")
         for m in self.models:
             if m not in MODELS:
                 raise ValueError(f"unknown model {m!r}{did_you_mean(m, MODELS)}; choose from {', '.join(MODELS)}")
-        for key in ("warmup", "profile_steps"):
+        for key in ("warmup", "profile_steps", "rss_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("block", "threads", "recompute_every", "sparsify_repeats", "resnet_width", "resnet_batch",
@@ -189,6 +197,11 @@ def _describe(kind: str, o: StepOptions, params: int) -> str:
                 f"{o.image_size}, 10 classes, {params / 1e6:.2f}M parameters")
     return (f"gpt: GPT, {o.gpt_layers} layers, {o.gpt_width} wide, {o.gpt_heads} heads, batch {o.gpt_batch}x"
             f"{o.gpt_block} tokens, vocabulary {o.gpt_vocab}, {params / 1e6:.2f}M parameters")
+
+
+def make_optimizer(model, o: StepOptions) -> torch.optim.Optimizer:
+    """AdamW at lr 1e-4; fused=True for "adamw-fused" (torch's default otherwise: one op per tensor on the CPU)."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if o.optimizer == "adamw-fused" else None)
 
 
 def _train_step(model, opt, x, y):
@@ -238,7 +251,7 @@ def _runners(kind, base, methods, mode, o: StepOptions, sparsify_s: dict) -> lis
                 t0 = time.perf_counter()
                 sparsify(target, cfg)
                 sparsify_s[name].append(time.perf_counter() - t0)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = make_optimizer(model, o)
         if cfg is not None:
             attach(model, opt)
         fn = torch.compile(model, backend=o.compile_backend) if mode == "compile" else model
@@ -296,6 +309,7 @@ def _rows(kind, mode, runners, sparsify_s) -> list[dict]:
                "graph_breaks": r.graph_breaks if mode == "compile" else None,
                "recompiles": r.recompiles if mode == "compile" else None,
                "peak_mb": None, "peak_vs_dense": None, "profiled_steps": None,
+               "rss_mb": None, "rss_vs_dense_mb": None,  # eager rows, from run_step_bench's own processes
                "sparsify_s": statistics.median(sparsify_s[r.name]) if sparsify_s[r.name] else None}
         if r.method.target is not None:
             row["target_on"] = "mean" if r.method.amortised else "median"
@@ -356,6 +370,12 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
                     runners = _run_mode(kind, base, x, y, mode, steps, o, sparsify_s, log, group)
                     rows += _rows(kind, mode, runners, sparsify_s)[1 if i else 0:]  # one dense row per mode
                     del runners
+            if o.rss_steps and "eager" in modes:
+                rss = measure_rss(kind, o.methods, o, o.rss_steps, log)
+                for r in rows:
+                    if r["model"] == kind and r["mode"] == "eager":
+                        r["rss_mb"] = rss[r["method"]]["peak_mb"]
+                        r["rss_vs_dense_mb"] = r["rss_mb"] - rss["dense"]["peak_mb"]
     finally:
         torch.set_num_threads(old)
     load1 = os.getloadavg()
@@ -363,7 +383,8 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
         f"machine: {machine}",
         f"load average (1/5/15 min): {' '.join(f'{v:.2f}' for v in load0)} at start, "
         f"{' '.join(f'{v:.2f}' for v in load1)} at end; {time.perf_counter() - t_start:.0f} s in all",
-        f"{o.warmup} warm-up + {steps} timed steps per method, interleaved in blocks of {o.block}; AdamW; "
+        f"{o.warmup} warm-up + {steps} timed steps per method, interleaved in blocks of {o.block}; "
+        f"{'AdamW (fused)' if o.optimizer == 'adamw-fused' else 'AdamW'}; "
         f"mask recompute every {o.recompute_every} steps (transposable, gradual block)"
         + (f"; torch.compile backend {o.compile_backend}" if "compile" in modes else ""),
     ]

@@ -8,20 +8,24 @@ from pathlib import Path
 
 from ..common.system import check_parent_dirs
 from ..common.text import markdown_table
-from .step import METHODS, MODELS, StepOptions, run_step_bench
+from .step import METHODS, MODELS, OPTIMIZERS, StepOptions, run_step_bench
 
 __all__ = ["format_result", "write_outputs", "plot_ratios", "add_step_arguments", "step_main"]
 
 COLUMNS = ["model", "mode", "method", "median ms", "mean ms", "worst ms", "x dense (median)", "x dense (mean)",
-           "target", "recompiles", "peak MB", "peak x dense", "mask", "masking", "grad prune", "rest", "sparsify s"]
+           "target", "recompiles", "peak MB", "peak x dense", "RSS MB", "RSS +MB", "mask", "masking", "grad prune",
+           "rest", "sparsify s"]
 CSV_KEYS = ["model", "mode", "method", "steps", "median_ms", "mean_ms", "worst_ms", "ratio_median", "ratio_mean",
             "target", "target_on", "meets", "compiles_warmup", "graph_breaks", "recompiles", "peak_mb", "peak_vs_dense",
-            "profiled_steps", "share_mask", "share_masking", "share_grad_prune", "share_rest", "sparsify_s"]
+            "rss_mb", "rss_vs_dense_mb", "profiled_steps", "share_mask", "share_masking", "share_grad_prune",
+            "share_rest", "sparsify_s"]
 NOTES = (
     "Ratios: step time over the dense step time of the same run and mode; \"mean\" is amortised over the timed "
     "steps (whole recompute periods). Target: issue #12's ratio, on the median, or on the mean for the methods "
     "that recompute periodically. Recompiles: Dynamo compilations after warm-up. Peak: tensor bytes of a step "
-    "(parameters, gradients, buffers, optimizer state and the step's allocations). mask / masking / grad prune: "
+    "(parameters, gradients, buffers, optimizer state and the step's allocations). RSS: peak resident memory of "
+    "the process in which the method alone ran a few eager steps (interpreter and libraries included), and its "
+    "difference to dense's. mask / masking / grad prune: "
     "share of the profiled eager steps' CPU time in nmsparse's profiler scopes (mask computation, W * mask and "
     "SR-STE's backward, SDGP's gradient pruning); rest: everything else. sparsify s: nmsparse.sparsify's wall time "
     "(target < 0.5 s on ResNet-18).")
@@ -43,6 +47,7 @@ def table(rows: list[dict]) -> str:
         [r["model"], r["mode"], r["method"], _f(r["median_ms"], ".1f"), _f(r["mean_ms"], ".1f"),
          _f(r["worst_ms"], ".1f"), _f(r["ratio_median"], ".2f"), _f(r["ratio_mean"], ".2f"), _target(r),
          _f(r["recompiles"], "d"), _f(r["peak_mb"], ".1f"), _f(r["peak_vs_dense"], ".2f"),
+         _f(r["rss_mb"], ".0f"), _f(r["rss_vs_dense_mb"], "+.0f"),
          _f(r["share_mask"], ".1%"), _f(r["share_masking"], ".1%"), _f(r["share_grad_prune"], ".1%"),
          _f(r["share_rest"], ".1%"), _f(r["sparsify_s"], ".3f")] for r in rows])
 
@@ -130,6 +135,8 @@ def add_step_arguments(p) -> None:
     p.add_argument("--compile", choices=["off", "on", "both"], default="both",
                    help="eager, torch.compile(model), or both (default)")
     p.add_argument("--compile-backend", default=d.compile_backend, help="torch.compile backend (default inductor)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="torch.optim.AdamW as README's loop makes it (default), or AdamW(fused=True)")
     p.add_argument("--steps", type=_count(1), help="timed steps per method (default 2 x --recompute-every, >= 20)")
     p.add_argument("--warmup", type=_count(0), default=d.warmup, help="untimed steps per method first (compiles)")
     p.add_argument("--block", type=_count(1), default=d.block, help="steps per method per round-robin turn")
@@ -138,6 +145,8 @@ def add_step_arguments(p) -> None:
                    help="mask recompute interval of the transposable and gradual-block methods (default 40)")
     p.add_argument("--profile-steps", type=_count(0), default=d.profile_steps,
                    help="profiled steps per method (periodic methods: one recompute period); 0: no profile")
+    p.add_argument("--rss-steps", type=_count(0), default=d.rss_steps,
+                   help="eager steps of each method in its own process for its peak RSS (default 3); 0: no RSS")
     p.add_argument("--sparsify-repeats", type=_count(1), default=d.sparsify_repeats,
                    help="builds whose sparsify time is the median (default 3)")
     for name in ("resnet_width", "resnet_batch", "image_size", "gpt_layers", "gpt_width", "gpt_heads",

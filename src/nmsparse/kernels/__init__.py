@@ -14,8 +14,10 @@ patterns/ and formats/ only; nn/ may use kernels/.
   on first use from ``csrc/block_sparse.cpp`` by ``_extensions``, PyTorch BSR as the fallback),
   imported by compile/ only;
 - ``transposable``: the compiled exact transposable N:M solver (``csrc/transposable.cpp``, built on
-  first use) and ``transposable_mask``, which runs it for exact masks with m >= 8 on the CPU and
+  first use) and ``transposable_mask``, which runs it for exact masks with m >= 4 on the CPU and
   ``patterns.transposable_mask`` otherwise (nn/, prune/ and ``nmsparse.transposable_mask`` call it);
+- ``compiled_masking``: W * mask and SR-STE's backward as opaque ops for graphs that torch.compile
+  traces on the CPU (the C++ pass instead of inductor's scalar loop over a bool mask);
 - ``ops``: what nn/ calls (``prune_grad_fast``, ``tile24_prune_grad``,
   ``sdgp_linear_dx``, ``weight24_linear``, ``weight24_linear_dx``).
 """

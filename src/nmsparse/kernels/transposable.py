@@ -17,8 +17,8 @@ native solver for ``method="exact"`` with ``NATIVE_MIN_M <= m <= NATIVE_MAX_M`` 
 (float16 and bfloat16 are widened to float32 exactly; float32 and float64 go as they are),
 ``patterns.transposable_mask`` otherwise and whenever the build is unavailable (no compiler, or
 ``NMSPARSE_NO_NATIVE=1``). ``nmsparse.transposable_mask``, ``nn/`` and ``prune/`` call this one.
-m < 8 stays on the PyTorch path, as issue #12 set it (m = 4 enumerates the 90 valid 2:4 tiles in
-one matrix product; docs/benchmarks.md has a measurement that suggests revisiting this).
+m = 4 runs compiled too: on an idle machine, 4096 x 4096 at 2:4 on 1 thread, 0.36 s against 0.88 s for the
+PyTorch path's enumeration of the 90 valid tiles (docs/benchmarks.md). m = 2 stays enumerated (2 valid tiles).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ._extensions import NativeExtension
 __all__ = ["transposable_mask", "transposable_exact_native", "transposable_greedy_native", "uses_native", "native_available", "native_error",
            "NATIVE_MIN_M", "NATIVE_MAX_M"]
 
-NATIVE_MIN_M = 8
+NATIVE_MIN_M = 4
 NATIVE_MAX_M = 64  # the C++ solver keeps a tile's rows and columns as 64-bit sets
 _WIDEN = (torch.float16, torch.bfloat16)
 
@@ -98,8 +98,8 @@ def transposable_mask(w: torch.Tensor, n: int, m: int, method: str = "exact") ->
     """Bool mask of 2-D w whose every m x m tile keeps n entries per row and column.
 
     method="exact" maximises the kept sum of |w| in each tile: by the compiled solver
-    (``nmsparse.kernels.transposable.transposable_exact_native``) for 8 <= m <= 64 on a CPU tensor,
-    else (other devices, m < 8, or no C++ build) by the PyTorch solvers of
+    (``nmsparse.kernels.transposable.transposable_exact_native``) for 4 <= m <= 64 on a CPU tensor,
+    else (other devices, m = 2, or no C++ build) by the PyTorch solvers of
     ``nmsparse.patterns.transposable_mask`` (enumeration of the valid tiles for m <= 4, a batched
     min-cost flow otherwise). Where a tile has several optimal masks the two may pick different
     ones. method="greedy" is the fast 2-approximation: kept sum at least half the optimum, and

@@ -11,6 +11,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..kernels.compiled_masking import compiled_op_takes, masked_weight_op, srste_grad_op
 from ..kernels.native_prune import masked_weight_native, srste_grad_native
 from .layers import weight_in_out
 from .profiling import MASK, MASKING, scope
@@ -39,6 +40,8 @@ class _StraightThrough(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.decay:
             w, mask = ctx.saved_tensors
+            if torch.compiler.is_compiling() and grad.dtype == w.dtype and compiled_op_takes(w, mask):
+                return srste_grad_op(grad.contiguous(), w, mask, ctx.decay), None, None
             with scope(MASKING):
                 fused = srste_grad_native(grad, w, mask, ctx.decay)  # one pass on the CPU
                 if fused is not None:
@@ -63,7 +66,10 @@ class _Masked(torch.autograd.Function):
 
 
 def multiply(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """w * mask: in one C++ pass where nothing records a graph through it (same values), else by torch."""
+    """w * mask: in one C++ pass where nothing records a graph through it (same values), else by torch. Traced by
+    torch.compile, a 2-D CPU weight's product is the opaque op that runs that pass (``kernels.compiled_masking``)."""
+    if torch.compiler.is_compiling():
+        return masked_weight_op(w, mask) if compiled_op_takes(w, mask) else w * mask
     if not (torch.is_grad_enabled() and w.requires_grad):
         out = masked_weight_native(w, mask)
         if out is not None:
@@ -72,8 +78,11 @@ def multiply(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def masked_product(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """w * mask with the gradient grad * mask; the C++ passes on a CPU weight, plain torch under torch.compile."""
-    if torch.compiler.is_compiling() or w.device.type != "cpu":
+    """w * mask with the gradient grad * mask: the C++ passes on a CPU weight (under torch.compile for 2-D weights,
+    through the op of ``multiply``), plain torch elsewhere."""
+    if torch.compiler.is_compiling():
+        return multiply(w, mask)
+    if w.device.type != "cpu":
         return w * mask
     return _Masked.apply(w, mask)
 

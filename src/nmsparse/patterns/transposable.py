@@ -6,7 +6,7 @@ weight bipartite b-matching); "greedy" is the 2-approximation of Hubara et al. (
 
 This is the PyTorch implementation (any device). ``nmsparse.transposable_mask`` is
 ``kernels.transposable.transposable_mask``: the same contract, with a compiled exact solver for
-m >= 8 on the CPU (kernels/ sits above patterns/, so the dispatch lives there).
+m >= 4 on the CPU (kernels/ sits above patterns/, so the dispatch lives there).
 """
 
 from __future__ import annotations
