@@ -112,6 +112,7 @@ def test_fused_adamw_is_an_option_the_header_names():
         StepOptions(optimizer="adam")
 
 
+@pytest.mark.slow
 def test_the_peak_rss_is_the_childs_own_not_the_parents():
     """Linux keeps ru_maxrss across exec: a child forked from a large bench process reported the parent's peak."""
     from nmsparse.bench.step_rss import _peak_mb
@@ -123,6 +124,7 @@ def test_the_peak_rss_is_the_childs_own_not_the_parents():
     assert 0 < child["base_mb"] <= child["peak_mb"] < parent - 400
 
 
+@pytest.mark.slow
 def test_a_failing_rss_process_names_model_method_and_cause():
     with pytest.raises(RuntimeError, match=r"(?s)peak-RSS process of nope dense failed.*unknown model 'nope'"):
         measure_rss("nope", ["dense"], StepOptions(), 1, log=quiet)

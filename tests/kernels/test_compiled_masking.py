@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 
 import nmsparse
 from nmsparse.kernels import compiled_masking as cm
+from nmsparse.kernels.native_prune import native_prune_available, native_prune_error
 
 
 def operands(shape, dtype, seed):
@@ -27,6 +28,44 @@ def test_ops_equal_the_torch_expressions(rows, cols, dtype, seed):
     assert torch.equal(cm.masked_weight_op(w, mask), w * mask)
     want = grad + 2e-4 * w.masked_fill(mask, 0)
     assert torch.equal(cm.srste_grad_op(grad, w, mask, 2e-4), want)
+
+
+def test_the_ops_run_the_kernel_where_it_is_built(monkeypatch):
+    if not native_prune_available():
+        pytest.skip(f"no C++ build here: {native_prune_error()}")
+    calls = []
+    for name in ("masked_weight_native", "srste_grad_native"):
+        real = getattr(cm, name)
+        monkeypatch.setattr(cm, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    w, mask, grad = operands((8, 16), torch.float32, 4)
+    cm.masked_weight_op(w, mask), cm.srste_grad_op(grad, w, mask, 2e-4)
+    assert calls == ["masked_weight_native", "srste_grad_native"]
+
+
+def test_bad_operands_are_named():
+    w, mask, grad = operands((8, 16), torch.float32, 5)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        cm.masked_weight_op(w, mask.float())
+    with pytest.raises(ValueError, match=r"w of shape \(1, 16\) does not match the mask's \(8, 16\)"):
+        cm.masked_weight_op(w[:1], mask)
+    with pytest.raises(ValueError, match="w is torch.bfloat16, grad is torch.float32"):
+        cm.srste_grad_op(grad, w.bfloat16(), mask, 2e-4)
+
+
+def test_export_keeps_plain_torch_ops():
+    """torch.export traces like torch.compile, but an exported program must not need nmsparse's ops to load."""
+    model = nmsparse.sparsify(MLP(), nmsparse.SparsityConfig(weight=nmsparse.WeightNM(2, 4, method="fixed")))
+    model(torch.randn(2, 16))  # the masks are set up
+    graph = str(torch.export.export(model.eval(), (torch.randn(2, 16),)).graph)
+    assert "nmsparse" not in graph and "aten.mul" in graph
+
+
+def test_srste_backward_records_a_graph_for_double_backward():
+    layer = nmsparse.sparsify(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)),
+                              nmsparse.SparsityConfig(weight=nmsparse.WeightNM(2, 4)))
+    w = layer[0].parametrizations.weight.original
+    (g,) = torch.autograd.grad(layer(torch.randn(3, 16)).square().sum(), w, create_graph=True)
+    assert g.requires_grad and g.grad_fn is not None
 
 
 def test_the_product_is_differentiable_with_the_masked_gradient():

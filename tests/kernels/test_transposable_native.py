@@ -184,7 +184,9 @@ def test_dispatch_keeps_the_pytorch_path_elsewhere():
     assert kt.uses_native(w, 4, 8, "greedy") and kt.uses_native(w, 2, 4, "greedy")  # greedy: compiled for any m
     assert not kt.uses_native(torch.randn(128, 128), 64, 128)  # beyond the C++ solver's 64
     assert torch.equal(kt.transposable_mask(w, 4, 8, "greedy"), torch_mask(w, 4, 8, "greedy"))
-    assert torch.equal(kt.transposable_mask(w, 1, 2), torch_mask(w, 1, 2))
+    # m = 4 goes to the compiled solver: on tied weights (integers in -2..2) it keeps what the enumeration keeps
+    tied = torch.randint(-2, 3, (32, 48), generator=torch.Generator().manual_seed(3)).float()
+    assert_optimal_like(tied, kt.transposable_mask(tied, 2, 4), torch_mask(tied, 2, 4), 2, 4)
     with pytest.raises(ValueError, match="method"):
         kt.transposable_mask(w, 4, 8, "optimal")
     with pytest.raises(ValueError, match="m <= 64"):

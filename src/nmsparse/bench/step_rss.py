@@ -59,7 +59,7 @@ def _child(spec: dict) -> dict:
     return {"peak_mb": _peak_mb(), "base_mb": base}
 
 
-def measure_rss(kind: str, methods: list[str], options, steps: int, log=print) -> dict[str, dict]:
+def measure_rss(kind: str, methods: list[str], options, steps: int, log=print, timeout_s: float = 1800) -> dict[str, dict]:
     """{method: {"peak_mb", "base_mb"}} from one fresh process per method (eager, `steps` steps each).
 
     RuntimeError with the child's last lines if one fails (a bench that hides a crash would report nothing)."""
@@ -68,8 +68,12 @@ def measure_rss(kind: str, methods: list[str], options, steps: int, log=print) -
     out = {}
     for name in methods:
         spec = {"kind": kind, "method": name, "steps": steps, "options": fields}
-        proc = subprocess.run([sys.executable, "-m", "nmsparse.bench.step_rss", json.dumps(spec)],
-                              capture_output=True, text=True)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "nmsparse.bench.step_rss", json.dumps(spec)],
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired as e:
+            raise RuntimeError(f"peak-RSS process of {kind} {name} did not finish in {timeout_s} s (a C++ build "
+                               f"waiting on a lock left by a killed process?)") from e
         if proc.returncode:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
             raise RuntimeError(f"peak-RSS process of {kind} {name} failed (exit {proc.returncode}):\n{tail}")

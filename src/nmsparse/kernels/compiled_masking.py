@@ -27,15 +27,29 @@ def compiled_op_takes(w: torch.Tensor, mask: torch.Tensor) -> bool:
             and mask.shape == w.shape and w.is_contiguous() and mask.is_contiguous())
 
 
+def _check(mask: torch.Tensor, *like: tuple[str, torch.Tensor]) -> None:
+    """The ops' contract (their fake functions promise an output like the first tensor): a bool mask and tensors of
+    the mask's shape and of one float dtype."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+    for name, t in like:
+        if t.shape != mask.shape:
+            raise ValueError(f"{name} of shape {tuple(t.shape)} does not match the mask's {tuple(mask.shape)}")
+        if t.dtype != like[0][1].dtype:
+            raise ValueError(f"{name} is {t.dtype}, {like[0][0]} is {like[0][1].dtype}: give both one dtype")
+
+
 @torch.library.custom_op("nmsparse::masked_weight_cpu", mutates_args=())
 def masked_weight_op(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``w * mask`` for a bool mask by the kernel (one pass). Differentiable in w: the gradient is ``grad * mask``."""
+    _check(mask, ("w", w))
     out = masked_weight_native(w, mask)
     return out if out is not None else (w * mask).contiguous()
 
 
 @masked_weight_op.register_fake
 def _masked_weight_fake(w, mask):
+    _check(mask, ("w", w))
     return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 
@@ -54,10 +68,12 @@ masked_weight_op.register_autograd(_masked_weight_backward, setup_context=_maske
 @torch.library.custom_op("nmsparse::srste_grad_cpu", mutates_args=())
 def srste_grad_op(grad: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, decay: float) -> torch.Tensor:
     """SR-STE's weight gradient ``grad + decay * w.masked_fill(mask, 0)`` by the kernel (one pass)."""
+    _check(mask, ("grad", grad), ("w", w))
     out = srste_grad_native(grad, w, mask, decay)
     return out if out is not None else (grad + decay * w.masked_fill(mask, 0)).contiguous()
 
 
 @srste_grad_op.register_fake
 def _srste_grad_fake(grad, w, mask, decay):
+    _check(mask, ("grad", grad), ("w", w))
     return torch.empty_like(grad, memory_format=torch.contiguous_format)

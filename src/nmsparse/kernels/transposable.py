@@ -18,7 +18,7 @@ native solver for ``method="exact"`` with ``NATIVE_MIN_M <= m <= NATIVE_MAX_M`` 
 ``patterns.transposable_mask`` otherwise and whenever the build is unavailable (no compiler, or
 ``NMSPARSE_NO_NATIVE=1``). ``nmsparse.transposable_mask``, ``nn/`` and ``prune/`` call this one.
 m = 4 runs compiled too: on an idle machine, 4096 x 4096 at 2:4 on 1 thread, 0.36 s against 0.88 s for the
-PyTorch path's enumeration of the 90 valid tiles (docs/benchmarks.md). m = 2 stays enumerated (2 valid tiles).
+PyTorch path's enumeration of the 90 valid tiles (docs/benchmarks.md). m < 4 stays on the PyTorch path (m = 2: 2 valid tiles).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def transposable_mask(w: torch.Tensor, n: int, m: int, method: str = "exact") ->
 
     method="exact" maximises the kept sum of |w| in each tile: by the compiled solver
     (``nmsparse.kernels.transposable.transposable_exact_native``) for 4 <= m <= 64 on a CPU tensor,
-    else (other devices, m = 2, or no C++ build) by the PyTorch solvers of
+    else (other devices, m < 4, or no C++ build) by the PyTorch solvers of
     ``nmsparse.patterns.transposable_mask`` (enumeration of the valid tiles for m <= 4, a batched
     min-cost flow otherwise). Where a tile has several optimal masks the two may pick different
     ones. method="greedy" is the fast 2-approximation: kept sum at least half the optimum, and

@@ -40,10 +40,11 @@ class _StraightThrough(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.decay:
             w, mask = ctx.saved_tensors
-            if torch.compiler.is_compiling() and grad.dtype == w.dtype and compiled_op_takes(w, mask):
+            if _traced_for_compile() and grad.dtype == w.dtype and compiled_op_takes(w, mask):
                 return srste_grad_op(grad.contiguous(), w, mask, ctx.decay), None, None
             with scope(MASKING):
-                fused = srste_grad_native(grad, w, mask, ctx.decay)  # one pass on the CPU
+                # one pass on the CPU; with create_graph the torch expression, which records its graph
+                fused = None if torch.is_grad_enabled() else srste_grad_native(grad, w, mask, ctx.decay)
                 if fused is not None:
                     return fused, None, None
                 grad = grad + ctx.decay * w.masked_fill(mask, 0)
@@ -65,11 +66,17 @@ class _Masked(torch.autograd.Function):
             return multiply(grad, mask), None
 
 
+def _traced_for_compile() -> bool:
+    """Traced by torch.compile, not by torch.export: an exported program keeps plain torch ops (no nmsparse op that
+    its loader, ONNX or AOTInductor would need to know)."""
+    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+
+
 def multiply(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """w * mask: in one C++ pass where nothing records a graph through it (same values), else by torch. Traced by
     torch.compile, a 2-D CPU weight's product is the opaque op that runs that pass (``kernels.compiled_masking``)."""
     if torch.compiler.is_compiling():
-        return masked_weight_op(w, mask) if compiled_op_takes(w, mask) else w * mask
+        return masked_weight_op(w, mask) if _traced_for_compile() and compiled_op_takes(w, mask) else w * mask
     if not (torch.is_grad_enabled() and w.requires_grad):
         out = masked_weight_native(w, mask)
         if out is not None:
