@@ -63,8 +63,7 @@ def measure_rss(kind: str, methods: list[str], options, steps: int, log=print, t
     """{method: {"peak_mb", "base_mb"}} from one fresh process per method (eager, `steps` steps each).
 
     RuntimeError with the child's last lines if one fails (a bench that hides a crash would report nothing)."""
-    fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
-    fields.update(models=(kind,), methods=None)
+    fields = {**dataclasses.asdict(options), "models": (kind,), "methods": None}
     out = {}
     for name in methods:
         spec = {"kind": kind, "method": name, "steps": steps, "options": fields}
