@@ -102,6 +102,35 @@ def test_peak_rss_comes_from_each_methods_own_process():
     assert "| RSS MB | RSS +MB |" in table(rows)
 
 
+def test_a_stuck_rss_process_times_out_with_model_and_method_named():
+    with pytest.raises(RuntimeError, match=r"peak-RSS process of gpt dense did not finish in 0.01 s"):
+        measure_rss("gpt", ["dense"], StepOptions(**TINY), 1, log=quiet, timeout_s=0.01)
+
+
+def test_several_runs_plot_as_dots_and_a_mean_bar(tmp_path):
+    """scripts/plot_step_runs.py reads the step.csv of each run (as `bench step --out` writes it)."""
+    import runpy
+    from pathlib import Path
+
+    from nmsparse.bench.step_report import CSV_KEYS
+
+    runs = []
+    for k, ratio in enumerate((1.05, 1.12)):
+        path = tmp_path / f"run{k}.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, CSV_KEYS, extrasaction="ignore")
+            w.writeheader()
+            w.writerow({"method": "dense", "ratio_median": 1.0, "ratio_mean": 1.0, "target": "", "target_on": ""})
+            w.writerow({"method": "fixed-2:4", "ratio_median": ratio, "ratio_mean": 2.0, "target": 1.1,
+                        "target_on": "median"})
+        runs.append(f"R{k}={path}")
+    script = runpy.run_path(str(Path(__file__).parents[2] / "scripts" / "plot_step_runs.py"))
+    assert script["ratio"]({"ratio_median": "1.05", "ratio_mean": "2", "target_on": "median"}) == 1.05
+    assert script["ratio"]({"ratio_median": "1.05", "ratio_mean": "2", "target_on": "mean"}) == 2.0
+    script["main"](str(tmp_path / "runs.png"), "two runs", runs)
+    assert (tmp_path / "runs.png").stat().st_size > 0
+
+
 def test_fused_adamw_is_an_option_the_header_names():
     opts = StepOptions(models=("gpt",), methods=["fixed-2:4"], compile="off", optimizer="adamw-fused", **TINY, **FAST)
     res = run_step_bench(opts, log=quiet)
