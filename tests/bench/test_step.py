@@ -131,12 +131,13 @@ def test_several_runs_plot_as_dots_and_a_mean_bar(tmp_path):
     assert (tmp_path / "runs.png").stat().st_size > 0
 
 
-def test_fused_adamw_is_an_option_the_header_names():
+def test_fused_adamw_is_the_default_and_the_header_names_the_optimizer():
     opts = StepOptions(models=("gpt",), methods=["fixed-2:4"], compile="off", optimizer="adamw-fused", **TINY, **FAST)
     res = run_step_bench(opts, log=quiet)
     assert "AdamW (fused)" in res["header"][2] and [r["method"] for r in res["rows"]] == ["dense", "fixed-2:4"]
     assert make_optimizer(torch.nn.Linear(4, 4), opts).defaults["fused"] is True
-    assert not make_optimizer(torch.nn.Linear(4, 4), StepOptions()).defaults["fused"]
+    assert make_optimizer(torch.nn.Linear(4, 4), StepOptions()).defaults["fused"]  # nmsparse train's AdamW
+    assert not make_optimizer(torch.nn.Linear(4, 4), StepOptions(optimizer="adamw")).defaults["fused"]
     with pytest.raises(ValueError, match="optimizer must be one of adamw, adamw-fused, got 'adam'"):
         StepOptions(optimizer="adam")
 

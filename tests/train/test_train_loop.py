@@ -18,7 +18,8 @@ from nmsparse.train import loop
 from nmsparse.train.checkpoint import load_checkpoint
 from nmsparse.train.config import load_config
 from nmsparse.train.loop import train
-from nmsparse.train.optim import param_groups
+from nmsparse.train.config import OptimConfig
+from nmsparse.train.optim import build_optimizer, param_groups
 from nmsparse.train.schedule import lr_factor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +74,32 @@ def test_weight_decay_skips_norm_and_bias():
     decay, no_decay = param_groups(model, 5e-4)
     assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
     assert no_decay["weight_decay"] == 0 and len(no_decay["params"]) == 6
+
+
+def test_adamw_is_fused_where_every_parameter_allows_it():
+    """Fused AdamW (not the for-each one, whose CPU sqrt is slow on a frozen mask's zero state) where torch takes
+    every parameter; the same update as the for-each AdamW to rounding; optim.fused=false or a meta parameter
+    keep torch's default."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).double()
+    cfg = OptimConfig(name="adamw", lr=0.1, weight_decay=0.1)
+    fused = build_optimizer(model, cfg)
+    assert all(g["fused"] for g in fused.param_groups)
+    twin = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).double()
+    twin.load_state_dict(model.state_dict())
+    plain = build_optimizer(twin, OptimConfig(name="adamw", lr=0.1, weight_decay=0.1, fused=False))
+    assert not any(g["fused"] for g in plain.param_groups)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    for _ in range(3):
+        for net, opt in ((model, fused), (twin, plain)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            net[0].weight.grad[:, ::2] = 0  # zero gradients, as a frozen mask's pruned weights get
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    meta = build_optimizer(nn.Linear(4, 4, device="meta"), cfg)
+    assert not any(g["fused"] for g in meta.param_groups)
 
 
 @pytest.mark.slow

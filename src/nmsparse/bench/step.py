@@ -4,8 +4,8 @@ Models (random weights and inputs): a ResNet-18 with the CIFAR stem (3x32x32 ima
 classes) and the GPT of ``nmsparse.models`` (4 layers, 256 wide, 4 heads, block 64, batch 12,
 vocabulary 65). Each method is a ``SparsityConfig`` applied by ``nmsparse.sparsify`` with the default
 filter to a copy of the same dense model (``METHODS``). The step is README's loop, ``_train_step``:
-forward, cross-entropy, backward, AdamW step (``optimizer``: torch's default AdamW, or its fused CPU/CUDA
-kernel), on the model or on ``torch.compile(model)``.
+forward, cross-entropy, backward, AdamW step (``optimizer``: the fused AdamW that ``nmsparse train`` uses, or
+torch's default one, whose CPU sqrt slows on a frozen mask's zero state), on the model or on ``torch.compile(model)``.
 
 * Timing: after ``warmup`` steps each (compilation happens there), every method's steps run in
   round-robin blocks of ``block`` steps, so load drift hits all alike; per method the median, mean
@@ -136,7 +136,7 @@ class StepOptions:
     methods: list | None = None  # names or patterns (select_methods); None: all
     compile: str = "both"  # "off" (eager) | "on" (torch.compile) | "both"
     compile_backend: str = "inductor"
-    optimizer: str = "adamw"  # or "adamw-fused": torch.optim.AdamW(fused=True)
+    optimizer: str = "adamw-fused"  # torch.optim.AdamW(fused=True), as nmsparse train; "adamw": torch's default
     steps: int | None = None  # timed steps per method; None: 2 * recompute_every (at least MIN_STEPS)
     warmup: int = 3
     block: int = 4  # steps per method per round-robin turn
@@ -200,7 +200,7 @@ def _describe(kind: str, o: StepOptions, params: int) -> str:
 
 
 def make_optimizer(model, o: StepOptions) -> torch.optim.Optimizer:
-    """AdamW at lr 1e-4; fused=True for "adamw-fused" (torch's default otherwise: one op per tensor on the CPU)."""
+    """AdamW at lr 1e-4; fused=True for "adamw-fused" (torch's default for "adamw": one op per tensor on the CPU)."""
     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if o.optimizer == "adamw-fused" else None)
 
 

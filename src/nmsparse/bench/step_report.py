@@ -136,7 +136,7 @@ def add_step_arguments(p) -> None:
                    help="eager, torch.compile(model), or both (default)")
     p.add_argument("--compile-backend", default=d.compile_backend, help="torch.compile backend (default inductor)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help="torch.optim.AdamW as README's loop makes it (default), or AdamW(fused=True)")
+                   help="AdamW(fused=True) as nmsparse train makes it (default), or torch's default AdamW")
     p.add_argument("--steps", type=_count(1), help="timed steps per method (default 2 x --recompute-every, >= 20)")
     p.add_argument("--warmup", type=_count(0), default=d.warmup, help="untimed steps per method first (compiles)")
     p.add_argument("--block", type=_count(1), default=d.block, help="steps per method per round-robin turn")

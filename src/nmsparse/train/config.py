@@ -35,6 +35,7 @@ class OptimConfig:
     label_smoothing: float = 0.0
     beta1: float = 0.9  # adamw
     beta2: float = 0.999  # adamw (nanoGPT's small models: 0.99)
+    fused: bool = True  # adamw: torch's fused kernel where every parameter allows it (train/optim.py)
     grad_clip: float = 0.0  # max global gradient norm (0: off)
     batch_lr_scaling: bool = False  # lr is given per 256 images (ffcv style) when true
 

@@ -26,10 +26,24 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
             {"params": no_decay, "weight_decay": 0.0 if not decay_norm_and_bias else weight_decay}]
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_supported(params) -> bool:
+    """Whether torch's fused AdamW takes every parameter: floating point, on a CPU or CUDA device.
+
+    The default (for-each) AdamW takes the square root of every exp_avg_sq each step, and on the CPU
+    that square root (MKL's vector math) is 5-9x slower on zeros, which a frozen mask's pruned
+    weights keep for the whole run (docs/benchmarks.md); the fused kernel is faster dense or sparse.
+    """
+    return all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in params)
+
+
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        fused = True if cfg.fused and fused_supported(model.parameters()) else None
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {cfg.name!r}")
