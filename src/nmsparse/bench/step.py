@@ -23,9 +23,8 @@ torch's default one, whose CPU sqrt slows on a frozen mask's zero state), on the
 * Memory (eager and compiled): peak tensor bytes of a step in the same window: the tensors alive at
   its start (parameters, gradients, buffers such as masks, optimizer state; each storage once) plus
   the peak of the running sum of the profiler's allocation events (``profile_memory``: the CPU
-  allocator's allocations and frees, compiled code's included). Python objects and allocator slack
-  are left out: RSS would mix them in, tracemalloc does not see tensors. Peak RSS too (``rss_steps``): each
-  method in its own process, eager (``step_rss``), and its difference to dense's.
+  allocator's allocations and frees, compiled code's included; not tracemalloc, blind to tensors). Peak RSS
+  too (``rss_steps``): each method in its own process, eager (``step_rss``), and its difference to dense's.
 * ``sparsify`` itself: its wall time per method (median over the builds), target < 0.5 s on ResNet-18.
 """
 
@@ -37,7 +36,7 @@ import fnmatch
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +57,7 @@ __all__ = ["METHODS", "MODELS", "OPTIMIZERS", "StepOptions", "make_optimizer", "
 MODELS = ("resnet18", "gpt")
 OPTIMIZERS = ("adamw", "adamw-fused")
 MIN_STEPS = 20
-GROUP2_DENSE = "dense (group 2)"  # the dense baseline of the compiled graph-breaking methods (_groups)
+GROUP2_DENSE = "dense (group 2)"  # the dense timed with the compiled graph-breaking methods (_groups)
 
 
 @dataclass(frozen=True)
@@ -295,9 +294,9 @@ def _run_mode(kind, base, x, y, mode, steps, o: StepOptions, sparsify_s, log, me
     return runners
 
 
-def _rows(kind, mode, runners, sparsify_s) -> list[dict]:
-    dense = next(r for r in runners if r.name == "dense")
-    runners = [dense] + [r for r in runners if r is not dense]
+def _rows(kind, mode, runners, sparsify_s, baseline: _Runner | None = None) -> list[dict]:
+    """One row per runner, its ratios to `baseline` (default: the group's own dense runner, listed first)."""
+    dense = baseline or runners[0]
     d_med, d_mean = statistics.median(dense.times), statistics.fmean(dense.times)
     d_peak = dense.profile["peak_bytes"] if dense.profile else None
     rows = []
@@ -329,7 +328,6 @@ def _rows(kind, mode, runners, sparsify_s) -> list[dict]:
 
 def _dynamo_reset() -> None:
     import torch._dynamo  # here, not at import: seconds at every CLI start
-
     torch._dynamo.reset()
 
 
@@ -338,8 +336,8 @@ def _groups(methods: list[str], mode: str) -> list[list[str]]:
     second group with their own dense baseline, after a Dynamo reset: their per-layer graph breaks compile the
     model's inner frames (attention, MLP) separately, and those shared code objects then recompiled the other
     methods' models for the rest of the run (measured: dense 2, every weight method 8 recompiles on the GPT).
-    That group's dense is reported as its own row: it is not a clean baseline, since a breaking model's entry for
-    the shared top frame passes its guards, so it runs in pieces (docs/benchmarks.md)."""
+    That group's dense is no baseline: a breaking model's entry for the shared top frame passes its guards, so it
+    runs in pieces (docs/benchmarks.md); it is reported as a row of its own, timed against the first group's."""
     if mode != "compile":
         return [methods]
     breaking = [m for m in methods if METHODS[m].breaks_graph]
@@ -371,9 +369,11 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
                     if mode == "compile":
                         _dynamo_reset()  # each group compiles from scratch
                     runners = _run_mode(kind, base, x, y, mode, steps, o, sparsify_s, log, group)
-                    group_rows = _rows(kind, mode, runners, sparsify_s)
-                    if i:  # the later group's own baseline, shown: its ratios are to it
+                    # Every group's ratios are to the first group's dense: the later group's own dense runs in pieces.
+                    group_rows = _rows(kind, mode, runners, sparsify_s, first if i else None)
+                    if i:
                         group_rows[0]["method"] = GROUP2_DENSE
+                    first = first if i else replace(runners[0], model=None, fn=None, opt=None)
                     rows += group_rows
                     del runners
             if o.rss_steps and "eager" in modes:
