@@ -284,3 +284,23 @@ def test_step_masks_without_attach_warns_when_forwards_were_counted_as_steps():
     with pytest.warns(UserWarning, match=r"counted several training forwards as steps.*0 \(3\)"):
         nmsparse.step_masks(net)
     assert param(net[0]).steps_by == "optimizer" and int(param(net[0]).step) == 3
+
+
+def test_a_step_the_scaler_skips_does_not_count_with_a_fused_optimizer():
+    """A GradScaler steps a fused optimizer even when it found inf (the kernel skips the update itself, reading
+    opt.found_inf); the mask step counts only the steps that updated the weights."""
+    net = build("transposable")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
+    nmsparse.attach(net, opt)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    p = param(net[3])
+    for k, ((x, y),) in enumerate(batches(4)):
+        opt.zero_grad()
+        loss = (net(x) - y).pow(2).mean() * (float("inf") if k == 1 else 1.0)
+        scaler.scale(loss).backward()
+        before = net[3].parametrizations.weight.original.detach().clone()
+        scaler.step(opt)
+        scaler.update()
+        skipped = torch.equal(before, net[3].parametrizations.weight.original.detach())
+        assert skipped == (k == 1)  # the fused kernel left the weights as they were
+    assert int(p.step) == 3 and not hasattr(opt, "found_inf")

@@ -1,5 +1,6 @@
 """The training engine: configs, schedules, weight decay groups, logs, exact resume, faults, commands."""
 
+import copy
 import json
 import os
 import signal
@@ -16,9 +17,8 @@ from torch import nn
 from nmsparse.cli import main as cli
 from nmsparse.train import loop
 from nmsparse.train.checkpoint import load_checkpoint
-from nmsparse.train.config import load_config
+from nmsparse.train.config import OptimConfig, load_config
 from nmsparse.train.loop import train
-from nmsparse.train.config import OptimConfig
 from nmsparse.train.optim import build_optimizer, param_groups
 from nmsparse.train.schedule import lr_factor
 
@@ -368,3 +368,41 @@ def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeyp
     with pytest.raises(loop.TrainingInterrupted, match="the last checkpoint is"):
         train(load_config(cfg_path), tmp_path / "run", log=lambda *_: None)
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 6  # the step under way finished
+
+
+def test_a_resumed_optimizer_keeps_this_runs_fused_choice():
+    """A checkpoint's param_groups carry the writing run's `fused` (none before optim.fused): after loading, each
+    group gets back what build_optimizer chose, and its step counters where that kernel wants them; the next
+    steps equal a for-each AdamW's to rounding."""
+    from nmsparse.train.optim import keep_fused_choice
+
+    torch.manual_seed(0)
+    cfg = OptimConfig(name="adamw", lr=0.1, weight_decay=0.1)
+    old = nn.Linear(8, 8).double()
+    old_opt = build_optimizer(old, OptimConfig(name="adamw", lr=0.1, weight_decay=0.1, fused=False))
+    x = torch.randn(4, 8, dtype=torch.float64)
+
+    def step(net, opt):
+        opt.zero_grad()
+        net(x).square().sum().backward()
+        opt.step()
+
+    step(old, old_opt)
+    new = nn.Linear(8, 8).double()
+    new.load_state_dict(old.state_dict())
+    new_opt = build_optimizer(new, cfg)
+    chosen = [g["fused"] for g in new_opt.param_groups]
+    new_opt.load_state_dict(copy.deepcopy(old_opt.state_dict()))  # loading keeps same-device tensors: no sharing
+    assert not any(g["fused"] for g in new_opt.param_groups)  # torch takes the checkpoint's setting
+    assert keep_fused_choice(new_opt, chosen) and all(g["fused"] for g in new_opt.param_groups)
+    assert not keep_fused_choice(new_opt, chosen)  # nothing left to change
+    for st in new_opt.state.values():
+        assert st["step"].dtype == torch.float32 and int(st["step"]) == 1
+    for _ in range(2):
+        step(old, old_opt)
+        step(new, new_opt)
+    for a, b in zip(old.parameters(), new.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    back = build_optimizer(nn.Linear(8, 8).double(), OptimConfig(name="adamw", fused=False))
+    back.load_state_dict(copy.deepcopy(new_opt.state_dict()))
+    assert keep_fused_choice(back, [None, None]) and not any(g["fused"] for g in back.param_groups)

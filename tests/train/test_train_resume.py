@@ -223,3 +223,23 @@ def test_checkpoints_every_few_minutes(tmp_path, monkeypatch):
     assert saved == list(range(1, 12)) + [12]  # 12 steps: 11 inside the epoch, then its end
     train(cfg("epochs=0.5", "checkpoint_every_minutes=0"), tmp_path / "off", log=lambda *_: None)
     assert saved[12:] == [12]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_before_optim_fused_resumes_with_the_fused_adamw(tmp_path):
+    """A checkpoint written before optim.fused (no such config key; AdamW groups with fused=None) resumes: same
+    config, and the run continues with the fused AdamW, saying so."""
+    sets = ["optim.name=adamw", "optim.lr=0.001", "schedule.name=constant"]
+    run = tmp_path / "run"
+    train(cfg("epochs=1", *sets), run, log=lambda *_: None)
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert all(g["fused"] for g in state["optimizer"]["param_groups"])
+    config = {**state["config"], "optim": {k: v for k, v in state["config"]["optim"].items() if k != "fused"}}
+    groups = [{**g, "fused": None} for g in state["optimizer"]["param_groups"]]
+    save_checkpoint(run / "checkpoint.pt", {**state, "config": config,
+                                            "optimizer": {**state["optimizer"], "param_groups": groups}})
+    notes = []
+    summary = train(cfg("epochs=2", *sets), run, log=notes.append)
+    assert any("the checkpoint's AdamW was not fused; this run's is" in n for n in notes)
+    assert summary["epochs"] == 2 and len(metrics(run)) == 2
+    assert all(g["fused"] for g in load_checkpoint(run / "checkpoint.pt")["optimizer"]["param_groups"])

@@ -36,7 +36,7 @@ import fnmatch
 import os
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -294,9 +294,10 @@ def _run_mode(kind, base, x, y, mode, steps, o: StepOptions, sparsify_s, log, me
     return runners
 
 
-def _rows(kind, mode, runners, sparsify_s, baseline: _Runner | None = None) -> list[dict]:
-    """One row per runner, its ratios to `baseline` (default: the group's own dense runner, listed first)."""
-    dense = baseline or runners[0]
+def _rows(kind, mode, runners, sparsify_s) -> list[dict]:
+    """One row per runner, its ratios to the group's dense runner (the first: timed interleaved with the rest)."""
+    dense = runners[0]
+    assert dense.name == "dense"
     d_med, d_mean = statistics.median(dense.times), statistics.fmean(dense.times)
     d_peak = dense.profile["peak_bytes"] if dense.profile else None
     rows = []
@@ -336,8 +337,8 @@ def _groups(methods: list[str], mode: str) -> list[list[str]]:
     second group with their own dense baseline, after a Dynamo reset: their per-layer graph breaks compile the
     model's inner frames (attention, MLP) separately, and those shared code objects then recompiled the other
     methods' models for the rest of the run (measured: dense 2, every weight method 8 recompiles on the GPT).
-    That group's dense is no baseline: a breaking model's entry for the shared top frame passes its guards, so it
-    runs in pieces (docs/benchmarks.md); it is reported as a row of its own, timed against the first group's."""
+    That group's dense, their baseline, is a row of its own: a breaking model's cache entry for the shared top
+    frame passes its guards, so it runs in pieces (docs/benchmarks.md)."""
     if mode != "compile":
         return [methods]
     breaking = [m for m in methods if METHODS[m].breaks_graph]
@@ -369,11 +370,9 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
                     if mode == "compile":
                         _dynamo_reset()  # each group compiles from scratch
                     runners = _run_mode(kind, base, x, y, mode, steps, o, sparsify_s, log, group)
-                    # Every group's ratios are to the first group's dense: the later group's own dense runs in pieces.
-                    group_rows = _rows(kind, mode, runners, sparsify_s, first if i else None)
+                    group_rows = _rows(kind, mode, runners, sparsify_s)  # ratios to the group's own dense
                     if i:
                         group_rows[0]["method"] = GROUP2_DENSE
-                    first = first if i else replace(runners[0], model=None, fn=None, opt=None)
                     rows += group_rows
                     del runners
             if o.rss_steps and "eager" in modes:

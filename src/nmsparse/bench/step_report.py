@@ -20,9 +20,9 @@ CSV_KEYS = ["model", "mode", "method", "steps", "median_ms", "mean_ms", "worst_m
             "rss_mb", "rss_vs_dense_mb", "profiled_steps", "share_mask", "share_masking", "share_grad_prune",
             "share_rest", "sparsify_s"]
 NOTES = (
-    "Ratios: step time over the dense step time of the same run and mode (the full-graph dense: the compiled "
-    "SDGP random methods, which break the graph by design, are timed after a Dynamo reset beside a dense of their "
-    "own, \"dense (group 2)\", which runs in pieces beside them); \"mean\" is amortised over the timed "
+    "Ratios: step time over the dense step time of the same run and mode (the compiled SDGP random methods, "
+    "which break the graph by design, are timed after a Dynamo reset over a dense of their own, \"dense (group "
+    "2)\", which runs in pieces beside them); \"mean\" is amortised over the timed "
     "steps (whole recompute periods). Target: issue #12's ratio, on the median, or on the mean for the methods "
     "that recompute periodically. Recompiles: Dynamo compilations after warm-up. Peak: tensor bytes of a step "
     "(parameters, gradients, buffers, optimizer state and the step's allocations). RSS: peak resident memory of "

@@ -109,6 +109,11 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> 
         p.attached_to = weakref.ref(optimizer)
 
     def hook(opt, args, kwargs):
+        # A fused optimizer under a GradScaler is stepped even when the scaler found inf / NaN (the kernel then
+        # skips the update itself, reading opt.found_inf): such a step does not count, as with any other optimizer.
+        found_inf = getattr(opt, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            return
         _advance(layers)
 
     return MaskStepHandle(optimizer.register_step_post_hook(hook), layers)

@@ -37,7 +37,7 @@ from . import distributed
 from .checkpoint import check_resume, keep_previous, load_resumable, previous_path, save_checkpoint
 from .config import TrainConfig
 from .metrics import MetricsLog, read_metrics
-from .optim import build_optimizer
+from .optim import build_optimizer, keep_fused_choice
 from .runlock import RunLock
 from .schedule import lr_factor
 
@@ -151,7 +151,11 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
             state, used, fallback = load_resumable(ckpt, map_location=device)
             note = check_resume(used, state, cfg.to_dict(), steps_per_epoch)
             model.load_state_dict(state["model"])
+            chosen = [g.get("fused") for g in opt.param_groups]
             opt.load_state_dict(state["optimizer"])
+            if keep_fused_choice(opt, chosen) and info.is_main:
+                log(f"note: the checkpoint's AdamW was {'not ' if chosen[0] else ''}fused; this run's is"
+                    f"{'' if chosen[0] else ' not'} (optim.fused and the device decide; the same update to rounding)")
             scaler.load_state_dict(state["scaler"])
             epoch, step, history = state["epoch"], state["step"], state["history"]
             skip, partial = state.get("epoch_step", 0), state.get("epoch_partial")

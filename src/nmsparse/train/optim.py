@@ -47,3 +47,21 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         fused = True if cfg.fused and fused_supported(model.parameters()) else None
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {cfg.name!r}")
+
+
+def keep_fused_choice(opt: torch.optim.Optimizer, chosen: list) -> bool:
+    """After ``opt.load_state_dict``: each group's ``fused`` back to what build_optimizer chose for this run (`chosen`,
+    one per group), with its step counters where that implementation wants them. A checkpoint's groups carry the
+    writing run's setting: none before optim.fused existed, or fused=True resumed where fused is not supported.
+    Returns whether any group changed."""
+    changed = False
+    for group, fused in zip(opt.param_groups, chosen):
+        if group.get("fused") == fused:
+            continue
+        changed, group["fused"] = True, fused
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            if torch.is_tensor(state.get("step")):  # fused / capturable: on the parameter's device; else the CPU
+                device = p.device if fused or group.get("capturable") else torch.device("cpu")
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)
+    return changed
