@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nmsparse.bench.step import METHODS, StepOptions, _groups, make_optimizer, run_step_bench, select_methods
-from nmsparse.bench.step_report import format_result, table
+from nmsparse.bench.step_report import format_result, group_baselines, table
 from nmsparse.bench.step_rss import measure_rss
 from nmsparse.cli import main
 
@@ -87,6 +87,9 @@ def test_graph_breaking_methods_do_not_recompile_the_others():
     assert rows[3]["graph_breaks"] > 0 and rows[2]["ratio_median"] == rows[2]["ratio_mean"] == 1.0
     for key in ("median", "mean"):  # the breaking methods' ratios are to their group's own dense, shown
         assert rows[3][f"ratio_{key}"] == pytest.approx(rows[3][f"{key}_ms"] / rows[2][f"{key}_ms"])
+    line, = group_baselines(rows)  # ... and set against the first group's full-graph dense below the table
+    assert line.startswith('gpt compile: "dense (group 2)" took')
+    assert f"{rows[2]['median_ms'] / rows[0]['median_ms']:.2f}x the full-graph dense's" in line
 
 
 @pytest.mark.slow
