@@ -75,10 +75,10 @@ def _traced_for_compile() -> bool:
 def multiply(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """w * mask: in one C++ pass where nothing records a graph through it (same values), else by torch. Traced by
     torch.compile, a 2-D CPU weight's product is the opaque op that runs that pass (``kernels.compiled_masking``)."""
-    if _traced_for_compile() and compiled_op_takes(w, mask):
-        return masked_weight_op(w, mask)
-    if torch.compiler.is_compiling():  # export, or a weight the op does not take
-        return w * mask
+    if torch.compiler.is_compiling():  # asked once: every eager forward of a masked layer passes here
+        if not torch.compiler.is_exporting() and compiled_op_takes(w, mask):
+            return masked_weight_op(w, mask)
+        return w * mask  # export, or a weight the op does not take
     if not (torch.is_grad_enabled() and w.requires_grad):
         out = masked_weight_native(w, mask)
         if out is not None:

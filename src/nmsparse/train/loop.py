@@ -154,8 +154,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
             chosen = [g.get("fused") for g in opt.param_groups]
             opt.load_state_dict(state["optimizer"])
             if keep_fused_choice(opt, chosen) and info.is_main:
-                log(f"note: the checkpoint's AdamW was {'not ' if chosen[0] else ''}fused; this run's is"
-                    f"{'' if chosen[0] else ' not'} (optim.fused and the device decide; the same update to rounding)")
+                was, now = ("not fused", "is") if chosen[0] else ("fused", "is not")
+                log(f"note: the checkpoint's AdamW was {was}; this run's {now} (optim.fused and the device decide; "
+                    "the same update to rounding)")
             scaler.load_state_dict(state["scaler"])
             epoch, step, history = state["epoch"], state["step"], state["history"]
             skip, partial = state.get("epoch_step", 0), state.get("epoch_partial")
