@@ -41,3 +41,9 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"nmsparse {__version__}"
+
+
+def test_bench_gpu_names_an_unknown_section():
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "gpu", "--sections", "roofs,gemms"])
+    assert "--sections: unknown gemms" in str(info.value.code) and "roofs,prune,gemm,block,train" in str(info.value.code)

@@ -54,8 +54,12 @@ def _parse_nm(text: str) -> tuple[int, int]:
 def _bench_gpu(args) -> int:
     from .bench import gpu
 
-    gpu.run(out=args.out, quick=args.quick)
-    return 0
+    sections = args.sections.split(",") if args.sections else None
+    bad = sorted(set(sections or ()) - set(gpu.SECTIONS))
+    if bad:
+        raise SystemExit(f"--sections: unknown {', '.join(bad)}; choose from {','.join(gpu.SECTIONS)}")
+    results = gpu.run(out=args.out, quick=args.quick, sections=sections)
+    return 1 if results["errors"] else 0
 
 
 def _demo(args) -> int:
@@ -248,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     bg = bsub.add_parser("gpu", help="Triton prune kernels and 2:4 sparse tensor cores vs dense (needs CUDA)")
     bg.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     bg.add_argument("--out", help="write JSON (and Markdown beside it) here")
+    bg.add_argument("--sections", help="comma-separated subset of roofs,prune,gemm,block,train (default: all)")
     bg.set_defaults(func=_bench_gpu)
     from .bench.deploy import add_deploy_arguments, deploy_main
 

@@ -499,6 +499,9 @@ def test_bench_gpu_dry_run(monkeypatch, tmp_path):
     monkeypatch.setattr(dispatch, "_default", Dispatcher(timer=lambda dense_fn, sparse_fn: (2.0, 1.0)))
     res = gpu.run(out=tmp_path / "bench.json", quick=True, log=lambda *a: None, _allow_cpu=True)
     assert res["errors"] == []
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert set(saved["tables"]) == {"roofs", "prune", "gemm", "block", "train", "dispatch"}
+    assert "## dispatch" in (tmp_path / "bench.md").read_text()
     for section in ("prune", "gemm", "block", "train"):
         bad = [r for r in res[section] if r.get("check") != "ok"]
         assert not bad, (section, bad)

@@ -67,13 +67,14 @@ def frames() -> tuple[int, int]:
     return counters["frames"]["total"], sum(counters["graph_break"].values())
 
 
-def train(case, net, model, steps):
+def train(case, net, model, steps, device="cpu", dtype=torch.float64):
     """SGD with the masks attached to the optimizer; per step: the loss, the masks after it, (frames, breaks) so far."""
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     nmsparse.attach(model, opt)
     losses, masks, seen = [], [], []
     for step in range(steps):
         x, y = batch(case, step)
+        x, y = x.to(device, dtype if x.is_floating_point() else None), y.to(device)
         opt.zero_grad()
         loss = nn.functional.cross_entropy(net(x).flatten(0, -2), y.flatten())
         loss.backward()
@@ -84,18 +85,18 @@ def train(case, net, model, steps):
     return losses, masks, seen
 
 
-def check(case, backend, steps=6):
+def check(case, backend, steps=6, device="cpu", dtype=torch.float64, rtol=1e-9, atol=1e-12):
     dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
     cls, config = CASES[case]
-    eager = nmsparse.sparsify(cls().double(), config)
+    eager = nmsparse.sparsify(cls().to(device, dtype), config)
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, backend=backend)
-    want, want_masks, _ = train(case, eager, eager, steps)
-    got, got_masks, seen = train(case, compiled, model, steps)
+    want, want_masks, _ = train(case, eager, eager, steps, device, dtype)
+    got, got_masks, seen = train(case, compiled, model, steps, device, dtype)
     assert seen[2] == seen[-1], f"compiled again or broke the graph again after the 3rd step: {seen}"
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
     for step, (a, b) in enumerate(zip(got_masks, want_masks)):  # the masks changed on the same steps
         assert a.keys() == b.keys() and len(a) >= 2
         assert all(torch.equal(a[k], b[k]) for k in a), step
@@ -127,6 +128,17 @@ def test_compiled_gpt_stack_random_sdgp_breaks_only_at_its_generator():
 def test_compiled_cnn_with_inductor():
     seen = check("cnn", "inductor", steps=4)
     assert seen[-1] == (1, 0), seen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["cnn", "gpt"])
+def test_compiled_on_cuda_with_inductor(case):
+    """On CUDA the SDGP prune runs the Triton kernels inside the compiled graph; float32, so the losses agree to
+    rounding of inductor's fused kernels, the masks exactly."""
+    seen = check(case, "inductor", steps=4, device="cuda", dtype=torch.float32, rtol=1e-4, atol=1e-5)
+    if case == "cnn":
+        assert seen[-1] == (1, 0), seen
 
 
 def test_import_does_not_load_dynamo():

@@ -39,7 +39,9 @@ from .gpu_prune import bench_prune, prune_table
 from .gpu_train import bench_train, train_table
 from ..common.text import markdown_table
 
-__all__ = ["run", "NO_CUDA_MESSAGE", "GEMM_SHAPES"]
+__all__ = ["run", "NO_CUDA_MESSAGE", "GEMM_SHAPES", "SECTIONS"]
+
+SECTIONS = ("roofs", "prune", "gemm", "block", "train")
 
 NO_CUDA_MESSAGE = ("nmsparse bench gpu needs a CUDA GPU (2:4 sparse tensor cores: sm80 or newer) and "
                    "found none (torch.cuda.is_available() is False). Run it on a GPU machine, e.g. "
@@ -63,6 +65,36 @@ def _paths(out) -> tuple[Path, Path] | None:
     return out / "bench-gpu.json", out / "bench-gpu.md"
 
 
+def _save(results: dict, out, quick: bool) -> tuple[Path, Path] | None:
+    """Write results as JSON and Markdown to `out` (see ``run``); returns the two paths."""
+    paths = _paths(out)
+    if paths is None:
+        return None
+    env = results["environment"]
+    jpath, mpath = paths
+    jpath.parent.mkdir(parents=True, exist_ok=True)
+    jpath.write_text(json.dumps(results, indent=1, default=str))
+    head = [f"# nmsparse bench gpu{' (quick)' if quick else ''}", "",
+            f"GPU: {env.get('gpu')} (sm {env.get('capability')}, {env.get('sms')} SMs, "
+            f"{env.get('memory_gib')} GiB); torch {env['torch']}, CUDA {env['cuda']}, "
+            f"cuSPARSELt {env.get('cusparselt')}, triton {env['triton']}, nmsparse {env.get('nmsparse')}; "
+            f"{env['machine']}", ""]
+    body = [f"## {k}\n\n{v}\n" for k, v in results["tables"].items()]
+    errs = [f"- {e['section']}: {e['error']}" for e in results["errors"]]
+    mpath.write_text("\n".join(head + body + (["## errors", ""] + errs if errs else [])) + "\n")
+    return paths
+
+
+def _record_dispatch(results: dict, log=None) -> None:
+    """The Dispatcher's decisions so far (the sparse-core layers of the block and train sections)."""
+    decisions = default_dispatcher().report()
+    if decisions:
+        results["dispatch"] = decisions
+        results["tables"]["dispatch"] = text = dispatch_table(decisions)
+        if log is not None:
+            log(f"\n## dispatch (which products the sparse-core layers ran on 2:4 sparse tensor cores)\n{text}")
+
+
 def run(out=None, quick: bool = False, log=print, sections=None, _allow_cpu: bool = False) -> dict:
     """Run the GPU benchmarks; print each table as it is done; save JSON + Markdown to `out`.
 
@@ -78,7 +110,7 @@ def run(out=None, quick: bool = False, log=print, sections=None, _allow_cpu: boo
         device = torch.device("cpu")
     else:
         raise SystemExit(NO_CUDA_MESSAGE)
-    wanted = tuple(sections) if sections else ("roofs", "prune", "gemm", "block", "train")
+    wanted = tuple(sections) if sections else SECTIONS
     timer = Timer(device, warmup=2 if quick else 3, reps=10 if quick else 20)
     if device.type != "cuda":
         timer = Timer(device, warmup=1, reps=2)
@@ -105,6 +137,9 @@ def run(out=None, quick: bool = False, log=print, sections=None, _allow_cpu: boo
             text = table(res)
             results["tables"][name] = text
             log(text)
+        if name in ("block", "train"):
+            _record_dispatch(results, log if name == ("train" if "train" in wanted else "block") else None)
+        _save(results, out, quick)  # what is done survives a run cut short (a time-boxed lease)
         return res
 
     roofs = section("roofs", lambda: bench_roofs(device, timer, quick), roofs_table)
@@ -114,24 +149,8 @@ def run(out=None, quick: bool = False, log=print, sections=None, _allow_cpu: boo
     section("gemm", lambda: bench_gemm(device, timer, quick, log), gemm_table)
     section("block", lambda: bench_block(device, timer, quick, log), block_table)
     section("train", lambda: bench_train(device, timer, quick, log), train_table)
-    decisions = default_dispatcher().report()
-    if decisions and ("block" in wanted or "train" in wanted):
-        results["dispatch"] = decisions
-        results["tables"]["dispatch"] = text = dispatch_table(decisions)
-        log(f"\n## dispatch (which products the sparse-core layers ran on 2:4 sparse tensor cores)\n{text}")
     results["seconds"] = time.perf_counter() - t0
-    paths = _paths(out)
+    paths = _save(results, out, quick)
     if paths is not None:
-        jpath, mpath = paths
-        jpath.parent.mkdir(parents=True, exist_ok=True)
-        jpath.write_text(json.dumps(results, indent=1, default=str))
-        head = [f"# nmsparse bench gpu{' (quick)' if quick else ''}", "",
-                f"GPU: {env.get('gpu')} (sm {env.get('capability')}, {env.get('sms')} SMs, "
-                f"{env.get('memory_gib')} GiB); torch {env['torch']}, CUDA {env['cuda']}, "
-                f"cuSPARSELt {env.get('cusparselt')}, triton {env['triton']}, nmsparse {env.get('nmsparse')}; "
-                f"{env['machine']}", ""]
-        body = [f"## {k}\n\n{v}\n" for k, v in results["tables"].items()]
-        errs = [f"- {e['section']}: {e['error']}" for e in results["errors"]]
-        mpath.write_text("\n".join(head + body + (["## errors", ""] + errs if errs else [])) + "\n")
-        log(f"\nwrote {jpath} and {mpath}")
+        log(f"\nwrote {paths[0]} and {paths[1]}")
     return results

@@ -1,4 +1,4 @@
-"""`nmsparse bench gpu`, one transformer MLP block (ViT-B widths), forward + backward.
+"""`nmsparse bench gpu`, one transformer MLP block (ViT-B widths; ViT-L too unless quick), forward + backward.
 
 The sparse variants are built by ``nmsparse.sparsify`` exactly as training builds them
 (``Variant.config``): SDGP 2:4 on the input gradient (GradSparsity, layers="conv+linear"),
@@ -92,11 +92,17 @@ def _twin_check(make, variant: Variant, x: torch.Tensor, gout: torch.Tensor) -> 
 
 
 def bench_block(device, timer: Timer, quick: bool, log) -> list[dict]:
-    dim, hidden = 768, 3072
-    tokens = 8192 if quick else 16384
-    seq = 256
+    widths = [(768, 3072)] if quick else [(768, 3072), (1024, 4096)]  # ViT-B, ViT-L
+    tokens, seq = (8192 if quick else 16384), 256
     if device.type != "cuda":
-        dim, hidden, tokens, seq = 64, 256, 128, 32
+        widths, tokens, seq = [(64, 256)], 128, 32
+    rows = []
+    for dim, hidden in widths:
+        rows += _bench_width(device, timer, dim, hidden, tokens, seq)
+    return rows
+
+
+def _bench_width(device, timer: Timer, dim: int, hidden: int, tokens: int, seq: int) -> list[dict]:
     dtype = torch.bfloat16
     rows, base = [], None
     xs = [torch.randn(tokens // seq, seq, dim, device=device, dtype=dtype) for _ in range(2)]
