@@ -291,3 +291,24 @@ def test_bench_output_paths(tmp_path):
     from nmsparse.patterns.transposable import is_transposable
 
     assert is_transposable(transposable_pattern(8, 16, "cpu"), 2, 4)
+
+
+def test_backend_choice_by_architecture(monkeypatch):
+    """cuSPARSELt wherever torch has it; CUTLASS only on sm8x (torch's kernels refuse an H100/H200), with an error
+    that names what runs there."""
+    from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
+
+    arch = {"cap": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: arch["cap"])
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: True)
+    assert ss._backend_cls("auto") is SparseSemiStructuredTensorCUSPARSELT
+    with pytest.raises(ss.SemiStructuredUnavailable, match="sm8x GPUs only, this one is sm90: use backend='cusparselt'"):
+        ss._backend_cls("cutlass")
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
+    with pytest.raises(ss.SemiStructuredUnavailable, match="a torch build with cuSPARSELt"):
+        ss._backend_cls("auto")
+    with pytest.raises(ss.SemiStructuredUnavailable, match="cuSPARSELt is not available"):
+        ss._backend_cls("cusparselt")
+    arch["cap"] = (8, 0)
+    assert ss._backend_cls("auto") is SparseSemiStructuredTensorCUTLASS
+    assert ss._backend_cls("cutlass") is SparseSemiStructuredTensorCUTLASS

@@ -531,6 +531,9 @@ def test_sdgp_prune_grad_uses_the_kernel_on_cuda(method):
     assert out.stride() == g.stride()
     if method == "random":  # the kernel's Philox stream, seeded by the generator's seed
         assert bits_equal(out, ref.prune_random_reference(g.cpu(), 2, 4, 1, seed=tp.step_seed(1, 3)))
+    elif method in UNBIASED:  # their uniforms come from the same stream
+        torch.testing.assert_close(out.cpu(), UNBIASED[method](g.cpu(), 2, 4, 1, seed=tp.step_seed(1, 3)),
+                                   rtol=8e-3, atol=0, equal_nan=True)
     elif method == "magnitude":
         assert bits_equal(out, ref.prune_reference(g.cpu(), 2, 4, method, 1))
     else:

@@ -50,7 +50,7 @@ def pair(transposable=True, grad=None, dtype=torch.float32):
 def grads(model, x):
     x = x.detach().clone().requires_grad_()
     y = model(x)
-    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y))
     return y.detach(), x.grad, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 

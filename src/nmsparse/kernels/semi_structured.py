@@ -88,19 +88,32 @@ def _check_2d(t: torch.Tensor, what: str, rows_mult: int = 1, cols_mult: int = 1
                          f"and columns divisible by {cols_mult}")
 
 
-def _backend_cls(backend: str):
+def _cutlass_runs(device) -> bool:
+    """torch's CUTLASS 2:4 kernels are built for sm8x alone (an H100/H200 refuses them)."""
+    return torch.cuda.get_device_capability(device)[0] == 8
+
+
+def _backend_cls(backend: str, device=None):
+    """The SparseSemiStructuredTensor class for `backend` on `device` (a CUDA device; None: current).
+
+    "auto": cuSPARSELt where torch has it, else CUTLASS on sm8x; asking for CUTLASS on another
+    architecture is an error that names the backend that runs there.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
-    if backend == "auto":
-        cusparselt = torch.backends.cusparselt.is_available()
-        return SparseSemiStructuredTensorCUSPARSELT if cusparselt else SparseSemiStructuredTensorCUTLASS
-    if backend == "cusparselt":
-        if not torch.backends.cusparselt.is_available():
+    cusparselt = torch.backends.cusparselt.is_available()
+    if backend == "cusparselt" or (backend == "auto" and cusparselt):
+        if not cusparselt:
             raise SemiStructuredUnavailable("cuSPARSELt is not available in this torch build; "
-                                            "use backend='cutlass'")
+                                            "use backend='cutlass' (sm8x GPUs)")
         return SparseSemiStructuredTensorCUSPARSELT
+    if not _cutlass_runs(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise SemiStructuredUnavailable(
+            f"torch's CUTLASS 2:4 kernels run on sm8x GPUs only, this one is sm{major}{minor}: use "
+            + ("backend='cusparselt' or 'auto'" if cusparselt else "a torch build with cuSPARSELt"))
     return SparseSemiStructuredTensorCUTLASS
 
 
@@ -113,10 +126,10 @@ def to_sparse_24(dense: torch.Tensor, backend: str = "auto"):
     """
     require(dense, "to_sparse_24")
     _check_2d(dense, "to_sparse_24")
-    return _backend_cls(backend).from_dense(dense.contiguous())
+    return _backend_cls(backend, dense.device).from_dense(dense.contiguous())
 
 
-def prune_tile24(x: torch.Tensor, algorithm: str = "largest_abs_values_greedy", backend: str = "cutlass"):
+def prune_tile24(x: torch.Tensor, algorithm: str = "largest_abs_values_greedy", backend: str = "auto"):
     """Prune each 4x4 tile of 2-D x to a transposable 2:4 pattern and compress it, in one kernel.
 
     Returns a SparseSemiStructuredTensor holding both x's and x^T's compressed forms (``.t()``
@@ -128,7 +141,7 @@ def prune_tile24(x: torch.Tensor, algorithm: str = "largest_abs_values_greedy", 
     if algorithm not in TILE24_ALGORITHMS:
         raise ValueError(f"algorithm must be one of {TILE24_ALGORITHMS}, got {algorithm!r}")
     _check_2d(x, "prune_tile24", 1, 32)
-    return _backend_cls(backend).prune_dense_static_sort(x.contiguous(), algorithm=algorithm)
+    return _backend_cls(backend, x.device).prune_dense_static_sort(x.contiguous(), algorithm=algorithm)
 
 
 def tile24_raw(x: torch.Tensor, algorithm: str = "largest_abs_values_greedy", use_cutlass: bool = True):
@@ -229,7 +242,7 @@ def sdgp_dx_separate(gy: torch.Tensor, weight: torch.Tensor, method: str = "magn
 
 
 def sdgp_dx_tile24(gy: torch.Tensor, weight: torch.Tensor,
-                   algorithm: str = "largest_abs_values_greedy", backend: str = "cutlass") -> torch.Tensor:
+                   algorithm: str = "largest_abs_values_greedy", backend: str = "auto") -> torch.Tensor:
     """The fused route: dY (viewed as (tokens, out)) pruned to the transposable 4x4-tile 2:4
     pattern and compressed by one kernel (``prune_tile24``), then (pruned dY) @ W on sparse
     cores: (..., in). SDGP method "tile24"."""

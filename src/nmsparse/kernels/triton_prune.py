@@ -41,6 +41,7 @@ __all__ = ["SUPPORTED_M", "SUPPORTED_DTYPES", "triton_available", "interpreting"
 SUPPORTED_M = (2, 4, 8, 16, 32)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TILE_ELEMS = 2048  # elements per program tile (x M compares each for the ranking)
+_NUM_WARPS = 4  # warps per program (Triton's default)
 
 
 def triton_available() -> bool:
@@ -185,13 +186,13 @@ def _run(x: torch.Tensor, n: int, m: int, d: int, method: str, seed: int, offset
         kept = torch.empty_like(full)
         k.partial_sums_kernel[(B * n_cb * n_sb,)](
             x, full, kept, S, C, n_sb, n_cb, sxb, sxs, sxc, n,
-            M=m, BLOCK_S=block_s, GROUPS=groups, ROW=row)
+            M=m, BLOCK_S=block_s, GROUPS=groups, ROW=row, num_warps=_NUM_WARPS)
         scale = full.sum(1) / (kept.sum(1) + eps)
         ss = (0, 1, 0) if row else (C, 0, 1)
     if method == "mvue":  # its own kernel; the kept mask is where the output is nonzero (or NaN)
         k.mvue_kernel[(B * n_cb * n_sb,)](
             x, out, S, C, n_sb, n_cb, sxb, sxs, sxc, sob, sos, soc, n, seed, offset,
-            M=m, BLOCK_S=block_s, GROUPS=groups)
+            M=m, BLOCK_S=block_s, GROUPS=groups, num_warps=_NUM_WARPS)
         if mask is not None:
             mask.copy_((out != 0) | out.isnan())
         return out, mask
@@ -206,7 +207,7 @@ def _run(x: torch.Tensor, n: int, m: int, d: int, method: str, seed: int, offset
         M=m, BLOCK_S=block_s, GROUPS=groups, RANDOM=method in ("random", "random-unbiased"),
         SCALE=scale is not None,
         MULTIPLY=multiply, STORE_OUT=out is not None, STORE_MASK=mask is not None,
-        BF16_BITS=bf16_bits)
+        BF16_BITS=bf16_bits, num_warps=_NUM_WARPS)
     if method == "random-unbiased" and out is not None and n < m:
         out.mul_(m / n)  # the same product as the torch method's, on the kept entries
     return out, mask
