@@ -47,10 +47,11 @@ def pair(transposable=True, grad=None, dtype=torch.float32):
     return auto, dense
 
 
-def grads(model, x):
+def grads(model, x, gy=None):
     x = x.detach().clone().requires_grad_()
+    model.zero_grad(set_to_none=True)
     y = model(x)
-    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y))
+    y.backward(gy if gy is not None else torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y))
     return y.detach(), x.grad, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
@@ -318,15 +319,25 @@ def test_sparse_core_linear_matches_dense_on_gpu(monkeypatch, grad):
     sparsify(auto, SparsityConfig(weight=WeightNM(2, 4, transposable=True, kernel="auto"), grad=grad_cfg))
     sparsify(dense, SparsityConfig(weight=WeightNM(2, 4, transposable=True), grad=grad_cfg))
     x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn(4, 256, 10, device="cuda", dtype=torch.bfloat16)  # not linspace: its bias sums cancel
 
     def rel(a, b):
         return float((a.float() - b.float()).norm() / b.float().norm())
 
-    ya, gxa, gpa = grads(auto, x)
-    yd, gxd, gpd = grads(dense, x)
-    assert rel(ya, yd) < 2e-2 and rel(gxa, gxd) < 2e-2
-    assert all(rel(gpa[k], gpd[k]) < 2e-2 for k in gpa)
+    def compare():
+        (ya, gxa, gpa), (yd, gxd, gpd) = grads(auto, x, gy), grads(dense, x, gy)
+        errs = {"y": rel(ya, yd), "dx": rel(gxa, gxd)} | {k: rel(gpa[k], gpd[k]) for k in gpa}
+        assert all(e < 2e-2 for e in errs.values()), errs
+
+    if grad is None:
+        compare()
+    else:
+        # SDGP's magnitude pruning of dY flips near-ties under the sparse forward's bf16 rounding (on an H200: dX
+        # 10% apart, each product exact alone), so the backward is compared with the forward product dense.
+        ya, yd = auto(x), dense(x)
+        assert rel(ya, yd) < 2e-2
+        monkeypatch.setattr(ops, "weight24_linear", lambda *a, **k: None)
+        compare()
     chosen = {r["op"]: r["choice"] for r in disp.report()}
     assert chosen.get("w24_linear") == "sparse", disp.report()
-    if grad is None:
-        assert chosen.get("w24t_linear_dx") == "sparse", disp.report()
+    assert chosen.get("w24t_linear_dx" if grad is None else "sdgp_dx_magnitude") == "sparse", disp.report()

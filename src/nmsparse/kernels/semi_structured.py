@@ -138,10 +138,22 @@ def prune_tile24(x: torch.Tensor, algorithm: str = "largest_abs_values_greedy", 
     columns a multiple of 32 (cuSPARSELt: rows and columns multiples of 128).
     """
     require(x, "prune_tile24")
+    _require_tile_compress(x.device)
     if algorithm not in TILE24_ALGORITHMS:
         raise ValueError(f"algorithm must be one of {TILE24_ALGORITHMS}, got {algorithm!r}")
     _check_2d(x, "prune_tile24", 1, 32)
     return _backend_cls(backend, x.device).prune_dense_static_sort(x.contiguous(), algorithm=algorithm)
+
+
+def _require_tile_compress(device) -> None:
+    """The tile op's compressed output is usable on sm8x only: CUTLASS's products refuse other GPUs, and on an
+    H200 (torch 2.11, cuSPARSELt 0.8) its cuSPARSELt form held a different pattern from the tile mask (51%
+    agreement, products off by 110%; the same pruned tensor compressed by cuSPARSELt itself was exact)."""
+    if not _cutlass_runs(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise SemiStructuredUnavailable(
+            f"the fused tile24 prune-and-compress runs on sm8x GPUs only, this one is sm{major}{minor}: its masks "
+            "(tile24_raw, ops.tile24_prune_grad) work here; compress the pruned tensor with to_sparse_24")
 
 
 def tile24_raw(x: torch.Tensor, algorithm: str = "largest_abs_values_greedy", use_cutlass: bool = True):

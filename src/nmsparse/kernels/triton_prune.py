@@ -40,8 +40,8 @@ __all__ = ["SUPPORTED_M", "SUPPORTED_DTYPES", "triton_available", "interpreting"
 
 SUPPORTED_M = (2, 4, 8, 16, 32)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TILE_ELEMS = 2048  # elements per program tile (x M compares each for the ranking)
-_NUM_WARPS = 4  # warps per program (Triton's default)
+_TILE_ELEMS: int | None = None  # elements per program tile; None: _tile_elems' measured choice
+_NUM_WARPS = 4  # warps per program (Triton's default; 8 was no faster on an H200)
 
 
 def triton_available() -> bool:
@@ -112,13 +112,22 @@ def _view(t: torch.Tensor, d: int, keep_batch: bool):
     return (t.shape[0], rest[0], C), (t.stride(0), rest[1], sc)
 
 
+def _tile_elems(m: int, sc: int) -> int:
+    """Elements per program tile (each ranked with M compares): 4096 where an H200 measured it faster
+    (docs/benchmarks.md, magnitude, bf16): strided 2:4 channels (NCHW: 4.7x the GB/s of 2048) and contiguous
+    4:8 (+10%); 2048 elsewhere (contiguous 2:4: 4096 was 26% slower; other m not measured)."""
+    if _TILE_ELEMS is not None:
+        return _TILE_ELEMS
+    return 4096 if (sc != 1 and m == 4) or (sc == 1 and m == 8) else 2048
+
+
 def _blocks(S: int, C: int, m: int, sc: int) -> tuple[int, int]:
-    """(BLOCK_S, GROUPS) for a tile of about _TILE_ELEMS elements: wide along the contiguous dim."""
+    """(BLOCK_S, GROUPS) for a tile of about _tile_elems elements: wide along the contiguous dim."""
     if sc == 1:  # channels contiguous: about 64 consecutive channels per tile row
         groups = max(1, min(64 // m, _next_pow2(C // m)))
     else:
         groups = 1
-    block_s = max(1, min(_next_pow2(S), _TILE_ELEMS // (groups * m)))
+    block_s = max(1, min(_next_pow2(S), _tile_elems(m, sc) // (groups * m)))
     return block_s, groups
 
 
