@@ -1,7 +1,8 @@
 """`nmsparse bench gpu`, GEMMs: dense vs 2:4 products for ViT-B, ViT-L and GPT-2 XL MLP shapes at
 8k-32k tokens: forward with 2:4 weights, backward-data with transposable 2:4 weights, SDGP's
 input gradient by the separate (our prune + compress) and fused (tile op) routes, with and
-without the prune/compress overhead, each sparse product checked against the dense one first."""
+without the prune/compress overhead, each sparse product checked against the dense one first. "vs dense" is
+the dense product of the same op (for SDGP dX: the dense backward-data product it replaces)."""
 
 from __future__ import annotations
 
@@ -121,7 +122,8 @@ def bench_gemm(device, timer: Timer, quick: bool, log) -> list[dict]:
                         row["s"], row["tflops"] = t, flops / t / 1e12
                         if c.route == "dense":
                             dense_t[c.op] = t
-                        base = dense_t.get(c.op)
+                        # SDGP's dX replaces the dense backward-data product dY @ W: that is its baseline
+                        base = dense_t.get("backward-data" if c.op == "SDGP dX" else c.op)
                         row["speedup"] = base / t if base else None
                     except Exception as e:
                         row["check"] = err_text(e)

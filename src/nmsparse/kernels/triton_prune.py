@@ -113,12 +113,12 @@ def _view(t: torch.Tensor, d: int, keep_batch: bool):
 
 
 def _tile_elems(m: int, sc: int) -> int:
-    """Elements per program tile (each ranked with M compares): 4096 where an H200 measured it faster
-    (docs/benchmarks.md, magnitude, bf16): strided 2:4 channels (NCHW: 4.7x the GB/s of 2048) and contiguous
-    4:8 (+10%); 2048 elsewhere (contiguous 2:4: 4096 was 26% slower; other m not measured)."""
+    """Elements per program tile (each ranked with M compares): 4096 for strided 2:4 channels (NCHW), where an
+    H200 measured 5x (magnitude), 1.8x (random) and 4.8x (rescale) the GB/s of 2048 (docs/benchmarks.md);
+    2048 elsewhere (contiguous 2:4: 4096 was 26% slower; contiguous 4:8: magnitude +6%, random -17%)."""
     if _TILE_ELEMS is not None:
         return _TILE_ELEMS
-    return 4096 if (sc != 1 and m == 4) or (sc == 1 and m == 8) else 2048
+    return 4096 if sc != 1 and m == 4 else 2048
 
 
 def _blocks(S: int, C: int, m: int, sc: int) -> tuple[int, int]:
