@@ -67,6 +67,15 @@ def plain_uniform(key: int, e: int) -> float:
     return (x >> 8) / 2**24
 
 
+def plain_step_key(seed: int, step: int) -> int:
+    """kernels.draws.step_key on Python integers: v = seed * 1_000_003 + step mod 2**64 in words (lo, hi);
+    lo2 = hash32(hash32(lo) ^ hi); key = (hash32(lo2 ^ 0x9E3779B9 ^ hi) & 0x7FFFFFFF) << 32 | lo2."""
+    v = (seed * 1_000_003 + step) % 2**64
+    lo, hi = v & M32, v >> 32
+    lo2 = plain_hash32(plain_hash32(lo) ^ hi)
+    return ((plain_hash32(lo2 ^ 0x9E3779B9 ^ hi) & 0x7FFFFFFF) << 32) | lo2
+
+
 def plain_uniforms(count: int, seed: int) -> list[float]:
     """The `count` uniforms a CPU call draws from a generator seeded with `seed`: one word of it is the key."""
     key = int(torch.empty((), dtype=torch.int64).random_(generator=torch.Generator().manual_seed(seed)))

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import M32, plain_hash32, plain_uniform
-from nmsparse.kernels.draws import draw_key, hash32, hashed_uniforms, uniforms
+from conftest import M32, plain_hash32, plain_step_key, plain_uniform
+from nmsparse.kernels.draws import draw_key, hash32, hashed_uniforms, step_key, step_key_advance, uniforms
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.integers(0, M32), min_size=1, max_size=50))
@@ -22,6 +22,28 @@ def test_hashed_uniforms_match_plain_integers(key, count, start):
     got = hashed_uniforms(key, count, start=start)
     assert got.dtype == torch.float32
     assert got.tolist() == [plain_uniform(key, e) for e in range(start, start + count)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(st.integers(0, 2**20), st.integers(-2**80, 2**80)), st.integers(0, 2**63 - 1))
+def test_step_key_matches_plain_integers(seed, step):
+    key, nxt = step_key_advance(seed, torch.tensor(step))
+    assert key.dtype == torch.int64 and key.shape == () and int(key) == plain_step_key(seed, step)
+    assert 0 <= int(key) < 2**63 and int(step_key(seed, torch.tensor(step))) == int(key)
+    if step < 2**63 - 1:
+        assert int(nxt) == step + 1
+
+
+def test_step_keys_of_consecutive_steps_and_seeds_differ():
+    keys = {int(step_key(seed, torch.tensor(step))) for seed in range(20) for step in range(500)}
+    assert len(keys) == 20 * 500
+
+
+def test_a_key_tensor_gives_its_hashed_uniforms_on_any_call():
+    key = step_key(3, torch.tensor(7))
+    u = uniforms((4, 5), key, "cpu")
+    assert draw_key(key) == int(key) and torch.equal(u, hashed_uniforms(int(key), 20).view(4, 5))
+    assert torch.equal(u, uniforms((4, 5), key, "cpu"))  # a key is a value, not a stream
 
 
 def test_hash32_is_a_bijection_on_a_million_counters():

@@ -12,6 +12,7 @@ from hypothesis import given
 from torch import nn
 
 import nmsparse.nn.sdgp as sdgp_mod
+from conftest import plain_step_key
 from conftest import FLOAT_DTYPES
 from nmsparse.nn.sdgp import (SDGP_METHODS, SDGPConv2d, SDGPLinear, prune_grad, sdgp_conv2d,
                               sdgp_linear)
@@ -54,13 +55,17 @@ def ref_prune(g, n, m, method, dim, mask=None):
     return p
 
 
-def layer_ref_prune(G, n, m, method, dim, seed):
-    """What a layer's backward feeds to dX for dY = G at generator seed `seed`, in float64. The
-    unbiased methods' choice comes from prune_grad (their values: tests/kernels/test_unbiased.py)."""
+def layer_ref_prune(G, n, m, method, dim, rng):
+    """What a layer's backward feeds to dX for dY = G drawing from `rng` (an int: a generator seed; a tensor: a
+    key), in float64. The unbiased methods' choice comes from prune_grad (their values: tests/kernels/test_unbiased.py)."""
     if method in UNBIASED_METHODS:
-        return prune_grad(G, n, m, method, dim, torch.Generator().manual_seed(seed)).double()
-    mask = random_mask(G, n, m, dim, seed) if method == "random" else None
+        return prune_grad(G, n, m, method, dim, _rng(rng)).double()
+    mask = random_mask(G, n, m, dim, rng) if method == "random" else None
     return ref_prune(G, n, m, method, dim, mask)
+
+
+def _rng(rng):
+    return rng if isinstance(rng, torch.Tensor) else torch.Generator().manual_seed(rng)
 
 
 def group_counts(t, m, dim):
@@ -71,7 +76,7 @@ def group_counts(t, m, dim):
 def random_mask(g, n, m, dim, seed):
     """Kept positions of the random method for `seed` (they depend on g's values only where
     g is non-finite), checked to be exactly n per group."""
-    out = prune_grad(torch.ones_like(g), n, m, "random", dim, torch.Generator().manual_seed(seed))
+    out = prune_grad(torch.ones_like(g), n, m, "random", dim, _rng(seed))
     counts = group_counts(out, m, dim)
     assert torch.equal(counts, torch.full_like(counts, n))
     return out != 0
@@ -201,8 +206,9 @@ def test_prune_grad_bad_input():
 # ----------------------------------------------------------------------------- gradients
 
 
-def seed_of(module_seed, step=0):
-    return module_seed * 1_000_003 + step  # the documented per-backward generator seed
+def key_of(module_seed, step=0):
+    """What a CPU layer's backward number `step` draws from: the key of (seed, step), from plain integers."""
+    return torch.tensor(plain_step_key(module_seed, step))
 
 
 @st.composite
@@ -240,7 +246,7 @@ def test_conv_gradients_match_float64_reference(c):
     x64 = x0.double().requires_grad_()
     y64 = F.conv2d(x64, w64, b64, c["stride"], c["padding"], c["dilation"], c["groups"])
     G = torch.randn(y64.shape)
-    pruned = layer_ref_prune(G, c["n"], c["m"], c["method"], 1, seed_of(c["seed"]))
+    pruned = layer_ref_prune(G, c["n"], c["m"], c["method"], 1, key_of(c["seed"]))
     dx_ref, = torch.autograd.grad(y64, x64, pruned, retain_graph=True)
     dp_ref = torch.autograd.grad(y64, [w64] + ([b64] if c["bias"] else []), G.double())
     grads = []
@@ -272,7 +278,7 @@ def test_linear_gradients_match_float64_reference(m, fin, lead, bias, method, se
     b64 = lin.bias.detach().double().requires_grad_() if bias else None
     y64 = F.linear(x64, w64, b64)
     G = torch.randn(y64.shape)
-    dx_ref, = torch.autograd.grad(y64, x64, layer_ref_prune(G, n, m, method, -1, seed_of(seed)), retain_graph=True)
+    dx_ref, = torch.autograd.grad(y64, x64, layer_ref_prune(G, n, m, method, -1, key_of(seed)), retain_graph=True)
     dp_ref = torch.autograd.grad(y64, [w64] + ([b64] if bias else []), G.double())
     lin(x).backward(G)
     for a, b in zip([x.grad] + [p.grad for p in lin.parameters()], [dx_ref, *dp_ref]):
@@ -286,10 +292,8 @@ def test_functional_forms_match_modules():
     conv(x).square().sum().backward()
     lin(z).square().sum().backward()
     x2, z2 = x.detach().requires_grad_(), z.detach().requires_grad_()
-    gen = torch.Generator().manual_seed(seed_of(0))
-    sdgp_conv2d(x2, conv.weight, conv.bias, 1, "same", 1, 1, 2, 4, "random", gen).square().sum().backward()
-    gen = torch.Generator().manual_seed(seed_of(0))
-    sdgp_linear(z2, lin.weight, lin.bias, 2, 4, "random", gen).square().sum().backward()
+    sdgp_conv2d(x2, conv.weight, conv.bias, 1, "same", 1, 1, 2, 4, "random", key_of(0)).square().sum().backward()
+    sdgp_linear(z2, lin.weight, lin.bias, 2, 4, "random", key_of(0)).square().sum().backward()
     assert torch.equal(x.grad, x2.grad) and torch.equal(z.grad, z2.grad)
 
 

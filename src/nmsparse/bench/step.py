@@ -43,7 +43,6 @@ import torch.nn.functional as F
 
 from ..common.system import machine_info
 from ..common.text import did_you_mean
-from ..kernels.reference import STOCHASTIC_METHODS
 from ..models import GPT, resnet18
 from ..nn import profiling
 from ..nn.config import GradSparsity, SparsityConfig, WeightBlock, WeightNM
@@ -57,7 +56,6 @@ __all__ = ["METHODS", "MODELS", "OPTIMIZERS", "StepOptions", "make_optimizer", "
 MODELS = ("resnet18", "gpt")
 OPTIMIZERS = ("adamw", "adamw-fused")
 MIN_STEPS = 20
-GROUP2_DENSE = "dense (group 2)"  # the dense timed with the compiled graph-breaking methods (_groups)
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,6 @@ class Method:
     target: float | None = None
     periodic: bool = False  # recomputes its mask every recompute_every steps
     amortised: bool = False  # the target is on the mean step (recomputations included), not the median
-    breaks_graph: bool = False  # breaks torch.compile's graph by design (timed in its own compile group)
 
 
 def _nm(method: str) -> Method:
@@ -90,9 +87,8 @@ def _block(gradual: bool) -> Method:
 
 
 def _sdgp(method: str) -> Method:
-    # the random methods seed a generator per layer and step outside the graph (nn/sdgp.py): a graph break per layer
     return Method(lambda kind, r: SparsityConfig(grad=GradSparsity(n=2, m=4, method=method, layers=(
-        "conv" if kind == "resnet18" else "conv+linear"))), 1.15, breaks_graph=method in STOCHASTIC_METHODS)
+        "conv" if kind == "resnet18" else "conv+linear"))), 1.15)
 
 
 METHODS: dict[str, Method] = {
@@ -295,7 +291,7 @@ def _run_mode(kind, base, x, y, mode, steps, o: StepOptions, sparsify_s, log, me
 
 
 def _rows(kind, mode, runners, sparsify_s) -> list[dict]:
-    """One row per runner, its ratios to the group's dense runner (the first: timed interleaved with the rest)."""
+    """One row per runner, its ratios to the dense runner (the first: timed interleaved with the rest)."""
     dense = runners[0]
     assert dense.name == "dense"
     d_med, d_mean = statistics.median(dense.times), statistics.fmean(dense.times)
@@ -332,20 +328,6 @@ def _dynamo_reset() -> None:
     torch._dynamo.reset()
 
 
-def _groups(methods: list[str], mode: str) -> list[list[str]]:
-    """The methods timed together. Under torch.compile the graph-breaking ones (SDGP's random methods) go in a
-    second group with their own dense baseline, after a Dynamo reset: their per-layer graph breaks compile the
-    model's inner frames (attention, MLP) separately, and those shared code objects then recompiled the other
-    methods' models for the rest of the run (measured: dense 2, every weight method 8 recompiles on the GPT).
-    That group's dense, their baseline, is a row of its own: a breaking model's cache entry for the shared top
-    frame passes its guards, so it runs in pieces (docs/benchmarks.md)."""
-    if mode != "compile":
-        return [methods]
-    breaking = [m for m in methods if METHODS[m].breaks_graph]
-    rest = [m for m in methods if m not in breaking]
-    return [rest] + ([["dense"] + breaking] if breaking else [])
-
-
 def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
     """Run the suite; returns {"header": lines, "rows": one dict per model x mode x method, "models": lines}."""
     o = options or StepOptions()
@@ -366,15 +348,11 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
             sparsify_s = {m: [] for m in o.methods}
             for mode in modes:
                 log(f"{kind} {mode}: {len(o.methods)} methods, {o.warmup} warm-up + {steps} timed steps each")
-                for i, group in enumerate(_groups(o.methods, mode)):
-                    if mode == "compile":
-                        _dynamo_reset()  # each group compiles from scratch
-                    runners = _run_mode(kind, base, x, y, mode, steps, o, sparsify_s, log, group)
-                    group_rows = _rows(kind, mode, runners, sparsify_s)  # ratios to the group's own dense
-                    if i:
-                        group_rows[0]["method"] = GROUP2_DENSE
-                    rows += group_rows
-                    del runners
+                if mode == "compile":
+                    _dynamo_reset()  # compile from scratch
+                runners = _run_mode(kind, base, x, y, mode, steps, o, sparsify_s, log, o.methods)
+                rows += _rows(kind, mode, runners, sparsify_s)
+                del runners
             if o.rss_steps and "eager" in modes:
                 rss = measure_rss(kind, o.methods, o, o.rss_steps, log)
                 for r in rows:

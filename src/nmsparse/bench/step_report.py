@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..common.system import check_parent_dirs
 from ..common.text import markdown_table
-from .step import GROUP2_DENSE, METHODS, MODELS, OPTIMIZERS, StepOptions, run_step_bench
+from .step import METHODS, MODELS, OPTIMIZERS, StepOptions, run_step_bench
 
 __all__ = ["format_result", "write_outputs", "plot_ratios", "add_step_arguments", "step_main"]
 
@@ -20,9 +20,7 @@ CSV_KEYS = ["model", "mode", "method", "steps", "median_ms", "mean_ms", "worst_m
             "rss_mb", "rss_vs_dense_mb", "profiled_steps", "share_mask", "share_masking", "share_grad_prune",
             "share_rest", "sparsify_s"]
 NOTES = (
-    "Ratios: step time over the dense step time of the same run and mode (the compiled SDGP random methods, "
-    "which break the graph by design, are timed after a Dynamo reset over a dense of their own, \"dense (group "
-    "2)\", which runs in pieces beside them); \"mean\" is amortised over the timed "
+    "Ratios: step time over the dense step time of the same run and mode; \"mean\" is amortised over the timed "
     "steps (whole recompute periods). Target: issue #12's ratio, on the median, or on the mean for the methods "
     "that recompute periodically. Recompiles: Dynamo compilations after warm-up. Peak: tensor bytes of a step "
     "(parameters, gradients, buffers, optimizer state and the step's allocations). RSS: peak resident memory of "
@@ -54,24 +52,10 @@ def table(rows: list[dict]) -> str:
          _f(r["share_rest"], ".1%"), _f(r["sparsify_s"], ".3f")] for r in rows])
 
 
-def group_baselines(rows: list[dict]) -> list[str]:
-    """A line per model whose compiled graph-breaking methods had a dense of their own: its median step against
-    the first group's full-graph dense, since their ratios in the table are to it, and it runs in pieces."""
-    out = []
-    for second in (r for r in rows if r["method"] == GROUP2_DENSE):
-        key = (second["model"], second["mode"], "dense")
-        first = next(r for r in rows if (r["model"], r["mode"], r["method"]) == key)
-        out.append(f"{second['model']} {second['mode']}: \"{GROUP2_DENSE}\" took {second['median_ms']:.1f} ms a step "
-                   f"(median), {second['median_ms'] / first['median_ms']:.2f}x the full-graph dense's "
-                   f"{first['median_ms']:.1f} ms (not interleaved: timed in another group)")
-    return out
-
-
 def format_result(result: dict) -> str:
-    """Header lines, the models, the table, the graph-breaking group's baseline and what the columns mean."""
+    """Header lines, the models, the table and what the columns mean."""
     lines = [f"{h}  " for h in result["header"]] + [""] + [f"- {m}" for m in result["models"]]
-    extra = "".join(f"{b}  \n" for b in group_baselines(result["rows"]))
-    return "\n".join(lines) + "\n\n" + table(result["rows"]) + "\n\n" + (extra + "\n" if extra else "") + NOTES
+    return "\n".join(lines) + "\n\n" + table(result["rows"]) + "\n\n" + NOTES
 
 
 def plot_ratios(rows: list[dict], path: Path) -> None:

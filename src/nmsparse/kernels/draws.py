@@ -9,6 +9,12 @@ constants 0x21f0aaad and 0xd35a2d97 from Wellons' hash search), so for one key t
 come from distinct words. The kernel computes it in vector lanes (``csrc/nm_prune.cpp``, ``draw``); the
 torch path computes it with int64 tensor ops (``hashed_uniforms``), so both give the same values from the
 same generator state. Other devices draw ``torch.rand`` (their generators are fast).
+
+An SDGP layer on the CPU hands its backward a key TENSOR instead of a generator: ``step_key(seed, step)``, a
+hash of its seed and its step counter in int64 tensor ops inside one custom op, so torch.compile keeps it in
+the graph (a generator cannot enter a graph: it broke the graph at every layer) and eager runs compute the
+same key.
+Every function here that takes a generator also takes such a key.
 """
 
 from __future__ import annotations
@@ -17,16 +23,79 @@ import math
 
 import torch
 
-__all__ = ["uniforms", "draw_key", "hashed_uniforms", "hash32", "BITS"]
+__all__ = ["uniforms", "draw_key", "hashed_uniforms", "hash32", "step_key", "step_key_advance", "BITS"]
 
 BITS = 24
 _MASK32 = 0xFFFFFFFF
 _MULTIPLIERS = (0x21F0AAAD, 0xD35A2D97)
 
 
-def draw_key(generator: torch.Generator | None = None) -> int:
-    """One word of `generator` (CPU): the key of a call's uniforms, in [0, 2**63)."""
+_STEP_SALT = 0x9E3779B9  # makes the key's high word another hash than its low word
+
+
+def draw_key(generator: torch.Generator | torch.Tensor | None = None) -> int:
+    """The key of a call's uniforms, in [0, 2**63): one word of `generator` (CPU), or the value of a key tensor."""
+    if isinstance(generator, torch.Tensor):
+        return int(generator)
     return int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2**32 for int64 x in [0, 2**32), in 16-bit halves of c: no product reaches 2**63 (int64 overflow is
+    undefined in the C++ that torch.compile writes)."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _MASK32
+
+
+def _hash32_traced(x: torch.Tensor) -> torch.Tensor:
+    """hash32 of int64 x in [0, 2**32) without wrapping arithmetic (see _mul32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MULTIPLIERS[0])
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MULTIPLIERS[1])
+    return x ^ (x >> 15)
+
+
+def _step_key_words(step: torch.Tensor, base_lo: int, base_hi: int) -> torch.Tensor:
+    """step_key with seed * SEED_STRIDE mod 2**64 given as two 32-bit words."""
+    step = step.to(torch.int64)
+    low = (step & _MASK32) + base_lo
+    lo = low & _MASK32
+    hi = ((step >> 32) + base_hi + (low >> 32)) & _MASK32
+    lo2 = _hash32_traced(_hash32_traced(lo) ^ hi)
+    top = _hash32_traced(lo2 ^ _STEP_SALT ^ hi)
+    return ((top & 0x7FFFFFFF) << 32) | lo2
+
+
+@torch.library.custom_op("nmsparse::step_key_advance", mutates_args=())
+def _step_key_op(step: torch.Tensor, base_lo: int, base_hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key of `step`, step + 1) as one opaque op. The next step is what the layer writes back to its counter, so
+    the op runs in a compiled forward and its key is saved for the backward. (Computed apart from the increment,
+    AOTAutograd moved the key's ops into the backward, where they read the counter the forward had already
+    advanced: the backward drew the next step's choice, and two forwards before a backward failed autograd's
+    version check.)"""
+    return _step_key_words(step, base_lo, base_hi), step + 1
+
+
+@_step_key_op.register_fake
+def _step_key_fake(step, base_lo, base_hi):
+    return torch.empty((), dtype=torch.int64, device=step.device), torch.empty_like(step)
+
+
+def step_key_advance(seed: int, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``step_key(seed, step)``, step + 1) in one op that torch.compile keeps in the forward graph."""
+    from .reference import SEED_STRIDE
+
+    base = (seed * SEED_STRIDE) % (1 << 64)
+    return _step_key_op(step, base & _MASK32, base >> 32)
+
+
+def step_key(seed: int, step: torch.Tensor) -> torch.Tensor:
+    """The key (0-d int64 tensor in [0, 2**63)) of an SDGP layer's backward number `step` (0-d int64, >= 0): with
+    v = (seed * SEED_STRIDE + step) mod 2**64 in 32-bit words (lo, hi), key = hash32(lo2 ^ SALT ^ hi) << 32 (top
+    bit cleared) | lo2, where lo2 = hash32(hash32(lo) ^ hi). No int64 product or sum in it overflows."""
+    return step_key_advance(seed, step)[0]
 
 
 def _signed32(c: int) -> int:
@@ -64,9 +133,11 @@ def hashed_uniforms(key: int, count: int, device: torch.device | str = "cpu", st
     return ((x >> (32 - BITS)) & ((1 << BITS) - 1)).to(torch.float32) * (2.0 ** -BITS)  # exact: 24-bit integers
 
 
-def uniforms(shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """float32 uniforms in [0, 1) of `shape` from `generator`: ``hashed_uniforms`` of one key on the CPU,
-    torch.rand elsewhere."""
+def uniforms(shape, generator: torch.Generator | torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """float32 uniforms in [0, 1) of `shape` from `generator`: ``hashed_uniforms`` of one key on the CPU (or of a
+    key tensor, on any device), torch.rand elsewhere."""
+    if isinstance(generator, torch.Tensor):
+        return hashed_uniforms(draw_key(generator), math.prod(shape), device).view(shape)
     if torch.device(device).type != "cpu":
         return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
     return hashed_uniforms(draw_key(generator), math.prod(shape)).view(shape)

@@ -19,7 +19,7 @@ import torch
 from ._extensions import NativeExtension
 from .draws import draw_key
 
-__all__ = ["prune_grad_native", "prune_grad_op", "kernel_takes", "nm_mask_native", "masked_weight_native", "srste_grad_native",
+__all__ = ["prune_grad_native", "prune_grad_op", "prune_grad_keyed_op", "kernel_takes", "nm_mask_native", "masked_weight_native", "srste_grad_native",
            "native_prune_available", "native_prune_error", "MAX_M"]
 
 MAX_M = 32
@@ -74,8 +74,10 @@ def _bock(t: torch.Tensor, d: int) -> torch.Tensor | None:
 
 
 def prune_grad_native(g: torch.Tensor, n: int, m: int, method: str, d: int,
-                      generator: torch.Generator | None = None, eps: float = 1e-4) -> torch.Tensor | None:
-    """SDGP's prune of g (validated arguments, d non-negative) by the kernel, in g's layout; None where it does not apply."""
+                      generator: torch.Generator | torch.Tensor | None = None,
+                      eps: float = 1e-4) -> torch.Tensor | None:
+    """SDGP's prune of g (validated arguments, d non-negative) by the kernel, in g's layout; None where it does not
+    apply. `generator`: a torch.Generator or a key tensor (``draws.step_key``)."""
     if method not in _CODES or not _applies(g, m):
         return None
     if n >= m:
@@ -107,6 +109,25 @@ def prune_grad_op(g: torch.Tensor, n: int, m: int, method: str, d: int, eps: flo
 
 @prune_grad_op.register_fake
 def _prune_grad_op_fake(g, n, m, method, d, eps):
+    return torch.empty_like(g)
+
+
+@torch.library.custom_op("nmsparse::prune_grad_keyed_cpu", mutates_args=())
+def prune_grad_keyed_op(g: torch.Tensor, key: torch.Tensor, n: int, m: int, method: str, d: int,
+                        eps: float) -> torch.Tensor:
+    """The random methods' prune (random, random-unbiased, mvue) from a key tensor as one opaque op: a compiled
+    graph carries the key (``draws.step_key`` of the layer's seed and step) and the kernel reads it when the graph
+    runs, so SDGP's random methods no longer break the graph."""
+    out = prune_grad_native(g, n, m, method, d, key, eps)
+    if out is None:  # no build here: the torch path, the same values
+        from .reference import prune_checked
+
+        out = prune_checked(g, n, m, method, d, key, eps)
+    return out
+
+
+@prune_grad_keyed_op.register_fake
+def _prune_grad_keyed_op_fake(g, key, n, m, method, d, eps):
     return torch.empty_like(g)
 
 

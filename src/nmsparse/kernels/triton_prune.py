@@ -262,10 +262,12 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * SEED_STRIDE + step) % (1 << 63)
 
 
-def seed_from_generator(generator: torch.Generator | None) -> int:
+def seed_from_generator(generator: torch.Generator | torch.Tensor | None) -> int:
     """A Triton seed for a torch.Generator: its initial seed (the one given to manual_seed), so a
-    generator seeded from (seed, step) gives a reproducible stream; without one, a fresh draw from
-    torch's default generator (reproducible under torch.manual_seed)."""
+    generator seeded from (seed, step) gives a reproducible stream (a key tensor: its value); without
+    one, a fresh draw from torch's default generator (reproducible under torch.manual_seed)."""
+    if isinstance(generator, torch.Tensor):
+        return int(generator) % (1 << 63)
     if generator is not None:
         return generator.initial_seed() % (1 << 63)
     return int(torch.randint(0, 1 << 62, (), dtype=torch.int64))

@@ -13,6 +13,7 @@ from torch.nn.modules.utils import _pair
 from torch.nn.utils import parametrize
 
 from ..kernels import ops
+from ..kernels.draws import step_key_advance
 from ..kernels.ops import prune_grad_fast
 from ..common.text import did_you_mean
 from ..kernels.reference import PRUNE_METHODS, SEED_STRIDE, STOCHASTIC_METHODS, check_prune_nm, prune_checked
@@ -38,7 +39,7 @@ def check_sdgp_settings(n, m, method: str | None = None) -> tuple[int, int]:
 
 
 def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: int = 1,
-               generator: torch.Generator | None = None, eps: float = 1e-4) -> torch.Tensor:
+               generator: torch.Generator | torch.Tensor | None = None, eps: float = 1e-4) -> torch.Tensor:
     """g pruned to n:m (1 <= n <= m) in groups of m consecutive channels along `dim`, in g's layout.
 
     Groups follow the logical channel dim at every sample and spatial position, so NCHW and
@@ -58,7 +59,9 @@ def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: 
     "random" times m / n; "mvue" keeps n per group, entry i with probability
     p_i = min(1, c|g_i|) (sum p_i = n) and the value g_i / p_i (a group with at most n nonzeros
     keeps them unscaled), drawing one uniform per group from `generator`: the least variance of
-    any unbiased n-per-group estimator.
+    any unbiased n-per-group estimator. `generator` may also be a key tensor (0-d int64, as
+    ``kernels.draws.step_key`` makes, what an SDGP layer on the CPU passes): the uniforms are then its
+    ``hashed_uniforms`` on any device.
     """
     check_float_tensor(g, "g")
     n, m = check_sdgp_settings(n, m, method)
@@ -103,18 +106,33 @@ def _check_layer(x, weight, n, m, method, what: str):
     return n, m
 
 
+def _save(ctx, x, weight, n, m, method, generator) -> None:
+    """Saves x, weight and the pruning settings; a key tensor (a CPU layer's random methods) is saved as a
+    tensor, so a compiled graph carries it from forward to backward."""
+    key = generator if isinstance(generator, torch.Tensor) else None
+    ctx.prune = (n, m, method, None if key is not None else generator)
+    ctx.save_for_backward(x, weight, key)
+
+
+def _saved(ctx):
+    """(x, weight) saved by _save; ctx.prune's generator slot holds the key tensor again."""
+    x, weight, key = ctx.saved_tensors
+    if key is not None:
+        ctx.prune = ctx.prune[:3] + (key,)
+    return x, weight
+
+
 class _SDGPConv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, n, m, method, generator):
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.prune = (n, m, method, generator)
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight)
+        _save(ctx, x, weight, n, m, method, generator)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
+        x, weight = _saved(ctx)
         stride, padding, dilation, groups = ctx.conv
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
@@ -135,13 +153,12 @@ class _SDGPConv2dFn(torch.autograd.Function):
 class _SDGPLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, n, m, method, generator):
-        ctx.prune = (n, m, method, generator)
-        ctx.save_for_backward(x, weight)
+        _save(ctx, x, weight, n, m, method, generator)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
+        x, weight = _saved(ctx)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dw, db = linear_param_grads(gy, x, need_w, need_b)
         dx = sdgp_linear_input_grad(gy, weight, *ctx.prune) if need_x else None
@@ -211,7 +228,9 @@ def _linear(x, weight, bias, n, m, method, generator):
 
 
 def _seeded_generator(layer, device: torch.device) -> torch.Generator:
-    """The random methods' generator for the layer's current step: one host read (the seed is a Python int)."""
+    """The random methods' generator for the layer's current step on a GPU (the Triton kernels seed their Philox
+    stream with its initial seed): one host read, so under torch.compile a graph break (not on the CPU: there a
+    traced key, ``kernels.draws.step_key``)."""
     return torch.Generator(device=device).manual_seed((layer.seed * SEED_STRIDE + int(layer.sdgp_step)) % (1 << 64))
 
 
@@ -244,12 +263,18 @@ class _SDGPMixin:
         if method in STOCHASTIC_METHODS:
             _outside_graph()  # made in eager code: made while torch.compile traces, it would break the graph again
 
-    def _step_generator(self, *inputs: torch.Tensor | None) -> torch.Generator | None:
-        """Counts forwards that record a backward; for the random methods, that backward's generator."""
+    def _step_generator(self, *inputs: torch.Tensor | None) -> torch.Generator | torch.Tensor | None:
+        """Counts forwards that record a backward; for the random methods, what that backward draws from: on the
+        CPU the key tensor of (seed, step) (traced by torch.compile, no graph break), elsewhere a generator."""
         if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in inputs):
             return None
-        gen = _outside_graph()(self, inputs[0].device) if self.method in STOCHASTIC_METHODS else None
         with torch.no_grad():
+            if self.method in STOCHASTIC_METHODS and inputs[0].device.type == "cpu":
+                # the key and the next count from one op: a compiled forward computes (and saves) the key
+                key, step = step_key_advance(self.seed, self.sdgp_step)
+                self.sdgp_step.copy_(step)
+                return key
+            gen = _outside_graph()(self, inputs[0].device) if self.method in STOCHASTIC_METHODS else None
             self.sdgp_step.add_(1)
         return gen
 
@@ -292,8 +317,9 @@ class _SDGPMixin:
 class SDGPConv2d(_SDGPMixin, nn.Conv2d):
     """nn.Conv2d with SDGP: the input gradient uses the output gradient pruned n:m along channels.
 
-    `sdgp_step` counts forwards that record a backward; "random" (and "random-unbiased", "mvue") draws its choice for step s
-    from a generator seeded with seed * 1_000_003 + s, so a reloaded model continues identically.
+    `sdgp_step` counts forwards that record a backward; "random" (and "random-unbiased", "mvue") draws its choice for
+    step s from (seed, s): on the CPU from the key ``kernels.draws.step_key(seed, s)``, on a GPU from a generator
+    seeded with seed * 1_000_003 + s; so a reloaded model continues identically.
     """
 
     _dense_cls = nn.Conv2d
