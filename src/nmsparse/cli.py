@@ -54,7 +54,7 @@ def _parse_nm(text: str) -> tuple[int, int]:
 def _bench_gpu(args) -> int:
     from .bench import gpu
 
-    sections = args.sections.split(",") if args.sections else None
+    sections = [s.strip() for s in args.sections.split(",")] if args.sections else None
     bad = sorted(set(sections or ()) - set(gpu.SECTIONS))
     if bad:
         raise SystemExit(f"--sections: unknown {', '.join(bad)}; choose from {','.join(gpu.SECTIONS)}")

@@ -116,9 +116,9 @@ def test_compiled_cnn_one_graph_no_recompiles_eager_masks():
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_gpt_stack_random_sdgp_one_graph(backend):
-    """SDGP random on the CPU: each backward's key is traced from the layer's seed and step tensor
-    (kernels.draws.step_key) and the prune is an opaque op that reads it, so no graph break; the losses equal
-    eager's, so every step drew the same choice (inductor computes the key in its own C++)."""
+    """SDGP random on the CPU: each backward's key comes from the layer's seed and step tensor through an opaque op
+    in the graph (kernels.draws.step_key_advance) and the prune is an opaque op that reads it, so no graph break;
+    the losses equal eager's, so every step drew the same choice."""
     seen = check("gpt", backend, steps=6 if backend == "aot_eager" else 4)
     assert seen[-1] == (1, 0), seen
 
@@ -128,6 +128,7 @@ def test_compiled_sdgp_random_two_forwards_before_the_backward(method):
     """Gradient accumulation over two forwards, then one backward: each backward draws its own step's choice, as in
     eager (the key is computed in the compiled forward and saved, not recomputed from the advanced counter)."""
     dynamo.reset()
+    counters.clear()
     torch.manual_seed(0)
     eager = nmsparse.SDGPLinear(8, 16, method=method, seed=3).double()
     model = copy.deepcopy(eager)
@@ -142,6 +143,27 @@ def test_compiled_sdgp_random_two_forwards_before_the_backward(method):
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
     assert int(model.sdgp_step) == int(eager.sdgp_step) == 2
+    assert frames() == (1, 0)
+
+
+@pytest.mark.parametrize("n, m", [(4, 4), (2, 64)])
+def test_compiled_sdgp_random_beyond_the_kernel_stays_one_graph(n, m):
+    """n == m (nothing to draw) and m above the C++ kernel's 32 (the keyed op runs the torch path): still one graph,
+    eager's gradients."""
+    dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = nmsparse.SDGPLinear(8, 2 * m, method="random", n=n, m=m, seed=1).double()
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager")
+    x, g = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, 2 * m, dtype=torch.float64)
+    grads = []
+    for net in (eager, compiled):
+        leaf = x.clone().requires_grad_()
+        (net(leaf) * g).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+    assert frames() == (1, 0)
 
 
 @pytest.mark.slow

@@ -604,3 +604,18 @@ def test_linear_input_gradient_takes_the_sparse_core_route_when_it_answers(monke
     x.grad = None
     lin(x).sum().backward()
     torch.testing.assert_close(x.grad, prune_grad(torch.ones(4, 8), 2, 4, "magnitude", -1) @ lin.weight.detach())
+
+
+def test_checkpointed_random_layer_draws_the_recomputed_forwards_key():
+    """Under activation checkpointing the recomputed forward counts as a forward too; on the CPU the backward draws
+    the key that forward saved (step 1 here), a step no other backward uses."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    lin = SDGPLinear(8, 16, method="random", seed=5)
+    x = torch.randn(4, 8, requires_grad=True)
+    g = torch.randn(4, 16)
+    checkpoint(lin, x, use_reentrant=False).backward(g)
+    assert int(lin.sdgp_step) == 2
+    want = prune_grad(g, 2, 4, "random", -1, key_of(5, 1)) @ lin.weight.detach()
+    torch.testing.assert_close(x.grad, want)

@@ -131,6 +131,7 @@ def run(out=None, quick: bool = False, log=print, sections=None, _allow_cpu: boo
             results["errors"].append({"section": name, "error": err_text(e),
                                       "traceback": traceback.format_exc()[-3000:]})
             log(f"{name} failed: {err_text(e)}")
+            _save(results, out, quick)
             return None
         results[name] = res
         if table is not None:
@@ -138,7 +139,7 @@ def run(out=None, quick: bool = False, log=print, sections=None, _allow_cpu: boo
             results["tables"][name] = text
             log(text)
         if name in ("block", "train"):
-            _record_dispatch(results, log if name == ("train" if "train" in wanted else "block") else None)
+            _record_dispatch(results, log if name == [w for w in wanted if w in ("block", "train")][-1] else None)
         _save(results, out, quick)  # what is done survives a run cut short (a time-boxed lease)
         return res
 

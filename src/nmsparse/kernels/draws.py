@@ -11,8 +11,7 @@ torch path computes it with int64 tensor ops (``hashed_uniforms``), so both give
 same generator state. Other devices draw ``torch.rand`` (their generators are fast).
 
 An SDGP layer on the CPU hands its backward a key TENSOR instead of a generator: ``step_key(seed, step)``, a
-hash of its seed and its step counter in int64 tensor ops inside one custom op, so torch.compile keeps it in
-the graph (a generator cannot enter a graph: it broke the graph at every layer) and eager runs compute the
+hash of its seed and its step counter inside one custom op, so torch.compile keeps it in the graph (a generator cannot enter a graph: it broke the graph at every layer) and eager runs compute the
 same key.
 Every function here that takes a generator also takes such a key.
 """
@@ -40,42 +39,27 @@ def draw_key(generator: torch.Generator | torch.Tensor | None = None) -> int:
     return int(torch.empty((), dtype=torch.int64).random_(generator=generator))
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """x * c mod 2**32 for int64 x in [0, 2**32), in 16-bit halves of c: no product reaches 2**63 (int64 overflow is
-    undefined in the C++ that torch.compile writes)."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _MASK32
-
-
-def _hash32_traced(x: torch.Tensor) -> torch.Tensor:
-    """hash32 of int64 x in [0, 2**32) without wrapping arithmetic (see _mul32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, _MULTIPLIERS[0])
-    x = x ^ (x >> 15)
-    x = _mul32(x, _MULTIPLIERS[1])
+def _hash32_int(x: int) -> int:
+    """hash32 of a Python int in [0, 2**32)."""
+    x ^= x >> 16
+    x = (x * _MULTIPLIERS[0]) & _MASK32
+    x ^= x >> 15
+    x = (x * _MULTIPLIERS[1]) & _MASK32
     return x ^ (x >> 15)
-
-
-def _step_key_words(step: torch.Tensor, base_lo: int, base_hi: int) -> torch.Tensor:
-    """step_key with seed * SEED_STRIDE mod 2**64 given as two 32-bit words."""
-    step = step.to(torch.int64)
-    low = (step & _MASK32) + base_lo
-    lo = low & _MASK32
-    hi = ((step >> 32) + base_hi + (low >> 32)) & _MASK32
-    lo2 = _hash32_traced(_hash32_traced(lo) ^ hi)
-    top = _hash32_traced(lo2 ^ _STEP_SALT ^ hi)
-    return ((top & 0x7FFFFFFF) << 32) | lo2
 
 
 @torch.library.custom_op("nmsparse::step_key_advance", mutates_args=())
 def _step_key_op(step: torch.Tensor, base_lo: int, base_hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(key of `step`, step + 1) as one opaque op. The next step is what the layer writes back to its counter, so
-    the op runs in a compiled forward and its key is saved for the backward. (Computed apart from the increment,
-    AOTAutograd moved the key's ops into the backward, where they read the counter the forward had already
-    advanced: the backward drew the next step's choice, and two forwards before a backward failed autograd's
-    version check.)"""
-    return _step_key_words(step, base_lo, base_hi), step + 1
+    """(key of `step`, step + 1) as one opaque op, computed on Python integers when it runs. The next step is what
+    the layer writes back to its counter, so the op runs in a compiled forward and its key is saved for the
+    backward. (Computed apart from the increment, AOTAutograd moved the key into the backward, where it read the
+    counter the forward had already advanced: the backward drew the next step's choice, and two forwards before
+    a backward failed autograd's version check.)"""
+    v = (((base_hi << 32) | base_lo) + int(step)) % (1 << 64)
+    lo, hi = v & _MASK32, v >> 32
+    lo2 = _hash32_int(_hash32_int(lo) ^ hi)
+    key = ((_hash32_int(lo2 ^ _STEP_SALT ^ hi) & 0x7FFFFFFF) << 32) | lo2
+    return torch.tensor(key, dtype=torch.int64, device=step.device), step + 1
 
 
 @_step_key_op.register_fake
@@ -94,7 +78,7 @@ def step_key_advance(seed: int, step: torch.Tensor) -> tuple[torch.Tensor, torch
 def step_key(seed: int, step: torch.Tensor) -> torch.Tensor:
     """The key (0-d int64 tensor in [0, 2**63)) of an SDGP layer's backward number `step` (0-d int64, >= 0): with
     v = (seed * SEED_STRIDE + step) mod 2**64 in 32-bit words (lo, hi), key = hash32(lo2 ^ SALT ^ hi) << 32 (top
-    bit cleared) | lo2, where lo2 = hash32(hash32(lo) ^ hi). No int64 product or sum in it overflows."""
+    bit cleared) | lo2, where lo2 = hash32(hash32(lo) ^ hi)."""
     return step_key_advance(seed, step)[0]
 
 

@@ -59,14 +59,15 @@ def prune_grad_fast(g: torch.Tensor, n: int, m: int, method: str, dim: int,
     opaque op ``nmsparse::prune_grad_cpu`` (the C++ kernel when the graph runs), and a random method's prune from
     a key tensor (what a CPU layer passes) is ``nmsparse::prune_grad_keyed_cpu``.
 
-    "random" draws from the kernel's Philox stream seeded by ``generator.initial_seed()``
-    (reproducible from the layer's (seed, step), but not the same choice as torch's stream).
+    "random" draws from the kernel's Philox stream seeded by ``generator.initial_seed()`` (or a key
+    tensor's value): reproducible from the layer's (seed, step), but not the same choice as torch's stream.
     """
-    if torch.compiler.is_compiling() and n < m and kernel_takes(g, m):  # opaque ops: the C++ kernel at run time
-        if method in ("magnitude", "rescale"):
+    if torch.compiler.is_compiling() and n < m:  # opaque ops: the C++ kernel (or the torch path) at run time
+        if method in ("magnitude", "rescale") and kernel_takes(g, m):
             return prune_grad_op(g, n, m, method, dim, eps)
-        if isinstance(generator, torch.Tensor) and method in reference.STOCHASTIC_METHODS:
-            return prune_grad_keyed_op(g, generator, n, m, method, dim, eps)
+        if (isinstance(generator, torch.Tensor) and method in reference.STOCHASTIC_METHODS and g.device.type == "cpu"
+                and not g.requires_grad):
+            return prune_grad_keyed_op(g, generator, n, m, method, dim, eps)  # any m: the op falls back itself
     if method not in TRITON_METHODS or g.requires_grad or torch.compiler.is_compiling():
         return None
     if g.device.type == "cpu":
@@ -126,6 +127,8 @@ def sdgp_linear_dx(gy: torch.Tensor, weight: torch.Tensor, n: int, m: int, metho
         return None
     from . import semi_structured as ss
 
+    if method == "tile24" and not ss.fused_tile_runs(gy.device):  # sm8x only: dense, without a failed trial
+        return None
     lead = gy.shape[:-1]
     g2 = gy.reshape(-1, gy.shape[-1])
     if method == "tile24":

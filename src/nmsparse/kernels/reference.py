@@ -34,10 +34,11 @@ __all__ = [
 ]
 
 PRUNE_METHODS = ("magnitude", "random", "rescale") + UNBIASED_METHODS
-# Methods that draw random numbers: a layer hands their backward a generator seeded from (seed, step).
+# Methods that draw random numbers: a layer hands their backward what to draw from, made from (seed, step): a key
+# tensor on the CPU (kernels.draws.step_key), a seeded generator elsewhere.
 STOCHASTIC_METHODS = ("random",) + UNBIASED_METHODS
-# A layer's backward number `step` draws its random choices from seed * SEED_STRIDE + step (nn.sdgp's
-# torch generators and the Triton kernels' Philox stream alike), so a reloaded model continues identically.
+# A layer's backward number `step` draws its random choices from seed * SEED_STRIDE + step (hashed into the CPU
+# key, seeding the GPU generator and the Triton kernels' Philox stream), so a reloaded model continues identically.
 SEED_STRIDE = 1_000_003
 
 

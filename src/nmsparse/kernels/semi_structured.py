@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from .reference import TILE24_ALGORITHMS
 
 __all__ = [
-    "SemiStructuredUnavailable", "availability", "is_available", "require", "BACKENDS",
+    "SemiStructuredUnavailable", "availability", "is_available", "require", "BACKENDS", "fused_tile_runs",
     "to_sparse_24", "prune_tile24", "tile24_raw", "apply_tile_masks", "apply_tile_masks_dense",
     "cslt_compress", "cslt_mm", "decode_tile_masks", "encode_tile_masks", "tile_masks_shape",
     "sdgp_dx_separate", "sdgp_dx_tile24", "Linear24", "linear24", "SPARSE_DTYPES",
@@ -129,7 +129,7 @@ def to_sparse_24(dense: torch.Tensor, backend: str = "auto"):
     return _backend_cls(backend, dense.device).from_dense(dense.contiguous())
 
 
-def prune_tile24(x: torch.Tensor, algorithm: str = "largest_abs_values_greedy", backend: str = "auto"):
+def prune_tile24(x: torch.Tensor, algorithm: str = "largest_abs_values_greedy", backend: str = "cutlass"):
     """Prune each 4x4 tile of 2-D x to a transposable 2:4 pattern and compress it, in one kernel.
 
     Returns a SparseSemiStructuredTensor holding both x's and x^T's compressed forms (``.t()``
@@ -145,11 +145,16 @@ def prune_tile24(x: torch.Tensor, algorithm: str = "largest_abs_values_greedy", 
     return _backend_cls(backend, x.device).prune_dense_static_sort(x.contiguous(), algorithm=algorithm)
 
 
+def fused_tile_runs(device) -> bool:
+    """Whether the fused tile24 prune-and-compress (``prune_tile24``) gives usable products on this CUDA device."""
+    return _cutlass_runs(device)
+
+
 def _require_tile_compress(device) -> None:
     """The tile op's compressed output is usable on sm8x only: CUTLASS's products refuse other GPUs, and on an
     H200 (torch 2.11, cuSPARSELt 0.8) its cuSPARSELt form held a different pattern from the tile mask (51%
     agreement, products off by 110%; the same pruned tensor compressed by cuSPARSELt itself was exact)."""
-    if not _cutlass_runs(device):
+    if not fused_tile_runs(device):
         major, minor = torch.cuda.get_device_capability(device)
         raise SemiStructuredUnavailable(
             f"the fused tile24 prune-and-compress runs on sm8x GPUs only, this one is sm{major}{minor}: its masks "
@@ -254,7 +259,7 @@ def sdgp_dx_separate(gy: torch.Tensor, weight: torch.Tensor, method: str = "magn
 
 
 def sdgp_dx_tile24(gy: torch.Tensor, weight: torch.Tensor,
-                   algorithm: str = "largest_abs_values_greedy", backend: str = "auto") -> torch.Tensor:
+                   algorithm: str = "largest_abs_values_greedy", backend: str = "cutlass") -> torch.Tensor:
     """The fused route: dY (viewed as (tokens, out)) pruned to the transposable 4x4-tile 2:4
     pattern and compressed by one kernel (``prune_tile24``), then (pruned dY) @ W on sparse
     cores: (..., in). SDGP method "tile24"."""

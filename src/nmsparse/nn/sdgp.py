@@ -60,8 +60,8 @@ def prune_grad(g: torch.Tensor, n: int, m: int, method: str = "magnitude", dim: 
     p_i = min(1, c|g_i|) (sum p_i = n) and the value g_i / p_i (a group with at most n nonzeros
     keeps them unscaled), drawing one uniform per group from `generator`: the least variance of
     any unbiased n-per-group estimator. `generator` may also be a key tensor (0-d int64, as
-    ``kernels.draws.step_key`` makes, what an SDGP layer on the CPU passes): the uniforms are then its
-    ``hashed_uniforms`` on any device.
+    ``kernels.draws.step_key`` makes, what an SDGP layer on the CPU passes): the torch path and the CPU
+    kernel then draw its ``hashed_uniforms``; the Triton kernels seed their stream with its value.
     """
     check_float_tensor(g, "g")
     n, m = check_sdgp_settings(n, m, method)
@@ -82,6 +82,8 @@ def _prune_unscoped(g, n, m, method, d, generator, eps):
         out = ops.tile24_prune_grad(g, d)
         # The tile's greedy choice may drop a NaN; keep non-finite entries so a scaler still sees them.
         return torch.where(torch.isfinite(g), out, g)
+    if n == m and method in STOCHASTIC_METHODS:  # every entry kept, unscaled: nothing to draw (and no host read)
+        return g.clone()
     fast = prune_grad_fast(g, n, m, method, d, generator, eps)
     if fast is not None:
         return fast
