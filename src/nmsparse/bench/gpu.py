@@ -120,6 +120,8 @@ def run(out=None, quick: bool = False, log=print, sections=None, _allow_cpu: boo
         f"cuSPARSELt {env.get('cusparselt')}, triton {env['triton']}; 2:4 sparse cores: {env['sparse_cores']}")
     copy_gbs = None
     t0 = time.perf_counter()
+    # the dispatch table is printed once, after the last section whose layers go through the Dispatcher
+    print_dispatch = next((w for w in reversed(wanted) if w in ("block", "train")), None)
 
     def section(name, fn, table=None):
         if name not in wanted:
@@ -139,7 +141,7 @@ def run(out=None, quick: bool = False, log=print, sections=None, _allow_cpu: boo
             results["tables"][name] = text
             log(text)
         if name in ("block", "train"):
-            _record_dispatch(results, log if name == [w for w in wanted if w in ("block", "train")][-1] else None)
+            _record_dispatch(results, log if name == print_dispatch else None)
         _save(results, out, quick)  # what is done survives a run cut short (a time-boxed lease)
         return res
 

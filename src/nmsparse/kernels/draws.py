@@ -11,8 +11,8 @@ torch path computes it with int64 tensor ops (``hashed_uniforms``), so both give
 same generator state. Other devices draw ``torch.rand`` (their generators are fast).
 
 An SDGP layer on the CPU hands its backward a key TENSOR instead of a generator: ``step_key(seed, step)``, a
-hash of its seed and its step counter inside one custom op, so torch.compile keeps it in the graph (a generator cannot enter a graph: it broke the graph at every layer) and eager runs compute the
-same key.
+hash of its seed and its step counter inside one custom op, so torch.compile keeps it in the graph (a
+generator cannot enter a graph: it broke the graph at every layer) and eager runs compute the same key.
 Every function here that takes a generator also takes such a key.
 """
 

@@ -13,13 +13,14 @@ path.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from ._extensions import NativeExtension
 from .draws import draw_key
 
-__all__ = ["prune_grad_native", "prune_grad_op", "prune_grad_keyed_op", "kernel_takes", "nm_mask_native", "masked_weight_native", "srste_grad_native",
+__all__ = ["prune_grad_native", "prune_grad_op", "kernel_takes", "nm_mask_native", "masked_weight_native", "srste_grad_native",
            "native_prune_available", "native_prune_error", "MAX_M"]
 
 MAX_M = 32
@@ -95,39 +96,22 @@ def prune_grad_native(g: torch.Tensor, n: int, m: int, method: str, d: int,
 
 
 @torch.library.custom_op("nmsparse::prune_grad_cpu", mutates_args=())
-def prune_grad_op(g: torch.Tensor, n: int, m: int, method: str, d: int, eps: float) -> torch.Tensor:
-    """The deterministic methods' prune (magnitude, rescale) as one opaque op, so a graph that
-    torch.compile traces calls the kernel instead of tracing the torch path's dozen passes (measured:
-    a compiled GPT step with SDGP rescale ran at 2.1x the compiled dense step before this op)."""
-    out = prune_grad_native(g, n, m, method, d, None, eps)
-    if out is None:  # no build here: the torch path, the same values
-        from .reference import prune_checked
-
-        out = prune_checked(g, n, m, method, d, None, eps)
-    return out
-
-
-@prune_grad_op.register_fake
-def _prune_grad_op_fake(g, n, m, method, d, eps):
-    return torch.empty_like(g)
-
-
-@torch.library.custom_op("nmsparse::prune_grad_keyed_cpu", mutates_args=())
-def prune_grad_keyed_op(g: torch.Tensor, key: torch.Tensor, n: int, m: int, method: str, d: int,
-                        eps: float) -> torch.Tensor:
-    """The random methods' prune (random, random-unbiased, mvue) from a key tensor as one opaque op: a compiled
-    graph carries the key (``draws.step_key`` of the layer's seed and step) and the kernel reads it when the graph
-    runs, so SDGP's random methods no longer break the graph."""
+def prune_grad_op(g: torch.Tensor, key: Optional[torch.Tensor], n: int, m: int, method: str, d: int,
+                  eps: float) -> torch.Tensor:
+    """SDGP's CPU prune as one opaque op, so a graph that torch.compile traces calls the kernel when it runs
+    instead of tracing the torch path's dozen passes (measured: a compiled GPT step with SDGP rescale ran at
+    2.1x the compiled dense step before this op). The random methods draw from `key` (``draws.step_key`` of the
+    layer's seed and step, carried by the graph), so they do not break the graph either."""
     out = prune_grad_native(g, n, m, method, d, key, eps)
-    if out is None:  # no build here: the torch path, the same values
+    if out is None:  # no build here, or an m the kernel does not take: the torch path, the same values
         from .reference import prune_checked
 
         out = prune_checked(g, n, m, method, d, key, eps)
     return out
 
 
-@prune_grad_keyed_op.register_fake
-def _prune_grad_keyed_op_fake(g, key, n, m, method, d, eps):
+@prune_grad_op.register_fake
+def _prune_grad_op_fake(g, key, n, m, method, d, eps):
     return torch.empty_like(g)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from . import reference
 from .dispatch import Dispatcher, default_dispatcher, use_triton
-from .native_prune import kernel_takes, prune_grad_keyed_op, prune_grad_native, prune_grad_op
+from .native_prune import kernel_takes, prune_grad_native, prune_grad_op
 from .semi_structured import SPARSE_DTYPES, is_available
 
 __all__ = ["prune_grad_fast", "tile24_prune_grad", "sdgp_linear_dx", "sparse24_applies",
@@ -56,18 +56,20 @@ def prune_grad_fast(g: torch.Tensor, n: int, m: int, method: str, dim: int,
     """The Triton version of SDGP's prune_grad for g (on a CPU tensor the compiled CPU kernel's, same values as
     the torch path), or None where neither applies (an unsupported dtype or m, triton missing or disabled, no
     C++ build, autograd through g, torch.compile). Under torch.compile a CPU magnitude or rescale prune is the
-    opaque op ``nmsparse::prune_grad_cpu`` (the C++ kernel when the graph runs), and a random method's prune from
-    a key tensor (what a CPU layer passes) is ``nmsparse::prune_grad_keyed_cpu``.
+    opaque op ``nmsparse::prune_grad_cpu`` (the C++ kernel when the graph runs), and so is a random method's prune
+    from a key tensor (what a CPU layer passes; any m).
 
     "random" draws from the kernel's Philox stream seeded by ``generator.initial_seed()`` (or a key
     tensor's value): reproducible from the layer's (seed, step), but not the same choice as torch's stream.
     """
-    if torch.compiler.is_compiling() and n < m:  # opaque ops: the C++ kernel (or the torch path) at run time
-        if method in ("magnitude", "rescale") and kernel_takes(g, m):
-            return prune_grad_op(g, n, m, method, dim, eps)
-        if (isinstance(generator, torch.Tensor) and method in reference.STOCHASTIC_METHODS and g.device.type == "cpu"
-                and not g.requires_grad):
-            return prune_grad_keyed_op(g, generator, n, m, method, dim, eps)  # any m: the op falls back itself
+    if torch.compiler.is_compiling() and n < m:  # the opaque op: the C++ kernel (or the torch path) at run time
+        key = generator if isinstance(generator, torch.Tensor) else None
+        if method in ("magnitude", "rescale"):
+            takes = kernel_takes(g, m)
+        else:  # a random method from a key: any m (the op runs the torch path where the kernel does not apply)
+            takes = key is not None and g.device.type == "cpu" and not g.requires_grad
+        if takes:
+            return prune_grad_op(g, key, n, m, method, dim, eps)
     if method not in TRITON_METHODS or g.requires_grad or torch.compiler.is_compiling():
         return None
     if g.device.type == "cpu":

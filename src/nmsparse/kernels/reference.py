@@ -113,6 +113,8 @@ def prune_reference(g: torch.Tensor, n: int, m: int, method: str = "magnitude", 
 
 def prune_checked(g: torch.Tensor, n: int, m: int, method: str, d: int, generator, eps: float) -> torch.Tensor:
     """``prune_reference`` for arguments already validated (d non-negative): the torch path of prune_grad."""
+    if n == m and method in STOCHASTIC_METHODS:  # every entry kept, unscaled: nothing to draw (no host read of a key)
+        return g.clone()
     # Channels innermost: free for channels_last conv grads and Linear grads, one copy otherwise.
     if method == "mvue":  # in g's own layout; one uniform per group, drawn in channels-last group order
         return prune_mvue_layout(g, n, m, d, lambda shape: uniforms(

@@ -88,6 +88,11 @@ def _check_2d(t: torch.Tensor, what: str, rows_mult: int = 1, cols_mult: int = 1
                          f"and columns divisible by {cols_mult}")
 
 
+def _sm(device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
 def _cutlass_runs(device) -> bool:
     """torch's CUTLASS 2:4 kernels are built for sm8x alone (an H100/H200 refuses them)."""
     return torch.cuda.get_device_capability(device)[0] == 8
@@ -110,9 +115,8 @@ def _backend_cls(backend: str, device=None):
                                             "use backend='cutlass' (sm8x GPUs)")
         return SparseSemiStructuredTensorCUSPARSELT
     if not _cutlass_runs(device):
-        major, minor = torch.cuda.get_device_capability(device)
         raise SemiStructuredUnavailable(
-            f"torch's CUTLASS 2:4 kernels run on sm8x GPUs only, this one is sm{major}{minor}: use "
+            f"torch's CUTLASS 2:4 kernels run on sm8x GPUs only, this one is {_sm(device)}: use "
             + ("backend='cusparselt' or 'auto'" if cusparselt else "a torch build with cuSPARSELt"))
     return SparseSemiStructuredTensorCUTLASS
 
@@ -155,9 +159,8 @@ def _require_tile_compress(device) -> None:
     H200 (torch 2.11, cuSPARSELt 0.8) its cuSPARSELt form held a different pattern from the tile mask (51%
     agreement, products off by 110%; the same pruned tensor compressed by cuSPARSELt itself was exact)."""
     if not fused_tile_runs(device):
-        major, minor = torch.cuda.get_device_capability(device)
         raise SemiStructuredUnavailable(
-            f"the fused tile24 prune-and-compress runs on sm8x GPUs only, this one is sm{major}{minor}: its masks "
+            f"the fused tile24 prune-and-compress runs on sm8x GPUs only, this one is {_sm(device)}: its masks "
             "(tile24_raw, ops.tile24_prune_grad) work here; compress the pruned tensor with to_sparse_24")
 
 

@@ -82,8 +82,6 @@ def _prune_unscoped(g, n, m, method, d, generator, eps):
         out = ops.tile24_prune_grad(g, d)
         # The tile's greedy choice may drop a NaN; keep non-finite entries so a scaler still sees them.
         return torch.where(torch.isfinite(g), out, g)
-    if n == m and method in STOCHASTIC_METHODS:  # every entry kept, unscaled: nothing to draw (and no host read)
-        return g.clone()
     fast = prune_grad_fast(g, n, m, method, d, generator, eps)
     if fast is not None:
         return fast
@@ -117,11 +115,9 @@ def _save(ctx, x, weight, n, m, method, generator) -> None:
 
 
 def _saved(ctx):
-    """(x, weight) saved by _save; ctx.prune's generator slot holds the key tensor again."""
+    """(x, weight, (n, m, method, generator or key)) as _save kept them."""
     x, weight, key = ctx.saved_tensors
-    if key is not None:
-        ctx.prune = ctx.prune[:3] + (key,)
-    return x, weight
+    return x, weight, ctx.prune if key is None else ctx.prune[:3] + (key,)
 
 
 class _SDGPConv2dFn(torch.autograd.Function):
@@ -134,7 +130,7 @@ class _SDGPConv2dFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight = _saved(ctx)
+        x, weight, prune = _saved(ctx)
         stride, padding, dilation, groups = ctx.conv
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dx = dw = db = None
@@ -144,7 +140,7 @@ class _SDGPConv2dFn(torch.autograd.Function):
                 gy, x, weight, bias_sizes, stride, padding, dilation, False, [0, 0], groups,
                 [False, need_w, need_b])
         if need_x:
-            n, m, method, generator = ctx.prune
+            n, m, method, generator = prune
             gp = _prune(gy, n, m, method, 1, generator)
             dx = torch.ops.aten.convolution_backward(
                 gp, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
@@ -160,10 +156,10 @@ class _SDGPLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight = _saved(ctx)
+        x, weight, prune = _saved(ctx)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dw, db = linear_param_grads(gy, x, need_w, need_b)
-        dx = sdgp_linear_input_grad(gy, weight, *ctx.prune) if need_x else None
+        dx = sdgp_linear_input_grad(gy, weight, *prune) if need_x else None
         return (dx, dw, db) + (None,) * 4
 
 
