@@ -47,3 +47,14 @@ def test_bench_gpu_names_an_unknown_section():
     with pytest.raises(SystemExit) as info:
         main(["bench", "gpu", "--sections", "roofs,gemms"])
     assert "--sections: unknown gemms" in str(info.value.code) and "roofs,prune,gemm,block,train" in str(info.value.code)
+
+
+def test_bench_gpu_sections_take_spaces(monkeypatch):
+    from nmsparse.bench import gpu
+
+    seen = {}
+    monkeypatch.setattr(gpu, "run", lambda out, quick, sections: seen.update(sections=sections) or {"errors": []})
+    assert main(["bench", "gpu", "--sections", "roofs, prune"]) == 0
+    assert seen["sections"] == ["roofs", "prune"]
+    monkeypatch.setattr(gpu, "run", lambda out, quick, sections: {"errors": [{"section": "prune"}]})
+    assert main(["bench", "gpu"]) == 1  # a failed section fails the command

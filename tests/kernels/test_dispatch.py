@@ -312,3 +312,50 @@ def test_backend_choice_by_architecture(monkeypatch):
     arch["cap"] = (8, 0)
     assert ss._backend_cls("auto") is SparseSemiStructuredTensorCUTLASS
     assert ss._backend_cls("cutlass") is SparseSemiStructuredTensorCUTLASS
+
+
+def test_fused_tile_compress_is_refused_off_sm8x_with_what_works(monkeypatch):
+    """On an H200 the tile op's compressed form disagreed with its own mask: off sm8x prune_tile24 refuses, and the
+    dispatcher's tile24 route is skipped (fused_tile_runs) instead of tried."""
+    arch = {"cap": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: arch["cap"])
+    assert not ss.fused_tile_runs(None)
+    with pytest.raises(ss.SemiStructuredUnavailable, match="sm8x GPUs only, this one is sm90: its masks"):
+        ss._require_tile_compress(None)
+    arch["cap"] = (8, 6)
+    assert ss.fused_tile_runs(None)
+    ss._require_tile_compress(None)  # no error
+
+
+def test_prune_tile_sizes_follow_the_h200_measurements():
+    """4096 elements per tile for strided 2:4 channels (NCHW), 2048 elsewhere; a set _TILE_ELEMS overrides."""
+    from nmsparse.kernels import triton_prune as tp
+
+    assert tp._tile_elems(4, 3136) == 4096 and tp._tile_elems(4, 1) == 2048 and tp._tile_elems(8, 1) == 2048
+    assert tp._tile_elems(8, 3136) == 2048
+    assert tp._blocks(1 << 20, 256, 4, 3136) == (1024, 1) and tp._blocks(1 << 20, 256, 4, 1) == (32, 16)
+    old = tp._TILE_ELEMS
+    try:
+        tp._TILE_ELEMS = 8192
+        assert tp._tile_elems(4, 1) == 8192
+    finally:
+        tp._TILE_ELEMS = old
+
+
+def test_bench_gpu_saves_a_failed_section_at_once(monkeypatch, tmp_path):
+    """A time-boxed run may be killed after any section: a section that raised is already in the files."""
+    import json
+
+    from nmsparse.bench import gpu
+
+    def broken(*a, **k):
+        raise RuntimeError("no copy today")
+
+    monkeypatch.setattr(gpu, "bench_roofs", broken)
+    saved = []  # (the errors, whether the run had ended) at each save
+    monkeypatch.setattr(gpu, "_save", lambda results, out, quick: saved.append((json.loads(json.dumps(
+        results["errors"], default=str)), "seconds" in results)) or gpu._paths(out))
+    res = gpu.run(out=tmp_path / "b.json", sections=("roofs",), log=lambda *a: None, _allow_cpu=True)
+    assert res["errors"][0]["section"] == "roofs" and "no copy today" in res["errors"][0]["error"]
+    errors, ended = saved[0]
+    assert errors and errors[0]["section"] == "roofs" and not ended  # saved when it failed, before the run's end
