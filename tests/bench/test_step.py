@@ -3,11 +3,14 @@
 No timing assertions: how fast a method is belongs to the benchmark, not to the tests."""
 
 import csv
+import statistics
 
 import pytest
 import torch
 
-from nmsparse.bench.step import METHODS, StepOptions, make_optimizer, run_step_bench, select_methods
+import nmsparse.bench.step as step_mod
+from nmsparse.bench.step import (METHODS, StepOptions, make_optimizer, paired_ratio, paired_ratios, run_step_bench,
+                                 select_methods)
 from nmsparse.bench.step_report import format_result, table
 from nmsparse.bench.step_rss import measure_rss
 from nmsparse.cli import main
@@ -31,6 +34,7 @@ def check_rows(rows, models, modes, methods):
         (m, mode, name) for m in models for mode in modes for name in methods]
     for r in rows:
         assert r["steps"] == 2 and 0 < r["median_ms"] <= r["worst_ms"] and r["mean_ms"] > 0
+        assert r["ratio_lo"] <= r["ratio_median"] <= r["ratio_hi"] and len(r["times_ms"]) == 2
         if r["method"] == "dense":
             assert r["ratio_median"] == 1.0 and r["ratio_mean"] == 1.0 and r["sparsify_s"] is None
             assert r["target"] is None and r["peak_vs_dense"] == 1.0
@@ -192,6 +196,11 @@ def test_command_prints_the_table_and_writes_md_csv_png(tmp_path, capsys):
     assert "| gpt | eager | dense |" in (out / "step.md").read_text()
     rows = list(csv.DictReader(open(out / "step.csv")))
     assert [r["method"] for r in rows] == ["dense", "ste-2:4"] and float(rows[0]["ratio_median"]) == 1.0
+    assert float(rows[1]["ratio_lo"]) <= float(rows[1]["ratio_median"]) <= float(rows[1]["ratio_hi"])
+    steps = list(csv.DictReader(open(out / "step_times.csv")))  # every timed step: 2 per method
+    assert [(r["method"], r["step"]) for r in steps] == [("dense", "0"), ("dense", "1"), ("ste-2:4", "0"),
+                                                          ("ste-2:4", "1")]
+    assert all(float(r["ms"]) > 0 for r in steps) and "[" in (out / "step.md").read_text()  # the interval printed
 
 
 def test_without_matplotlib_the_plot_is_skipped_with_a_note(tmp_path, capsys, no_matplotlib):
@@ -208,3 +217,37 @@ def test_out_must_not_be_a_file(tmp_path, capsys):
     f.write_text("")
     assert main(["bench", "step", "--methods", "dense", "--out", str(f)]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios():
+    dense = [1.0, 2.0, 1.0, 1.0, 3.0, 1.0]  # the host slows rounds 2 and 5 for everything
+    method = [1.1, 2.2, 1.1, 1.1, 3.3, 1.1]
+    assert paired_ratio(method, dense, 1) == pytest.approx(1.1)
+    # a burst on the method's own steps alone (rounds 1, 3): outlier rounds, not a shifted ratio
+    burst = [2.0, 2.2, 2.0, 1.1, 3.3, 1.1]
+    assert paired_ratio(burst, dense, 1) == pytest.approx(1.1)
+    assert statistics.median(burst) / statistics.median(dense) == pytest.approx(2.0)  # the ratio of medians moves
+    # rounds of 2 steps: per round the block medians (1.5 and 2.0 for round 0), then the median of 3 rounds
+    assert paired_ratio([1.0, 2.0, 4.0, 4.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0, 1.0, 1.0], 2) == pytest.approx(1.5)
+    assert paired_ratios([1.0, 2.0, 4.0, 4.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0, 1.0, 1.0], 2) == pytest.approx([1.5, 2, 1])
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_ratio([1.0, 2.0], [1.0], 1)
+
+
+def test_every_round_runs_every_method_once_in_a_fresh_order(monkeypatch):
+    seen = []
+    real = step_mod._train_step
+
+    def spy(fn, opt, x, y):
+        seen.append(id(fn))
+        return real(fn, opt, x, y)
+
+    monkeypatch.setattr(step_mod, "_train_step", spy)
+    methods = ["ste-2:4", "fixed-2:4", "sdgp-magnitude-2:4"]
+    o = StepOptions(models=("gpt",), methods=methods, compile="off", **TINY,
+                    **{**FAST, "steps": 6, "warmup": 0, "profile_steps": 0})
+    res = run_step_bench(o, log=quiet)
+    assert [r["steps"] for r in res["rows"]] == [6] * 4
+    rounds = [seen[i:i + 4] for i in range(0, 24, 4)]
+    assert all(len(set(r)) == 4 for r in rounds) and len({tuple(r) for r in rounds}) > 1
+    assert all(r["ratio_median"] > 0 for r in res["rows"]) and res["rows"][0]["ratio_median"] == 1.0

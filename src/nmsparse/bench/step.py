@@ -7,11 +7,18 @@ filter to a copy of the same dense model (``METHODS``). The step is README's loo
 forward, cross-entropy, backward, AdamW step (``optimizer``: the fused AdamW that ``nmsparse train`` uses, or
 torch's default one, whose CPU sqrt slows on a frozen mask's zero state), on the model or on ``torch.compile(model)``.
 
-* Timing: after ``warmup`` steps each (compilation happens there), every method's steps run in
-  round-robin blocks of ``block`` steps, so load drift hits all alike; per method the median, mean
-  (amortised over whole recompute periods) and worst step time, and their ratios to dense. By default
-  ``2 * recompute_every`` timed steps (at least 20): two recomputations of the periodic methods'
-  masks. Sparse models are attached to their optimizer (masks update once per optimizer step).
+* Timing: after ``warmup`` steps each (compilation happens there), the timed steps run in rounds:
+  every method (dense too) takes ``block`` steps per round, in a fresh seeded random order each round.
+  Per method the median, mean (amortised over whole recompute periods) and worst step time. The
+  median ratio to dense is paired: per round, the method's block median over dense's block median of
+  the same round, and the median of that over the rounds. Bursts of load from outside the VM last
+  seconds and slow whatever runs then; a burst on one method's block is then one outlier round, where
+  a ratio of whole-run medians shifts with it (identical dense copies: up to 1.12 apart that way,
+  within 0.015 paired; docs/benchmarks.md). With it, its 95% confidence interval (order statistics of
+  the rounds' ratios, ``timing.median_ci``): a run decides a target only where the interval does not
+  reach across it. The mean ratio is mean over mean, the same rounds. By
+  default ``2 * recompute_every`` timed steps (at least 20): two recomputations of the periodic
+  methods' masks. Sparse models are attached to their optimizer (masks update once per optimizer step).
 * Recompiles (``--compile``): Dynamo's frame compilations (``counters["frames"]["total"]``, one per
   cache miss) in the timed steps, i.e. after warm-up (graph breaks: in warm-up). The methods' models
   share code objects, whose caches together would pass Dynamo's recompile limit that one model alone
@@ -34,6 +41,7 @@ import contextlib
 import copy
 import fnmatch
 import os
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -50,8 +58,10 @@ from ..nn.mask_step import attach
 from ..nn.sparsify import sparsify
 from .step_profile import profile_window
 from .step_rss import measure_rss
+from .timing import median_ci
 
-__all__ = ["METHODS", "MODELS", "OPTIMIZERS", "StepOptions", "make_optimizer", "select_methods", "run_step_bench"]
+__all__ = ["METHODS", "MODELS", "OPTIMIZERS", "StepOptions", "make_optimizer", "paired_ratio", "paired_ratios",
+           "select_methods", "run_step_bench"]
 
 MODELS = ("resnet18", "gpt")
 OPTIMIZERS = ("adamw", "adamw-fused")
@@ -135,7 +145,7 @@ class StepOptions:
     optimizer: str = "adamw-fused"  # torch.optim.AdamW(fused=True), as nmsparse train; "adamw": torch's default
     steps: int | None = None  # timed steps per method; None: 2 * recompute_every (at least MIN_STEPS)
     warmup: int = 3
-    block: int = 4  # steps per method per round-robin turn
+    block: int = 1  # steps per method per round (rounds in a fresh random order)
     threads: int = 1
     recompute_every: int = 40
     profile_steps: int = 5  # profiled steps of the per-step methods (0: no profile, no shares, no memory)
@@ -274,8 +284,10 @@ def _run_mode(kind, base, x, y, mode, steps, o: StepOptions, sparsify_s, log, me
             r.compiles, r.graph_breaks = c1 - c0, g1 - g0
             log(f"  {kind} {mode} {r.name}: warm-up {time.perf_counter() - t0:.1f} s"
                 + (f", {r.compiles} compilations, {r.graph_breaks} graph breaks" if compiled else ""))
+        order, rng = list(runners), random.Random(o.seed)
         for start in range(0, steps, o.block):
-            for r in runners:
+            rng.shuffle(order)  # no method always runs right after another
+            for r in order:
                 c0, _ = counts()
                 for _ in range(min(o.block, steps - start)):
                     t0 = time.perf_counter()
@@ -290,24 +302,40 @@ def _run_mode(kind, base, x, y, mode, steps, o: StepOptions, sparsify_s, log, me
     return runners
 
 
-def _rows(kind, mode, runners, sparsify_s) -> list[dict]:
-    """One row per runner, its ratios to the dense runner (the first: timed interleaved with the rest)."""
+def paired_ratios(times, dense_times, block: int) -> list[float]:
+    """Per round (``block`` steps each): the method's block median over dense's block median in the same round."""
+    if len(times) != len(dense_times):
+        raise ValueError(f"paired ratios need the same rounds: {len(times)} steps against dense's {len(dense_times)}")
+    return [statistics.median(times[i:i + block]) / statistics.median(dense_times[i:i + block])
+            for i in range(0, len(times), block)]
+
+
+def paired_ratio(times, dense_times, block: int) -> float:
+    """The median over rounds of `paired_ratios`: what `bench step` reports as "x dense (median)"."""
+    return statistics.median(paired_ratios(times, dense_times, block))
+
+
+def _rows(kind, mode, runners, sparsify_s, block) -> list[dict]:
+    """One row per runner, its ratios to the dense runner (the first: timed in the same rounds as the rest)."""
     dense = runners[0]
     assert dense.name == "dense"
-    d_med, d_mean = statistics.median(dense.times), statistics.fmean(dense.times)
+    d_mean = statistics.fmean(dense.times)
     d_peak = dense.profile["peak_bytes"] if dense.profile else None
     rows = []
     for r in runners:
         med, mean = statistics.median(r.times), statistics.fmean(r.times)
+        ratios = paired_ratios(r.times, dense.times, block)
+        lo, hi = median_ci(ratios)
         row = {"model": kind, "mode": mode, "method": r.name, "steps": len(r.times), "median_ms": med * 1e3,
-               "mean_ms": mean * 1e3, "worst_ms": max(r.times) * 1e3, "ratio_median": med / d_med,
+               "mean_ms": mean * 1e3, "worst_ms": max(r.times) * 1e3, "ratio_median": statistics.median(ratios), "ratio_lo": lo, "ratio_hi": hi,
                "ratio_mean": mean / d_mean, "target": r.method.target, "target_on": None, "meets": None,
                "compiles_warmup": r.compiles if mode == "compile" else None,
                "graph_breaks": r.graph_breaks if mode == "compile" else None,
                "recompiles": r.recompiles if mode == "compile" else None,
                "peak_mb": None, "peak_vs_dense": None, "profiled_steps": None,
                "rss_mb": None, "rss_vs_dense_mb": None,  # eager rows, from run_step_bench's own processes
-               "sparsify_s": statistics.median(sparsify_s[r.name]) if sparsify_s[r.name] else None}
+               "sparsify_s": statistics.median(sparsify_s[r.name]) if sparsify_s[r.name] else None,
+               "times_ms": [t * 1e3 for t in r.times]}  # every timed step, in order: step_times.csv
         if r.method.target is not None:
             row["target_on"] = "mean" if r.method.amortised else "median"
             row["meets"] = row[f"ratio_{row['target_on']}"] <= r.method.target
@@ -351,7 +379,7 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
                 if mode == "compile":
                     _dynamo_reset()  # compile from scratch
                 runners = _run_mode(kind, base, x, y, mode, steps, o, sparsify_s, log, o.methods)
-                rows += _rows(kind, mode, runners, sparsify_s)
+                rows += _rows(kind, mode, runners, sparsify_s, o.block)
                 del runners
             if o.rss_steps and "eager" in modes:
                 rss = measure_rss(kind, o.methods, o, o.rss_steps, log)
@@ -366,7 +394,8 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
         f"machine: {machine}",
         f"load average (1/5/15 min): {' '.join(f'{v:.2f}' for v in load0)} at start, "
         f"{' '.join(f'{v:.2f}' for v in load1)} at end; {time.perf_counter() - t_start:.0f} s in all",
-        f"{o.warmup} warm-up + {steps} timed steps per method, interleaved in blocks of {o.block}; "
+        f"{o.warmup} warm-up + {steps} timed steps per method in rounds of {o.block} step(s) each, a random order "
+        f"per round; x dense (median): the median over rounds of the ratio to dense's steps of the same round; "
         f"{'AdamW (fused)' if o.optimizer == 'adamw-fused' else 'AdamW'}; "
         f"mask recompute every {o.recompute_every} steps (transposable, gradual block)"
         + (f"; torch.compile backend {o.compile_backend}" if "compile" in modes else ""),

@@ -15,13 +15,16 @@ __all__ = ["format_result", "write_outputs", "plot_ratios", "add_step_arguments"
 COLUMNS = ["model", "mode", "method", "median ms", "mean ms", "worst ms", "x dense (median)", "x dense (mean)",
            "target", "recompiles", "peak MB", "peak x dense", "RSS MB", "RSS +MB", "mask", "masking", "grad prune",
            "rest", "sparsify s"]
-CSV_KEYS = ["model", "mode", "method", "steps", "median_ms", "mean_ms", "worst_ms", "ratio_median", "ratio_mean",
+CSV_KEYS = ["model", "mode", "method", "steps", "median_ms", "mean_ms", "worst_ms", "ratio_median", "ratio_lo",
+            "ratio_hi", "ratio_mean",
             "target", "target_on", "meets", "compiles_warmup", "graph_breaks", "recompiles", "peak_mb", "peak_vs_dense",
             "rss_mb", "rss_vs_dense_mb", "profiled_steps", "share_mask", "share_masking", "share_grad_prune",
             "share_rest", "sparsify_s"]
 NOTES = (
-    "Ratios: step time over the dense step time of the same run and mode; \"mean\" is amortised over the timed "
-    "steps (whole recompute periods). Target: issue #12's ratio, on the median, or on the mean for the methods "
+    "Ratios: step time over the dense step time of the same run and mode. \"median\": per round, the method's "
+    "step over dense's in the same round, the median over rounds, with its 95% confidence interval in brackets "
+    "(a target inside the interval is not decided by this run); \"mean\": mean over dense's mean, amortised over "
+    "the timed steps (whole recompute periods). Target: issue #12's ratio, on the median, or on the mean for the methods "
     "that recompute periodically. Recompiles: Dynamo compilations after warm-up. Peak: tensor bytes of a step "
     "(parameters, gradients, buffers, optimizer state and the step's allocations). RSS: peak resident memory of "
     "the process in which the method alone ran a few eager steps (interpreter and libraries included), and its "
@@ -41,11 +44,17 @@ def _target(r: dict) -> str:
     return f"<= {r['target']:.2f} ({r['target_on']}): {'yes' if r['meets'] else 'NO'}"
 
 
+def _ratio(r: dict) -> str:
+    if r.get("ratio_lo") is None or r["method"] == "dense":
+        return _f(r["ratio_median"], ".2f")
+    return f"{r['ratio_median']:.2f} [{r['ratio_lo']:.2f}, {r['ratio_hi']:.2f}]"
+
+
 def table(rows: list[dict]) -> str:
     """The Markdown table of the rows of `run_step_bench`."""
     return markdown_table(COLUMNS, [
         [r["model"], r["mode"], r["method"], _f(r["median_ms"], ".1f"), _f(r["mean_ms"], ".1f"),
-         _f(r["worst_ms"], ".1f"), _f(r["ratio_median"], ".2f"), _f(r["ratio_mean"], ".2f"), _target(r),
+         _f(r["worst_ms"], ".1f"), _ratio(r), _f(r["ratio_mean"], ".2f"), _target(r),
          _f(r["recompiles"], "d"), _f(r["peak_mb"], ".1f"), _f(r["peak_vs_dense"], ".2f"),
          _f(r["rss_mb"], ".0f"), _f(r["rss_vs_dense_mb"], "+.0f"),
          _f(r["share_mask"], ".1%"), _f(r["share_masking"], ".1%"), _f(r["share_grad_prune"], ".1%"),
@@ -59,8 +68,8 @@ def format_result(result: dict) -> str:
 
 
 def plot_ratios(rows: list[dict], path: Path) -> None:
-    """Horizontal bars of the median ratio to dense per method, one panel per model and mode; dots: the mean
-    (amortised) ratio; a line at 1.0 and each method's target marked."""
+    """Horizontal bars of the median ratio to dense per method with its 95% interval, one panel per model and
+    mode; dots: the mean (amortised) ratio; a line at 1.0 and each method's target marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,6 +86,11 @@ def plot_ratios(rows: list[dict], path: Path) -> None:
         ys = list(range(len(rs)))
         colors = ["0.6" if r["meets"] is None else "C2" if r["meets"] else "C1" for r in rs]
         ax.barh(ys, [r["ratio_median"] for r in rs], color=colors)
+        ci = [(r, y) for r, y in zip(rs, ys) if r.get("ratio_lo") is not None and r["method"] != "dense"]
+        if ci:  # the median's 95% interval
+            ax.errorbar([r["ratio_median"] for r, _ in ci], [y for _, y in ci], fmt="none", ecolor="0.25", capsize=2,
+                        xerr=[[r["ratio_median"] - r["ratio_lo"] for r, _ in ci],
+                              [r["ratio_hi"] - r["ratio_median"] for r, _ in ci]])
         ax.scatter([r["ratio_mean"] for r in rs], ys, color="white", edgecolors="black", s=16, zorder=3)
         tgt = [(r["target"], y) for r, y in zip(rs, ys) if r["target"] is not None]
         ax.scatter([t for t, _ in tgt], [y for _, y in tgt], marker="|", s=260, linewidths=2.5, color="C3", zorder=4)
@@ -84,7 +98,7 @@ def plot_ratios(rows: list[dict], path: Path) -> None:
         ax.set_yticks(ys, [r["method"] for r in rs] if k == 0 else [""] * len(rs))
         ax.set_ylim(len(rs) - 0.5, -0.5)
         ax.set_title(f"{model}, {mode}")
-        ax.set_xlabel("step time / dense step time (bars: median)")
+        ax.set_xlabel("step time / dense step time (bars: median, whiskers: 95% CI)")
         ax.set_xlim(left=0)
     handles = [Patch(color="C2", label="target met"), Patch(color="C1", label="target missed"),
                Line2D([], [], marker="o", color="white", markeredgecolor="black", linestyle="", label="mean (amortised)"),
@@ -97,7 +111,8 @@ def plot_ratios(rows: list[dict], path: Path) -> None:
 
 
 def write_outputs(result: dict, out_dir: Path, log=print) -> None:
-    """step.md, step.csv and (with matplotlib; else a line says how to get it) step.png in out_dir."""
+    """step.md, step.csv, step_times.csv (every timed step) and, with matplotlib (else a line says how to get
+    it), step.png in out_dir."""
     from ..train.plots import PLOTS_SKIPPED, can_plot
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -106,6 +121,11 @@ def write_outputs(result: dict, out_dir: Path, log=print) -> None:
         w = csv.DictWriter(f, CSV_KEYS, extrasaction="ignore")
         w.writeheader()
         w.writerows(result["rows"])
+    with open(out_dir / "step_times.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "mode", "method", "step", "ms"])  # timed steps in order; step k is in round k // block
+        for r in result["rows"]:
+            w.writerows([r["model"], r["mode"], r["method"], k, f"{ms:.3f}"] for k, ms in enumerate(r["times_ms"]))
     if can_plot():
         plot_ratios(result["rows"], out_dir / "step.png")
     else:
@@ -139,7 +159,8 @@ def add_step_arguments(p) -> None:
                    help="AdamW(fused=True) as nmsparse train makes it (default), or torch's default AdamW")
     p.add_argument("--steps", type=_count(1), help="timed steps per method (default 2 x --recompute-every, >= 20)")
     p.add_argument("--warmup", type=_count(0), default=d.warmup, help="untimed steps per method first (compiles)")
-    p.add_argument("--block", type=_count(1), default=d.block, help="steps per method per round-robin turn")
+    p.add_argument("--block", type=_count(1), default=d.block,
+                   help="steps per method per round (default 1; a fresh random order each round)")
     p.add_argument("--threads", type=_count(1), default=d.threads, help="torch.set_num_threads (default 1)")
     p.add_argument("--recompute-every", type=_count(1), default=d.recompute_every,
                    help="mask recompute interval of the transposable and gradual-block methods (default 40)")
@@ -154,7 +175,7 @@ def add_step_arguments(p) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=_count(1), default=getattr(d, name), metavar="N",
                        help=f"default {getattr(d, name)}")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", metavar="DIR", help="directory for step.md, step.csv and step.png")
+    p.add_argument("--out", metavar="DIR", help="directory for step.md, step.csv, step_times.csv and step.png")
 
 
 def step_main(args) -> int:
@@ -170,5 +191,5 @@ def step_main(args) -> int:
     print("\n" + format_result(result))
     if out is not None:
         write_outputs(result, out)
-        print(f"\nSaved {out}/step.md, step.csv" + (", step.png" if (out / "step.png").exists() else ""))
+        print(f"\nSaved {out}/step.md, step.csv, step_times.csv" + (", step.png" if (out / "step.png").exists() else ""))
     return 0

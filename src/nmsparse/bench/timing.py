@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -30,3 +31,22 @@ def fmt_time(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1e3:.1f} ms"
     return f"{seconds:.2f} s"
+
+
+def median_ci(values, level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: order statistics from the binomial(n, 1/2) tails.
+
+    With fewer than 6 values no pair of order statistics reaches 95%: the interval is then (min, max)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        raise ValueError("median_ci needs at least one value")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    tail, k, cum = (1 - level) / 2, 0, 0.0
+    for j in range(n // 2):  # the median is outside [x[j], x[n-1-j]] with probability 2 P(Bin(n, 1/2) <= j)
+        cum += math.comb(n, j) / 2**n
+        if cum > tail:
+            break
+        k = j
+    return xs[k], xs[n - 1 - k]
