@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from nmsparse.bench.step import StepOptions, _batch, _build, _train_step, make_optimizer, paired_ratio
+from nmsparse.bench.step import StepOptions, _batch, _build, _train_step, make_optimizer
+from nmsparse.bench.timing import paired_ratio
 
 
 def main() -> None:
@@ -43,12 +44,12 @@ def main() -> None:
             _train_step(model, opt, x, y)
         copies.append((model, opt, []))
     rng = random.Random(0)
-    for _ in range(0, a.steps, a.block):
+    for start in range(0, a.steps, a.block):
         order = list(copies)
         if a.shuffle:
             rng.shuffle(order)
         for model, opt, times in order:
-            for _ in range(a.block):
+            for _ in range(min(a.block, a.steps - start)):
                 t0 = time.perf_counter()
                 _train_step(model, opt, x, y)
                 times.append(time.perf_counter() - t0)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import nmsparse.bench.step as step_mod
-from nmsparse.bench.step import (METHODS, StepOptions, make_optimizer, paired_ratio, paired_ratios, run_step_bench,
-                                 select_methods)
+from nmsparse.bench.step import METHODS, StepOptions, make_optimizer, run_step_bench, select_methods
+from nmsparse.bench.step_report import _target as table_target
 from nmsparse.bench.step_report import format_result, table
 from nmsparse.bench.step_rss import measure_rss
+from nmsparse.bench.timing import paired_ratios
 from nmsparse.cli import main
 
 TINY = dict(resnet_width=8, resnet_batch=2, image_size=8, gpt_layers=1, gpt_width=16, gpt_heads=2, gpt_block=8,
@@ -219,21 +220,6 @@ def test_out_must_not_be_a_file(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
-def test_paired_ratio_is_the_median_of_same_round_ratios():
-    dense = [1.0, 2.0, 1.0, 1.0, 3.0, 1.0]  # the host slows rounds 2 and 5 for everything
-    method = [1.1, 2.2, 1.1, 1.1, 3.3, 1.1]
-    assert paired_ratio(method, dense, 1) == pytest.approx(1.1)
-    # a burst on the method's own steps alone (rounds 1, 3): outlier rounds, not a shifted ratio
-    burst = [2.0, 2.2, 2.0, 1.1, 3.3, 1.1]
-    assert paired_ratio(burst, dense, 1) == pytest.approx(1.1)
-    assert statistics.median(burst) / statistics.median(dense) == pytest.approx(2.0)  # the ratio of medians moves
-    # rounds of 2 steps: per round the block medians (1.5 and 2.0 for round 0), then the median of 3 rounds
-    assert paired_ratio([1.0, 2.0, 4.0, 4.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0, 1.0, 1.0], 2) == pytest.approx(1.5)
-    assert paired_ratios([1.0, 2.0, 4.0, 4.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0, 1.0, 1.0], 2) == pytest.approx([1.5, 2, 1])
-    with pytest.raises(ValueError, match="same rounds"):
-        paired_ratio([1.0, 2.0], [1.0], 1)
-
-
 def test_every_round_runs_every_method_once_in_a_fresh_order(monkeypatch):
     seen = []
     real = step_mod._train_step
@@ -251,3 +237,22 @@ def test_every_round_runs_every_method_once_in_a_fresh_order(monkeypatch):
     rounds = [seen[i:i + 4] for i in range(0, 24, 4)]
     assert all(len(set(r)) == 4 for r in rounds) and len({tuple(r) for r in rounds}) > 1
     assert all(r["ratio_median"] > 0 for r in res["rows"]) and res["rows"][0]["ratio_median"] == 1.0
+
+
+def test_a_short_last_round_pairs_with_dense_s_short_last_round(monkeypatch):
+    o = StepOptions(models=("gpt",), methods=["fixed-2:4"], compile="off", **TINY,
+                    **{**FAST, "steps": 5, "block": 2, "warmup": 0, "profile_steps": 0})
+    res = run_step_bench(o, log=quiet)
+    dense, fixed = res["rows"]
+    assert dense["steps"] == fixed["steps"] == 5
+    ratios = paired_ratios(fixed["times_ms"], dense["times_ms"], 2)  # rounds of 2, 2 and 1 steps
+    assert len(ratios) == 3 and ratios[2] == fixed["times_ms"][4] / dense["times_ms"][4]
+    assert fixed["ratio_median"] == pytest.approx(statistics.median(ratios))
+    assert any("3 rounds: too few for a 95% interval" in h for h in res["header"])
+    assert (fixed["ratio_lo"], fixed["ratio_hi"]) == (min(ratios), max(ratios))
+
+
+def test_a_target_inside_the_interval_is_marked_undecided():
+    row = {"target": 1.15, "target_on": "median", "meets": True, "decided": False}
+    assert "yes (interval spans it)" in table_target(row)
+    assert table_target({**row, "decided": True}).endswith(": yes")

@@ -1,13 +1,14 @@
-"""The median's confidence interval that `bench step` prints beside its paired ratios."""
+"""`bench step`'s statistics: ratios paired by round, and the median's confidence interval."""
 
 import math
 import random
+import statistics
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nmsparse.bench.timing import median_ci
+from nmsparse.bench.timing import median_ci, paired_ratio, paired_ratios
 
 
 def test_textbook_ranks():
@@ -46,3 +47,18 @@ def test_bad_input_is_named():
         median_ci([])
     with pytest.raises(ValueError, match="level"):
         median_ci([1.0], level=1.5)
+
+
+def test_paired_ratio_is_the_median_of_same_round_ratios():
+    dense = [1.0, 2.0, 1.0, 1.0, 3.0, 1.0]  # the host slows rounds 2 and 5 for everything
+    method = [1.1, 2.2, 1.1, 1.1, 3.3, 1.1]
+    assert paired_ratio(method, dense, 1) == pytest.approx(1.1)
+    # a burst on the method's own steps alone (rounds 1, 3): outlier rounds, not a shifted ratio
+    burst = [2.0, 2.2, 2.0, 1.1, 3.3, 1.1]
+    assert paired_ratio(burst, dense, 1) == pytest.approx(1.1)
+    assert statistics.median(burst) / statistics.median(dense) == pytest.approx(2.0)  # the ratio of medians moves
+    # rounds of 2 steps: per round the block medians (1.5 and 2.0 for round 0), then the median of 3 rounds
+    assert paired_ratio([1.0, 2.0, 4.0, 4.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0, 1.0, 1.0], 2) == pytest.approx(1.5)
+    assert paired_ratios([1.0, 2.0, 4.0, 4.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0, 1.0, 1.0], 2) == pytest.approx([1.5, 2, 1])
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_ratio([1.0, 2.0], [1.0], 1)

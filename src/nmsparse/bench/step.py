@@ -11,14 +11,14 @@ torch's default one, whose CPU sqrt slows on a frozen mask's zero state), on the
   every method (dense too) takes ``block`` steps per round, in a fresh seeded random order each round.
   Per method the median, mean (amortised over whole recompute periods) and worst step time. The
   median ratio to dense is paired: per round, the method's block median over dense's block median of
-  the same round, and the median of that over the rounds. Bursts of load from outside the VM last
-  seconds and slow whatever runs then; a burst on one method's block is then one outlier round, where
-  a ratio of whole-run medians shifts with it (identical dense copies: up to 1.12 apart that way,
-  within 0.015 paired; docs/benchmarks.md). With it, its 95% confidence interval (order statistics of
-  the rounds' ratios, ``timing.median_ci``): a run decides a target only where the interval does not
-  reach across it. The mean ratio is mean over mean, the same rounds. By
-  default ``2 * recompute_every`` timed steps (at least 20): two recomputations of the periodic
-  methods' masks. Sparse models are attached to their optimizer (masks update once per optimizer step).
+  the same round, then the median over the rounds, with its 95% interval (``timing.median_ci``; a
+  run decides a target only if the interval lies on one side of it: "decided"). The host slows this
+  VM for seconds at a time; such a spell on one method's steps is then an outlier round, where a
+  ratio of whole-run medians moves with it (identical dense ResNet-18 copies: up to 1.12 apart that
+  way, 1.01 paired and shuffled; docs/benchmarks.md). The mean ratio is mean over dense's mean, the
+  same rounds, unpaired and without an interval (an amortised cost needs every step, slow spells
+  too). By default ``2 * recompute_every`` timed steps (at least 20): two recomputations of the
+  periodic methods' masks. Sparse models are attached to their optimizer (masks move per optimizer step).
 * Recompiles (``--compile``): Dynamo's frame compilations (``counters["frames"]["total"]``, one per
   cache miss) in the timed steps, i.e. after warm-up (graph breaks: in warm-up). The methods' models
   share code objects, whose caches together would pass Dynamo's recompile limit that one model alone
@@ -58,10 +58,9 @@ from ..nn.mask_step import attach
 from ..nn.sparsify import sparsify
 from .step_profile import profile_window
 from .step_rss import measure_rss
-from .timing import median_ci
+from .timing import median_ci, paired_ratios
 
-__all__ = ["METHODS", "MODELS", "OPTIMIZERS", "StepOptions", "make_optimizer", "paired_ratio", "paired_ratios",
-           "select_methods", "run_step_bench"]
+__all__ = ["METHODS", "MODELS", "OPTIMIZERS", "StepOptions", "make_optimizer", "select_methods", "run_step_bench"]
 
 MODELS = ("resnet18", "gpt")
 OPTIMIZERS = ("adamw", "adamw-fused")
@@ -302,19 +301,6 @@ def _run_mode(kind, base, x, y, mode, steps, o: StepOptions, sparsify_s, log, me
     return runners
 
 
-def paired_ratios(times, dense_times, block: int) -> list[float]:
-    """Per round (``block`` steps each): the method's block median over dense's block median in the same round."""
-    if len(times) != len(dense_times):
-        raise ValueError(f"paired ratios need the same rounds: {len(times)} steps against dense's {len(dense_times)}")
-    return [statistics.median(times[i:i + block]) / statistics.median(dense_times[i:i + block])
-            for i in range(0, len(times), block)]
-
-
-def paired_ratio(times, dense_times, block: int) -> float:
-    """The median over rounds of `paired_ratios`: what `bench step` reports as "x dense (median)"."""
-    return statistics.median(paired_ratios(times, dense_times, block))
-
-
 def _rows(kind, mode, runners, sparsify_s, block) -> list[dict]:
     """One row per runner, its ratios to the dense runner (the first: timed in the same rounds as the rest)."""
     dense = runners[0]
@@ -327,7 +313,8 @@ def _rows(kind, mode, runners, sparsify_s, block) -> list[dict]:
         ratios = paired_ratios(r.times, dense.times, block)
         lo, hi = median_ci(ratios)
         row = {"model": kind, "mode": mode, "method": r.name, "steps": len(r.times), "median_ms": med * 1e3,
-               "mean_ms": mean * 1e3, "worst_ms": max(r.times) * 1e3, "ratio_median": statistics.median(ratios), "ratio_lo": lo, "ratio_hi": hi,
+               "mean_ms": mean * 1e3, "worst_ms": max(r.times) * 1e3,
+               "ratio_median": statistics.median(ratios), "ratio_lo": lo, "ratio_hi": hi, "decided": None,
                "ratio_mean": mean / d_mean, "target": r.method.target, "target_on": None, "meets": None,
                "compiles_warmup": r.compiles if mode == "compile" else None,
                "graph_breaks": r.graph_breaks if mode == "compile" else None,
@@ -339,6 +326,8 @@ def _rows(kind, mode, runners, sparsify_s, block) -> list[dict]:
         if r.method.target is not None:
             row["target_on"] = "mean" if r.method.amortised else "median"
             row["meets"] = row[f"ratio_{row['target_on']}"] <= r.method.target
+            if row["target_on"] == "median":  # the run decides only if the interval lies on one side of the target
+                row["decided"] = not lo <= r.method.target <= hi
         for s in profiling.SCOPES + ("rest",):
             row[f"share_{s.rsplit('.', 1)[-1]}"] = None
         if r.profile:
@@ -400,6 +389,10 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
         f"mask recompute every {o.recompute_every} steps (transposable, gradual block)"
         + (f"; torch.compile backend {o.compile_backend}" if "compile" in modes else ""),
     ]
+    rounds = -(-steps // o.block)
+    if rounds < 6:
+        header.append(f"NOTE {rounds} rounds: too few for a 95% interval of the median; the brackets give the "
+                      f"whole range of the rounds' ratios, which holds it with probability {1 - 2 ** (1 - rounds):.0%}")
     if periodic and (steps < 2 * o.recompute_every or steps % o.recompute_every):
         header.append(f"NOTE {steps} timed steps are not two or more whole recompute periods: the amortised (mean) "
                       f"ratios of the transposable and gradual-block methods are not representative")

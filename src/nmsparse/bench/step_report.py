@@ -16,22 +16,21 @@ COLUMNS = ["model", "mode", "method", "median ms", "mean ms", "worst ms", "x den
            "target", "recompiles", "peak MB", "peak x dense", "RSS MB", "RSS +MB", "mask", "masking", "grad prune",
            "rest", "sparsify s"]
 CSV_KEYS = ["model", "mode", "method", "steps", "median_ms", "mean_ms", "worst_ms", "ratio_median", "ratio_lo",
-            "ratio_hi", "ratio_mean",
-            "target", "target_on", "meets", "compiles_warmup", "graph_breaks", "recompiles", "peak_mb", "peak_vs_dense",
-            "rss_mb", "rss_vs_dense_mb", "profiled_steps", "share_mask", "share_masking", "share_grad_prune",
-            "share_rest", "sparsify_s"]
+            "ratio_hi", "ratio_mean", "target", "target_on", "meets", "decided", "compiles_warmup", "graph_breaks",
+            "recompiles", "peak_mb", "peak_vs_dense", "rss_mb", "rss_vs_dense_mb", "profiled_steps", "share_mask",
+            "share_masking", "share_grad_prune", "share_rest", "sparsify_s"]
 NOTES = (
     "Ratios: step time over the dense step time of the same run and mode. \"median\": per round, the method's "
     "step over dense's in the same round, the median over rounds, with its 95% confidence interval in brackets "
-    "(a target inside the interval is not decided by this run); \"mean\": mean over dense's mean, amortised over "
-    "the timed steps (whole recompute periods). Target: issue #12's ratio, on the median, or on the mean for the methods "
-    "that recompute periodically. Recompiles: Dynamo compilations after warm-up. Peak: tensor bytes of a step "
-    "(parameters, gradients, buffers, optimizer state and the step's allocations). RSS: peak resident memory of "
-    "the process in which the method alone ran a few eager steps (interpreter and libraries included), and its "
-    "difference to dense's. mask / masking / grad prune: "
-    "share of the profiled eager steps' CPU time in nmsparse's profiler scopes (mask computation, W * mask and "
-    "SR-STE's backward, SDGP's gradient pruning); rest: everything else. sparsify s: nmsparse.sparsify's wall time "
-    "(target < 0.5 s on ResNet-18).")
+    "(a target inside it is not decided by this run: \"interval spans it\"); \"mean\": mean over dense's mean, "
+    "unpaired, amortised over the timed steps (whole recompute periods). Target: issue #12's ratio, on the "
+    "median, or on the mean for the methods that recompute periodically. Recompiles: Dynamo compilations after "
+    "warm-up. Peak: tensor bytes of a step (parameters, gradients, buffers, optimizer state and the step's "
+    "allocations). RSS: peak resident memory of the process in which the method alone ran a few eager steps "
+    "(interpreter and libraries included), and its difference to dense's. mask / masking / grad prune: share of "
+    "the profiled eager steps' CPU time in nmsparse's profiler scopes (mask computation, W * mask and SR-STE's "
+    "backward, SDGP's gradient pruning); rest: everything else. sparsify s: nmsparse.sparsify's wall time (target "
+    "< 0.5 s on ResNet-18). Every timed step: step_times.csv.")
 
 
 def _f(value, fmt: str, none: str = "-") -> str:
@@ -41,7 +40,10 @@ def _f(value, fmt: str, none: str = "-") -> str:
 def _target(r: dict) -> str:
     if r["target"] is None:
         return "-"
-    return f"<= {r['target']:.2f} ({r['target_on']}): {'yes' if r['meets'] else 'NO'}"
+    verdict = "yes" if r["meets"] else "NO"
+    if r.get("decided") is False:
+        verdict += " (interval spans it)"
+    return f"<= {r['target']:.2f} ({r['target_on']}): {verdict}"
 
 
 def _ratio(r: dict) -> str:
@@ -98,7 +100,7 @@ def plot_ratios(rows: list[dict], path: Path) -> None:
         ax.set_yticks(ys, [r["method"] for r in rs] if k == 0 else [""] * len(rs))
         ax.set_ylim(len(rs) - 0.5, -0.5)
         ax.set_title(f"{model}, {mode}")
-        ax.set_xlabel("step time / dense step time (bars: median, whiskers: 95% CI)")
+        ax.set_xlabel("step / dense step (bar: median, whisker: 95% CI)")
         ax.set_xlim(left=0)
     handles = [Patch(color="C2", label="target met"), Patch(color="C1", label="target missed"),
                Line2D([], [], marker="o", color="white", markeredgecolor="black", linestyle="", label="mean (amortised)"),
@@ -125,7 +127,7 @@ def write_outputs(result: dict, out_dir: Path, log=print) -> None:
         w = csv.writer(f)
         w.writerow(["model", "mode", "method", "step", "ms"])  # timed steps in order; step k is in round k // block
         for r in result["rows"]:
-            w.writerows([r["model"], r["mode"], r["method"], k, f"{ms:.3f}"] for k, ms in enumerate(r["times_ms"]))
+            w.writerows([r["model"], r["mode"], r["method"], k, f"{ms:.3f}"] for k, ms in enumerate(r.get("times_ms", ())))
     if can_plot():
         plot_ratios(result["rows"], out_dir / "step.png")
     else:

@@ -1,4 +1,4 @@
-"""Median timing with a time budget."""
+"""Median timing with a time budget; the statistics of timed runs (paired ratios, the median's interval)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,16 @@ def median_ci(values, level: float = 0.95) -> tuple[float, float]:
             break
         k = j
     return xs[k], xs[n - 1 - k]
+
+
+def paired_ratios(times, dense_times, block: int) -> list[float]:
+    """Per round (``block`` steps each): the method's block median over dense's block median in the same round."""
+    if len(times) != len(dense_times):
+        raise ValueError(f"paired ratios need the same rounds: {len(times)} steps against dense's {len(dense_times)}")
+    return [statistics.median(times[i:i + block]) / statistics.median(dense_times[i:i + block])
+            for i in range(0, len(times), block)]
+
+
+def paired_ratio(times, dense_times, block: int) -> float:
+    """The median over rounds of `paired_ratios`: what `bench step` reports as "x dense (median)"."""
+    return statistics.median(paired_ratios(times, dense_times, block))
