@@ -256,3 +256,39 @@ def test_a_target_inside_the_interval_is_marked_undecided():
     row = {"target": 1.15, "target_on": "median", "meets": True, "decided": False}
     assert "yes (interval spans it)" in table_target(row)
     assert table_target({**row, "decided": True}).endswith(": yes")
+
+
+def _flushes() -> bool:
+    """Whether CPU ops now write subnormal float32 results as 0 (1e-20 * 1e-19 is subnormal)."""
+    return (torch.full((8,), 1e-20) * 1e-19).tolist()[0] == 0.0
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_steps_run_with_subnormals_flushed_by_default_and_the_header_says_which(monkeypatch, flush):
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals (torch.set_flush_denormal)")
+    seen, real = [], step_mod._train_step
+
+    def spy(*a):
+        seen.append(_flushes())
+        return real(*a)
+
+    monkeypatch.setattr(step_mod, "_train_step", spy)
+    opts = StepOptions(models=("gpt",), methods=["fixed-2:4"], compile="off", flush_denormal=flush, **TINY,
+                       **dict(FAST, profile_steps=0))
+    res = run_step_bench(opts, log=quiet)
+    assert seen and set(seen) == {flush} and not _flushes()  # in effect for every step, the default after
+    assert ("subnormal floats flushed to zero" if flush else "subnormal floats kept") in res["header"][2]
+    assert StepOptions().flush_denormal
+
+
+def test_flush_denormal_option_parses_on_and_off(monkeypatch, capsys):
+    got = []
+    monkeypatch.setattr(step_mod, "run_step_bench", lambda o, log=print: got.append(o) or {"header": [], "models": [],
+                                                                                         "rows": [], "steps": 1})
+    import nmsparse.bench.step_report as report
+    monkeypatch.setattr(report, "run_step_bench", step_mod.run_step_bench)
+    monkeypatch.setattr(report, "format_result", lambda r: "")
+    for value in ("off", "on"):
+        main(["bench", "step", "--flush-denormal", value, "--compile", "off"])
+    assert [o.flush_denormal for o in got] == [False, True]

@@ -120,3 +120,22 @@ def test_sparsity_overrides_are_named_in_the_run_name():
     cfg = load_config(DIGITS, ["sparsity.grad.n=1", "sparsity.grad.m=4", "optim.lr=0.05"])
     assert cfg.name == "digits dense [sparsity.grad.n=1, sparsity.grad.m=4]" and cfg.sparsity.grad.n == 1
     assert load_config(DIGITS, ["sparsity.grad.n=1", "name=mine"]).name == "mine"
+
+
+def test_training_flushes_subnormal_floats_unless_the_config_says_not():
+    """flush_denormal (default true) is set for the process when a run starts: CPU ops then write 0 for a subnormal."""
+    import torch
+
+    from nmsparse.train.loop import _set_determinism
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals (torch.set_flush_denormal)")
+    assert load_config().flush_denormal is True
+    try:
+        for flag in ("true", "false"):
+            _set_determinism(load_config(overrides=[f"flush_denormal={flag}"]))
+            assert ((torch.full((8,), 1e-20) * 1e-19).tolist()[0] == 0.0) == (flag == "true")
+    finally:
+        torch.set_flush_denormal(False)
+    with pytest.raises(ValueError, match="flush_denormal"):
+        load_config(overrides=["flush_denormal=sometimes"])

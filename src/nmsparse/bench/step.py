@@ -13,12 +13,12 @@ torch's default one, whose CPU sqrt slows on a frozen mask's zero state), on the
   median ratio to dense is paired: per round, the method's block median over dense's block median of
   the same round, then the median over the rounds, with its 95% interval (``timing.median_ci``; a
   run decides a target only if the interval lies on one side of it: "decided"). The host slows this
-  VM for seconds at a time; such a spell on one method's steps is then an outlier round, where a
-  ratio of whole-run medians moves with it (identical dense ResNet-18 copies: up to 1.12 apart that
-  way, 1.01 paired and shuffled; docs/benchmarks.md). The mean ratio is mean over dense's mean, the
-  same rounds, unpaired and without an interval (an amortised cost needs every step, slow spells
-  too). By default ``2 * recompute_every`` timed steps (at least 20): two recomputations of the
-  periodic methods' masks. Sparse models are attached to their optimizer (masks move per optimizer step).
+  VM for seconds at a time: then an outlier round, where a ratio of whole-run medians moves (identical
+  dense ResNet-18 copies: up to 1.12 apart that way, 1.01 paired, shuffled; docs/benchmarks.md). The
+  mean ratio is mean over dense's mean, unpaired (an amortised cost needs every step). By default
+  ``2 * recompute_every`` timed steps (at least 20): two recomputations of the periodic methods' masks.
+  Sparse models are attached to their optimizer (masks move per optimizer step). Subnormal floats are
+  flushed to zero (``flush_denormal``), as ``nmsparse train`` runs.
 * Recompiles (``--compile``): Dynamo's frame compilations (``counters["frames"]["total"]``, one per
   cache miss) in the timed steps, i.e. after warm-up (graph breaks: in warm-up). The methods' models
   share code objects, whose caches together would pass Dynamo's recompile limit that one model alone
@@ -146,6 +146,7 @@ class StepOptions:
     warmup: int = 3
     block: int = 1  # steps per method per round (rounds in a fresh random order)
     threads: int = 1
+    flush_denormal: bool = True  # subnormal floats read and written as 0 on the CPU, as nmsparse train runs
     recompute_every: int = 40
     profile_steps: int = 5  # profiled steps of the per-step methods (0: no profile, no shares, no memory)
     sparsify_repeats: int = 3
@@ -340,11 +341,6 @@ def _rows(kind, mode, runners, sparsify_s, block) -> list[dict]:
     return rows
 
 
-def _dynamo_reset() -> None:
-    import torch._dynamo  # here, not at import: seconds at every CLI start
-    torch._dynamo.reset()
-
-
 def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
     """Run the suite; returns {"header": lines, "rows": one dict per model x mode x method, "models": lines}."""
     o = options or StepOptions()
@@ -353,6 +349,7 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
     steps = o.steps or max(MIN_STEPS, 2 * o.recompute_every if periodic else 0)
     old = torch.get_num_threads()
     torch.set_num_threads(o.threads)
+    torch.set_flush_denormal(o.flush_denormal)  # threads started after this inherit it
     load0, t_start = os.getloadavg(), time.perf_counter()
     machine = machine_info()
     rows, models = [], []
@@ -366,7 +363,9 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
             for mode in modes:
                 log(f"{kind} {mode}: {len(o.methods)} methods, {o.warmup} warm-up + {steps} timed steps each")
                 if mode == "compile":
-                    _dynamo_reset()  # compile from scratch
+                    from torch import _dynamo  # here, not at import: seconds at every CLI start
+
+                    _dynamo.reset()  # compile from scratch
                 runners = _run_mode(kind, base, x, y, mode, steps, o, sparsify_s, log, o.methods)
                 rows += _rows(kind, mode, runners, sparsify_s, o.block)
                 del runners
@@ -378,6 +377,7 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
                         r["rss_vs_dense_mb"] = r["rss_mb"] - rss["dense"]["peak_mb"]
     finally:
         torch.set_num_threads(old)
+        torch.set_flush_denormal(False)  # the process's default
     load1 = os.getloadavg()
     header = [
         f"machine: {machine}",
@@ -386,7 +386,8 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
         f"{o.warmup} warm-up + {steps} timed steps per method in rounds of {o.block} step(s) each, a random order "
         f"per round; x dense (median): the median over rounds of the ratio to dense's steps of the same round; "
         f"{'AdamW (fused)' if o.optimizer == 'adamw-fused' else 'AdamW'}; "
-        f"mask recompute every {o.recompute_every} steps (transposable, gradual block)"
+        f"mask recompute every {o.recompute_every} steps (transposable, gradual block); subnormal floats "
+        f"{'flushed to zero' if o.flush_denormal else 'kept (--flush-denormal off)'}"
         + (f"; torch.compile backend {o.compile_backend}" if "compile" in modes else ""),
     ]
     rounds = -(-steps // o.block)

@@ -85,6 +85,7 @@ def record_for(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> dict:
 
 def _set_determinism(cfg: TrainConfig) -> None:
     torch.manual_seed(cfg.seed)
+    torch.set_flush_denormal(cfg.flush_denormal)  # threads started after this inherit it
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
