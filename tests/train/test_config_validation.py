@@ -122,20 +122,24 @@ def test_sparsity_overrides_are_named_in_the_run_name():
     assert load_config(DIGITS, ["sparsity.grad.n=1", "name=mine"]).name == "mine"
 
 
-def test_training_flushes_subnormal_floats_unless_the_config_says_not():
-    """flush_denormal (default true) is set for the process when a run starts: CPU ops then write 0 for a subnormal."""
+def test_training_flushes_subnormal_floats_unless_the_config_says_not(monkeypatch):
+    """flush_denormal (default true) holds for the run, and the caller's mode is back afterwards."""
     import torch
 
-    from nmsparse.train.loop import _set_determinism
+    import nmsparse.train.loop as loop
+    from nmsparse.common.system import flush_denormal, flushes_denormals
 
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush subnormals (torch.set_flush_denormal)")
-    assert load_config().flush_denormal is True
-    try:
-        for flag in ("true", "false"):
-            _set_determinism(load_config(overrides=[f"flush_denormal={flag}"]))
-            assert ((torch.full((8,), 1e-20) * 1e-19).tolist()[0] == 0.0) == (flag == "true")
-    finally:
-        torch.set_flush_denormal(False)
+    assert load_config().flush_denormal is True and not flushes_denormals()
+    seen = []
+    monkeypatch.setattr(loop, "_train", lambda cfg, *a: seen.append(flushes_denormals()) or {})
+    for flag in ("true", "false"):
+        loop.train(load_config(overrides=[f"flush_denormal={flag}"]))
+        assert not flushes_denormals()  # the caller's mode again
+    with flush_denormal(True):
+        loop.train(load_config(overrides=["flush_denormal=false"]))
+        assert flushes_denormals()
+    assert seen == [True, False, False] and not flushes_denormals()
     with pytest.raises(ValueError, match="flush_denormal"):
         load_config(overrides=["flush_denormal=sometimes"])

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..common.system import machine_info
+from ..common.system import flushes_denormals, machine_info
 from ..common.text import did_you_mean
 from ..models import GPT, resnet18
 from ..nn import profiling
@@ -347,7 +347,7 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
     modes = {"off": ["eager"], "on": ["compile"], "both": ["eager", "compile"]}[o.compile]
     periodic = any(METHODS[m].periodic for m in o.methods)
     steps = o.steps or max(MIN_STEPS, 2 * o.recompute_every if periodic else 0)
-    old = torch.get_num_threads()
+    old, flushed = torch.get_num_threads(), flushes_denormals()
     torch.set_num_threads(o.threads)
     torch.set_flush_denormal(o.flush_denormal)  # threads started after this inherit it
     load0, t_start = os.getloadavg(), time.perf_counter()
@@ -377,7 +377,7 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
                         r["rss_vs_dense_mb"] = r["rss_mb"] - rss["dense"]["peak_mb"]
     finally:
         torch.set_num_threads(old)
-        torch.set_flush_denormal(False)  # the process's default
+        torch.set_flush_denormal(flushed)
     load1 = os.getloadavg()
     header = [
         f"machine: {machine}",

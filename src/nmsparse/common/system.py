@@ -1,7 +1,9 @@
-"""The machine in one line (for benchmark tables and profiles), and output paths checked before any work."""
+"""The machine in one line (for benchmark tables and profiles), output paths checked before any work, and the CPU's
+subnormal-float mode for a block of work."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from pathlib import Path
@@ -60,3 +62,20 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     return dev
+
+
+def flushes_denormals() -> bool:
+    """Whether CPU float ops now write a subnormal result as 0 (torch has a setter for the mode, no getter)."""
+    return (torch.full((8,), 1e-20) * 1e-19).tolist()[0] == 0.0
+
+
+@contextlib.contextmanager
+def flush_denormal(enabled: bool = True):
+    """``torch.set_flush_denormal(enabled)`` for the block, then the mode it found. The mode is per thread: threads
+    started inside the block inherit it. Subnormal operands take a slow path on x86 CPUs (docs/benchmarks.md)."""
+    before = flushes_denormals()
+    torch.set_flush_denormal(enabled)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)

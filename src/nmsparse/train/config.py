@@ -62,8 +62,8 @@ class TrainConfig:
     channels_last: bool = False
     tta_flip: bool = False
     deterministic: bool = False
-    # Subnormal floats read and written as 0 by CPU ops (torch.set_flush_denormal, for the process, as TensorFlow and
-    # XLA run on the CPU): a step meeting them ran up to 4x slower on an x86 CPU (SDGP rescale; docs/benchmarks.md).
+    # Subnormal floats read and written as 0 by CPU ops during the run (torch.set_flush_denormal, as TensorFlow and XLA
+    # run on the CPU): a step meeting them ran up to 4x slower on an x86 CPU (SDGP rescale; docs/benchmarks.md).
     flush_denormal: bool = True
     device: str = "auto"
     eval_every: int = 1  # epochs

@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from ..common.system import flush_denormal
 from ..data import build_loaders, normalize_uint8, num_classes, set_epoch, whole_split
 from ..models import autocast_dtype, build_from_record, evaluate, headline, model_record
 from ..models.evaluate import autocast
@@ -85,7 +86,6 @@ def record_for(cfg: TrainConfig, sample_shape: tuple[int, ...]) -> dict:
 
 def _set_determinism(cfg: TrainConfig) -> None:
     torch.manual_seed(cfg.seed)
-    torch.set_flush_denormal(cfg.flush_denormal)  # threads started after this inherit it
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -117,8 +117,14 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, resume: bool = Tr
     beside it, when that one cannot be loaded) unless resume=False.
 
     Only rank 0 writes under torchrun. RunInUse when another live process trains into out_dir; Ctrl-C raises
-    TrainingInterrupted saying where the last checkpoint is.
+    TrainingInterrupted saying where the last checkpoint is. Subnormal floats are flushed to zero for the run
+    when cfg.flush_denormal (the default), and the caller's mode is back afterwards.
     """
+    with flush_denormal(cfg.flush_denormal):
+        return _train(cfg, out_dir, resume, log)
+
+
+def _train(cfg: TrainConfig, out_dir: Path | str | None, resume: bool, log) -> dict:
     info, device = distributed.setup(cfg.device)
     _set_determinism(cfg)
     out = Path(out_dir) if out_dir is not None else None
