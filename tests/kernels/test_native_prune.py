@@ -210,3 +210,43 @@ def test_compiled_sdgp_calls_the_kernel_through_the_custom_op(monkeypatch):
     torch.compile(copy.deepcopy(net), backend="aot_eager")(x).square().sum().backward()
     assert calls, "the compiled backward should run the kernel"
     torch.testing.assert_close(x.grad, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 3, 8, 9])
+def test_float_rows_of_groups_of_four_equal_the_torch_path(n, groups):
+    """float32 n:4 along contiguous rows (a Linear weight's mask, a Linear gradient's magnitude or rescale prune, a 3x3
+    conv weight's mask through a copy) takes its own vector path on AVX2: the same keep rule (ties to the earlier
+    entry, NaN as the largest, -0.0 as 0) and values."""
+    gen = torch.Generator().manual_seed(groups * 10 + n)
+    g = torch.randn(7, 5, 4 * groups, generator=gen)
+    g[0, 0, :4] = 1.5  # a whole group tied
+    g[0, 1, :4] = torch.tensor([-0.0, 0.0, 0.0, -0.0])
+    g[1, 0, :4] = torch.tensor([math.nan, 1.0, math.nan, -2.0])
+    g[1, 1, :4] = torch.tensor([math.inf, -math.inf, 3.0, math.inf])
+    g[2, 2, :4] = torch.tensor([2.0, -2.0, 1.0, 2.0])  # |x| ties across signs
+    g[3] = g[3].round()  # many ties
+    for method in ("magnitude", "rescale"):  # rescale: the row path, then each (sample, channel) plane's scale
+        ref, out = _both(g, n, 4, method, 2)
+        _agree(ref, out, method, 4, g.dtype)
+        assert torch.equal(ref.isnan(), out.isnan())
+    ref, out = _both(g[0], n, 4, "rescale", 1)  # a 2-D gradient: one scale per sample's row
+    _agree(ref, out, "rescale", 4, g.dtype)
+    mask = native.nm_mask_native(g, n, 4, 2)
+    assert torch.equal(mask, nm_mask(g, n, 4, dim=2)) and is_nm(mask, n, 4, dim=2)
+    w = g.reshape(-1, 4 * groups)  # a Linear weight (out, in)
+    assert torch.equal(native.nm_mask_native(w, n, 4, 1), nm_mask(w, n, 4, dim=1))
+    conv = g.reshape(5, 7, 4 * groups).permute(0, 2, 1).reshape(5, 4 * groups, 7, 1)[:, :, :6].reshape(5, 4 * groups,
+                                                                                                   3, 2)
+    got = native.nm_mask_native(conv, n, 4, 1)
+    assert got.is_contiguous() and torch.equal(got, nm_mask(conv, n, 4, dim=1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_property_rows_of_four(n, rows, groups, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randint(-3, 4, (rows, 4 * groups), generator=gen).float()  # small integers: ties everywhere
+    ref, out = _both(g, n, 4, "magnitude", 1, seed)
+    assert torch.equal(ref, out)
+    assert torch.equal(native.nm_mask_native(g, n, 4, 1), nm_mask(g, n, 4, dim=1))

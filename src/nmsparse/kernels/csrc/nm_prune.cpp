@@ -20,6 +20,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -235,6 +236,82 @@ inline void transpose_4x8_out(const float (*y)[W], float* q) {
 }
 #endif
 
+#ifdef __AVX2__
+// Magnitude n:4 along a contiguous float32 row, 8 entries (two groups, one per 128-bit lane) per vector, with no
+// transpose: an entry's rank is how many of its group beat it (a larger key, or an equal one earlier; the key is
+// |x| with NaN as +inf, as magnitude_key), counted against the vector's three in-lane rotations. keep: rank < n.
+inline __m256i row4_keep(__m256 x, int n) {
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 key = _mm256_blendv_ps(a, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                                      _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  // rotation r sets entry k = (j + r) % 4 beside entry j; k < j (an equal key beats j) for j >= 4 - r
+  const __m256 k1 = _mm256_permute_ps(key, _MM_SHUFFLE(0, 3, 2, 1));
+  const __m256 k2 = _mm256_permute_ps(key, _MM_SHUFFLE(1, 0, 3, 2));
+  const __m256 k3 = _mm256_permute_ps(key, _MM_SHUFFLE(2, 1, 0, 3));
+  const __m256 b1 = _mm256_blend_ps(_mm256_cmp_ps(k1, key, _CMP_GT_OQ), _mm256_cmp_ps(k1, key, _CMP_GE_OQ), 0x88);
+  const __m256 b2 = _mm256_blend_ps(_mm256_cmp_ps(k2, key, _CMP_GT_OQ), _mm256_cmp_ps(k2, key, _CMP_GE_OQ), 0xCC);
+  const __m256 b3 = _mm256_blend_ps(_mm256_cmp_ps(k3, key, _CMP_GT_OQ), _mm256_cmp_ps(k3, key, _CMP_GE_OQ), 0xEE);
+  const __m256i beaten = _mm256_add_epi32(_mm256_add_epi32(_mm256_castps_si256(b1), _mm256_castps_si256(b2)),
+                                          _mm256_castps_si256(b3));  // a true compare is -1: this is -rank
+  return _mm256_cmpgt_epi32(beaten, _mm256_set1_epi32(-n));
+}
+
+// The row's values kept (others 0): g * keep as the torch path writes it (a kept -0.0 stays -0.0).
+inline void prune_row4(const float* g, float* out, int64_t C, int n) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    const __m256 x = _mm256_loadu_ps(g + c);
+    _mm256_storeu_ps(out + c, _mm256_and_ps(x, _mm256_castsi256_ps(row4_keep(x, n))));
+  }
+  if (c < C) {  // one group left (C % 8 == 4): the low lane
+    const __m256 x = _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(g + c), 0);
+    _mm_storeu_ps(out + c, _mm256_castps256_ps128(_mm256_and_ps(x, _mm256_castsi256_ps(row4_keep(x, n)))));
+  }
+}
+
+// The row's mask as bytes 1 / 0.
+inline void mask_row4(const float* g, bool* out, int64_t C, int n) {
+  auto bytes = [](__m256i keep) {
+    const __m256i one = _mm256_and_si256(keep, _mm256_set1_epi32(1));
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(one), _mm256_extracti128_si256(one, 1));
+    return _mm_packus_epi16(w, w);  // the 8 flags in order in the low 8 bytes
+  };
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) _mm_storel_epi64(reinterpret_cast<__m128i*>(out + c), bytes(row4_keep(_mm256_loadu_ps(g + c), n)));
+  if (c < C) {
+    const __m256 x = _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(g + c), 0);
+    const int32_t four = _mm_cvtsi128_si32(bytes(row4_keep(x, n)));
+    std::memcpy(out + c, &four, 4);
+  }
+}
+#endif
+
+#ifdef __AVX2__
+// sum |x| over a row of C floats (C % 4 == 0), in 8 partial sums (so another order than a scalar loop's)
+inline float abs_sum_row4(const float* x, int64_t C) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) acc = _mm256_add_ps(acc, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + c)));
+  if (c < C) acc = _mm256_add_ps(acc, _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_andnot_ps(_mm_set1_ps(-0.0f),
+                                                                                                _mm_loadu_ps(x + c)), 0));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, acc);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+#endif
+
+// Whether a (B, O, C, I) view and its output take the row path: float32 magnitude n:4 along contiguous rows (a Linear
+// weight's mask, a Linear gradient's prune), with AVX2. The generic path measured 2.7-3.4 ns per element here.
+template <typename scalar_t, int MT>
+constexpr bool row4_type() {
+#ifdef __AVX2__
+  return std::is_same<scalar_t, float>::value && MT == 4;
+#else
+  return false;
+#endif
+}
+
 // x[j][w] = p[lane w's entry j] as acc_t (zero beyond count); contiguous loads when the lanes are adjacent, and
 // for W whole groups side by side in a row (a Linear gradient) loads and shuffles: the compiler vectorizes the
 // transpose when MT is a constant (with a run-time stride it loads lane by lane).
@@ -327,6 +404,50 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
   TORCH_CHECK(v.sB == vo.sB && v.sO == vo.sO && v.sC == vo.sC && v.sI == vo.sI, "nm_prune: out's strides differ");
   const scalar_t* gp = g4.data_ptr<scalar_t>();
   scalar_t* op = o4.data_ptr<scalar_t>();
+#ifdef __AVX2__
+  if constexpr (row4_type<scalar_t, MT>()) {
+    if (method == MAGNITUDE && v.I == 1 && v.sC == 1) {
+      at::parallel_for(0, v.B * v.O, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t bo = lo; bo < hi; ++bo)
+          prune_row4(gp + v.at(bo / v.O, bo % v.O, 0, 0), op + vo.at(bo / v.O, bo % v.O, 0, 0), v.C, n);
+      });
+      return;
+    }
+    if (method == RESCALE && v.I == 1 && v.sC == 1) {  // the row path, then the planes' sums and scales per b
+      at::parallel_for(0, v.B, 1, [&](int64_t lo, int64_t hi) {
+        std::vector<float> full(row ? 1 : v.C), kept(row ? 1 : v.C);
+        for (int64_t b = lo; b < hi; ++b) {
+          std::fill(full.begin(), full.end(), 0.0f);
+          std::fill(kept.begin(), kept.end(), 0.0f);
+          for (int64_t o = 0; o < v.O; ++o) {
+            const float* x = gp + v.at(b, o, 0, 0);
+            float* y = op + vo.at(b, o, 0, 0);
+            prune_row4(x, y, v.C, n);
+            if (row) {
+              full[0] += abs_sum_row4(x, v.C);
+              kept[0] += abs_sum_row4(y, v.C);
+            } else {
+              for (int64_t c = 0; c < v.C; ++c) {
+                full[c] += std::abs(x[c]);
+                kept[c] += std::abs(y[c]);
+              }
+            }
+          }
+          for (size_t c = 0; c < full.size(); ++c) full[c] = full[c] / (kept[c] + static_cast<float>(eps));
+          for (int64_t o = 0; o < v.O; ++o) {
+            float* y = op + vo.at(b, o, 0, 0);
+            if (row) {
+              for (int64_t c = 0; c < v.C; ++c) y[c] = y[c] * full[0];
+            } else {
+              for (int64_t c = 0; c < v.C; ++c) y[c] = y[c] * full[c];
+            }
+          }
+        }
+      });
+      return;
+    }
+  }
+#endif
   const acc_t unbiased = static_cast<acc_t>(static_cast<double>(m) / n);  // torch's tensor * Python float
   const bool rescale = method == RESCALE;
   // rescale: |g| and |kept| summed per (b, channel) plane over (O, I), or per b in row mode. Channel
@@ -453,6 +574,17 @@ void mask_impl(const torch::Tensor& w4, torch::Tensor& m4, int n, int m_arg) {
   TORCH_CHECK(v.sB == vm.sB && v.sO == vm.sO && v.sC == vm.sC && v.sI == vm.sI, "nm_mask: the mask's strides differ");
   const scalar_t* wp = w4.data_ptr<scalar_t>();
   bool* out = m4.data_ptr<bool>();
+#ifdef __AVX2__
+  if constexpr (row4_type<scalar_t, MT>()) {
+    if (v.I == 1 && v.sC == 1) {
+      at::parallel_for(0, v.B * v.O, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t bo = lo; bo < hi; ++bo)
+          mask_row4(wp + v.at(bo / v.O, bo % v.O, 0, 0), out + vm.at(bo / v.O, bo % v.O, 0, 0), v.C, n);
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, v.B * v.O, 1, [&](int64_t lo, int64_t hi) {
     for_tiles(v, m, lo, hi, [&](const Lanes& l, int64_t) {
       acc_t key[MAXM][W];
@@ -557,5 +689,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("srste_grad", &srste_grad, "SR-STE's weight gradient grad + decay * (mask ? 0 : w) in one pass");
   mod.def("prune_grad", &prune_grad, "SDGP's N:M gradient pruning of a (B, O, C, I) view, in one pass");
   mod.def("nm_mask", &nm_mask, "magnitude N:M mask of a (B, O, C, I) view along C");
+  mod.def("row4_path", []() { return row4_type<float, 4>(); }, "whether float32 n:4 rows take the AVX2 row path");
   mod.attr("MAXM") = MAXM;
 }
