@@ -237,13 +237,10 @@ inline void transpose_4x8_out(const float (*y)[W], float* q) {
 #endif
 
 #ifdef __AVX2__
-// Magnitude n:4 along a contiguous float32 row, 8 entries (two groups, one per 128-bit lane) per vector, with no
-// transpose: an entry's rank is how many of its group beat it (a larger key, or an equal one earlier; the key is
-// |x| with NaN as +inf, as magnitude_key), counted against the vector's three in-lane rotations. keep: rank < n.
-inline __m256i row4_keep(__m256 x, int n) {
-  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  const __m256 key = _mm256_blendv_ps(a, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
-                                      _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+// n:4 along a contiguous float32 row, 8 entries (two groups, one per 128-bit lane) per vector, with no transpose:
+// an entry's rank is how many of its group beat it (a larger key, or an equal one earlier), counted against the
+// key vector's three in-lane rotations. keep: rank < n, as -1 / 0 lanes.
+inline __m256i row4_keep_key(__m256 key, int n) {
   // rotation r sets entry k = (j + r) % 4 beside entry j; k < j (an equal key beats j) for j >= 4 - r
   const __m256 k1 = _mm256_permute_ps(key, _MM_SHUFFLE(0, 3, 2, 1));
   const __m256 k2 = _mm256_permute_ps(key, _MM_SHUFFLE(1, 0, 3, 2));
@@ -256,16 +253,59 @@ inline __m256i row4_keep(__m256 x, int n) {
   return _mm256_cmpgt_epi32(beaten, _mm256_set1_epi32(-n));
 }
 
-// The row's values kept (others 0): g * keep as the torch path writes it (a kept -0.0 stays -0.0).
-inline void prune_row4(const float* g, float* out, int64_t C, int n) {
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) {
-    const __m256 x = _mm256_loadu_ps(g + c);
-    _mm256_storeu_ps(out + c, _mm256_and_ps(x, _mm256_castsi256_ps(row4_keep(x, n))));
+// magnitude's key: |x|, NaN as +inf (magnitude_key)
+inline __m256i row4_keep(__m256 x, int n) {
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  return row4_keep_key(_mm256_blendv_ps(a, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                                        _mm256_cmp_ps(a, a, _CMP_UNORD_Q)), n);
+}
+
+inline __m256i hash32v(__m256i x) {  // hash32 in 8 lanes
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(0x21f0aaadu)));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(0xd35a2d97u)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+}
+
+// draw(key, e + w) for w = 0..7, as draw computes it (the entries' high words are e's: the caller checks)
+inline __m256 draw8(uint64_t key, uint64_t e) {
+  const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(e))),
+                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i x = hash32v(_mm256_xor_si256(lo, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(key)))));
+  x = hash32v(_mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(e >> 32) ^
+                                                                         static_cast<uint32_t>(key >> 32)))));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(x, 8)), _mm256_set1_ps(1.0f / 16777216.0f));
+}
+
+// One vector of a row pruned: magnitude, or random / random-unbiased from the draws of entries e.. (a non-finite
+// entry's key is 2, above any draw); pruned entries 0, kept ones g (times m / n for random-unbiased).
+inline __m256 row4_pruned(__m256 x, int n, int method, uint64_t rnd, uint64_t e, float unbiased) {
+  if (method == MAGNITUDE) return _mm256_and_ps(x, _mm256_castsi256_ps(row4_keep(x, n)));
+  __m256 d;
+  if (static_cast<uint32_t>(e) <= 0xFFFFFFFFu - 7u) {
+    d = draw8(rnd, e);
+  } else {  // the entries' numbers cross a multiple of 2^32
+    alignas(32) float v[8];
+    for (int w = 0; w < 8; ++w) v[w] = draw(rnd, e + w);
+    d = _mm256_load_ps(v);
   }
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 fin = _mm256_cmp_ps(a, _mm256_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ);
+  const __m256i keep = row4_keep_key(_mm256_blendv_ps(_mm256_set1_ps(2.0f), d, fin), n);
+  if (method == RANDOM_UNBIASED) x = _mm256_mul_ps(x, _mm256_set1_ps(unbiased));
+  return _mm256_and_ps(x, _mm256_castsi256_ps(keep));
+}
+
+// The row pruned into out (a kept -0.0 stays -0.0); e: the number of its first entry (random keys).
+inline void prune_row4(const float* g, float* out, int64_t C, int n, int method = MAGNITUDE, uint64_t rnd = 0,
+                       uint64_t e = 0, float unbiased = 1.0f) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8)
+    _mm256_storeu_ps(out + c, row4_pruned(_mm256_loadu_ps(g + c), n, method, rnd, e + c, unbiased));
   if (c < C) {  // one group left (C % 8 == 4): the low lane
     const __m256 x = _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(g + c), 0);
-    _mm_storeu_ps(out + c, _mm256_castps256_ps128(_mm256_and_ps(x, _mm256_castsi256_ps(row4_keep(x, n)))));
+    _mm_storeu_ps(out + c, _mm256_castps256_ps128(row4_pruned(x, n, method, rnd, e + c, unbiased)));
   }
 }
 
@@ -406,10 +446,12 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
   scalar_t* op = o4.data_ptr<scalar_t>();
 #ifdef __AVX2__
   if constexpr (row4_type<scalar_t, MT>()) {
-    if (method == MAGNITUDE && v.I == 1 && v.sC == 1) {
+    if ((method == MAGNITUDE || method == RANDOM || method == RANDOM_UNBIASED) && v.I == 1 && v.sC == 1) {
+      const float unbiased_f = static_cast<float>(static_cast<double>(m) / n);
       at::parallel_for(0, v.B * v.O, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t bo = lo; bo < hi; ++bo)
-          prune_row4(gp + v.at(bo / v.O, bo % v.O, 0, 0), op + vo.at(bo / v.O, bo % v.O, 0, 0), v.C, n);
+        for (int64_t bo = lo; bo < hi; ++bo)  // entry (b, o, c) is number bo * C + c (I == 1)
+          prune_row4(gp + v.at(bo / v.O, bo % v.O, 0, 0), op + vo.at(bo / v.O, bo % v.O, 0, 0), v.C, n, method, rnd,
+                     static_cast<uint64_t>(bo * v.C), unbiased_f);
       });
       return;
     }
