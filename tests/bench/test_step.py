@@ -15,6 +15,7 @@ from nmsparse.bench.step_report import format_result, table
 from nmsparse.bench.step_rss import measure_rss
 from nmsparse.bench.timing import paired_ratios
 from nmsparse.cli import main
+from nmsparse.common.system import flushes_denormals
 
 TINY = dict(resnet_width=8, resnet_batch=2, image_size=8, gpt_layers=1, gpt_width=16, gpt_heads=2, gpt_block=8,
             gpt_batch=2, gpt_vocab=17)
@@ -258,11 +259,6 @@ def test_a_target_inside_the_interval_is_marked_undecided():
     assert table_target({**row, "decided": True}).endswith(": yes")
 
 
-def _flushes() -> bool:
-    """Whether CPU ops now write subnormal float32 results as 0 (1e-20 * 1e-19 is subnormal)."""
-    return (torch.full((8,), 1e-20) * 1e-19).tolist()[0] == 0.0
-
-
 @pytest.mark.parametrize("flush", [True, False])
 def test_steps_run_with_subnormals_flushed_by_default_and_the_header_says_which(monkeypatch, flush):
     if not torch.set_flush_denormal(False):
@@ -270,14 +266,14 @@ def test_steps_run_with_subnormals_flushed_by_default_and_the_header_says_which(
     seen, real = [], step_mod._train_step
 
     def spy(*a):
-        seen.append(_flushes())
+        seen.append(flushes_denormals())
         return real(*a)
 
     monkeypatch.setattr(step_mod, "_train_step", spy)
     opts = StepOptions(models=("gpt",), methods=["fixed-2:4"], compile="off", flush_denormal=flush, **TINY,
                        **dict(FAST, profile_steps=0))
     res = run_step_bench(opts, log=quiet)
-    assert seen and set(seen) == {flush} and not _flushes()  # in effect for every step, the default after
+    assert seen and set(seen) == {flush} and not flushes_denormals()  # in effect for every step, the default after
     assert ("subnormal floats flushed to zero" if flush else "subnormal floats kept") in res["header"][2]
     assert StepOptions().flush_denormal
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..common.system import flushes_denormals, machine_info
+from ..common.system import flush_denormal, machine_info
 from ..common.text import did_you_mean
 from ..models import GPT, resnet18
 from ..nn import profiling
@@ -266,13 +266,14 @@ def _runners(kind, base, methods, mode, o: StepOptions, sparsify_s: dict) -> lis
 
 
 def _run_mode(kind, base, x, y, mode, steps, o: StepOptions, sparsify_s, log, methods) -> list[_Runner]:
-    runners = _runners(kind, base, methods, mode, o, sparsify_s)
     compiled, ctx = mode == "compile", contextlib.nullcontext()
     if compiled:
-        import torch._dynamo
+        from torch import _dynamo  # here, not at import: seconds at every CLI start
 
-        n = len(runners)
-        ctx = torch._dynamo.config.patch(recompile_limit=8 * n, accumulated_recompile_limit=256 * n)
+        _dynamo.reset()  # compile from scratch
+        n = len(methods)
+        ctx = _dynamo.config.patch(recompile_limit=8 * n, accumulated_recompile_limit=256 * n)
+    runners = _runners(kind, base, methods, mode, o, sparsify_s)
     counts = _dynamo_counts if compiled else (lambda: (0, 0))
     with ctx:
         for r in runners:
@@ -347,37 +348,32 @@ def run_step_bench(options: StepOptions | None = None, log=print) -> dict:
     modes = {"off": ["eager"], "on": ["compile"], "both": ["eager", "compile"]}[o.compile]
     periodic = any(METHODS[m].periodic for m in o.methods)
     steps = o.steps or max(MIN_STEPS, 2 * o.recompute_every if periodic else 0)
-    old, flushed = torch.get_num_threads(), flushes_denormals()
+    old = torch.get_num_threads()
     torch.set_num_threads(o.threads)
-    torch.set_flush_denormal(o.flush_denormal)  # threads started after this inherit it
     load0, t_start = os.getloadavg(), time.perf_counter()
     machine = machine_info()
     rows, models = [], []
     try:
-        for kind in o.models:
-            torch.manual_seed(o.seed)
-            base = _build(kind, o).train()
-            models.append(_describe(kind, o, sum(p.numel() for p in base.parameters())))
-            x, y = _batch(kind, o, torch.Generator().manual_seed(o.seed))
-            sparsify_s = {m: [] for m in o.methods}
-            for mode in modes:
-                log(f"{kind} {mode}: {len(o.methods)} methods, {o.warmup} warm-up + {steps} timed steps each")
-                if mode == "compile":
-                    from torch import _dynamo  # here, not at import: seconds at every CLI start
-
-                    _dynamo.reset()  # compile from scratch
-                runners = _run_mode(kind, base, x, y, mode, steps, o, sparsify_s, log, o.methods)
-                rows += _rows(kind, mode, runners, sparsify_s, o.block)
-                del runners
-            if o.rss_steps and "eager" in modes:
-                rss = measure_rss(kind, o.methods, o, o.rss_steps, log)
-                for r in rows:
-                    if r["model"] == kind and r["mode"] == "eager":
-                        r["rss_mb"] = rss[r["method"]]["peak_mb"]
-                        r["rss_vs_dense_mb"] = r["rss_mb"] - rss["dense"]["peak_mb"]
+        with flush_denormal(o.flush_denormal):  # threads started inside inherit it
+            for kind in o.models:
+                torch.manual_seed(o.seed)
+                base = _build(kind, o).train()
+                models.append(_describe(kind, o, sum(p.numel() for p in base.parameters())))
+                x, y = _batch(kind, o, torch.Generator().manual_seed(o.seed))
+                sparsify_s = {m: [] for m in o.methods}
+                for mode in modes:
+                    log(f"{kind} {mode}: {len(o.methods)} methods, {o.warmup} warm-up + {steps} timed steps each")
+                    runners = _run_mode(kind, base, x, y, mode, steps, o, sparsify_s, log, o.methods)
+                    rows += _rows(kind, mode, runners, sparsify_s, o.block)
+                    del runners
+                if o.rss_steps and "eager" in modes:
+                    rss = measure_rss(kind, o.methods, o, o.rss_steps, log)
+                    for r in rows:
+                        if r["model"] == kind and r["mode"] == "eager":
+                            r["rss_mb"] = rss[r["method"]]["peak_mb"]
+                            r["rss_vs_dense_mb"] = r["rss_mb"] - rss["dense"]["peak_mb"]
     finally:
         torch.set_num_threads(old)
-        torch.set_flush_denormal(flushed)
     load1 = os.getloadavg()
     header = [
         f"machine: {machine}",

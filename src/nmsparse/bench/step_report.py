@@ -148,6 +148,12 @@ def _count(low: int):
     return parse
 
 
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
+
+
 def add_step_arguments(p) -> None:
     """Options of `nmsparse bench step` on an argparse parser (defaults: StepOptions's)."""
     d = StepOptions()
@@ -164,7 +170,7 @@ def add_step_arguments(p) -> None:
     p.add_argument("--block", type=_count(1), default=d.block,
                    help="steps per method per round (default 1; a fresh random order each round)")
     p.add_argument("--threads", type=_count(1), default=d.threads, help="torch.set_num_threads (default 1)")
-    p.add_argument("--flush-denormal", choices=["on", "off"], default="on" if d.flush_denormal else "off",
+    p.add_argument("--flush-denormal", type=_on_off, default=d.flush_denormal, metavar="{on,off}",
                    help="torch.set_flush_denormal for the run (default on, as nmsparse train: a step that meets "
                         "subnormal floats ran up to 4x slower on an x86 CPU)")
     p.add_argument("--recompute-every", type=_count(1), default=d.recompute_every,
@@ -186,10 +192,7 @@ def add_step_arguments(p) -> None:
 def step_main(args) -> int:
     """`nmsparse bench step`: run, print the table, write --out."""
     keys = [k for k in StepOptions.__dataclass_fields__ if hasattr(args, k)]
-    values = {k: getattr(args, k) for k in keys}
-    if isinstance(values.get("flush_denormal"), str):
-        values["flush_denormal"] = values["flush_denormal"] == "on"
-    options = StepOptions(**values)  # checks --methods before any work
+    options = StepOptions(**{k: getattr(args, k) for k in keys})  # checks --methods before any work
     out = Path(args.out) if args.out else None
     if out is not None:
         check_parent_dirs(out)
