@@ -181,7 +181,8 @@ def test_bad_method_is_named_before_any_work(capsys):
     assert "unknown method 'xyz'. Choose from dense, srste-2:4," in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", [["--compile", "sometimes"], ["--steps", "0"], ["--models", "vgg16"]])
+@pytest.mark.parametrize("bad", [["--compile", "sometimes"], ["--steps", "0"], ["--models", "vgg16"],
+                                 ["--flush-denormal", "maybe"]])
 def test_bad_options_are_refused_by_the_parser(bad, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "step", *bad])
