@@ -598,3 +598,21 @@ def test_a_failed_build_reports_the_compilers_error(monkeypatch):
     assert ext.load() is None and ext.load() is None
     assert ext.error.startswith("RuntimeError: x.cpp:147:23: error: invalid 'static_cast'")
     assert "x.cpp:150:1: error" in ext.error and ext.error.endswith("subcommand failed.")
+
+
+def test_an_edited_header_or_source_builds_afresh(tmp_path, monkeypatch):
+    """The extension's name hashes its sources and every header in csrc/: an edit to either is a new build, not a stale
+    load of the old one (nm_prune.cpp includes nm_prune_rows.h)."""
+    from nmsparse.kernels import _extensions
+
+    monkeypatch.setattr(_extensions, "CSRC", tmp_path)
+    (tmp_path / "x.cpp").write_text('#include "x.h"\n')
+    (tmp_path / "x.h").write_text("int f();\n")
+    first = _extensions.build_name("nmsparse_x", ["x.cpp"])
+    assert first.startswith("nmsparse_x_") and first == _extensions.build_name("nmsparse_x", "x.cpp")
+    (tmp_path / "x.h").write_text("int f(int);\n")
+    second = _extensions.build_name("nmsparse_x", ["x.cpp"])
+    (tmp_path / "x.cpp").write_text('#include "x.h"\n// edited\n')
+    third = _extensions.build_name("nmsparse_x", ["x.cpp"])
+    assert len({first, second, third}) == 3
+    assert _extensions.build_name("nmsparse_x", ["x.cpp"], ["-O2"]) != third

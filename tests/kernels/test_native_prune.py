@@ -213,7 +213,7 @@ def test_compiled_sdgp_calls_the_kernel_through_the_custom_op(monkeypatch):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-@pytest.mark.parametrize("groups", [1, 2, 3, 8, 9])
+@pytest.mark.parametrize("groups", [1, 2, 3, 8, 9, 16, 75, 127])
 def test_float_rows_of_groups_of_four_equal_the_torch_path(n, groups):
     """float32 n:4 along contiguous rows (a Linear weight's mask, a Linear gradient's magnitude or rescale prune, a 3x3
     conv weight's mask through a copy) takes its own vector path on AVX2: the same keep rule (ties to the earlier
@@ -226,7 +226,7 @@ def test_float_rows_of_groups_of_four_equal_the_torch_path(n, groups):
     g[1, 1, :4] = torch.tensor([math.inf, -math.inf, 3.0, math.inf])
     g[2, 2, :4] = torch.tensor([2.0, -2.0, 1.0, 2.0])  # |x| ties across signs
     g[3] = g[3].round()  # many ties
-    for method in ("magnitude", "rescale", "random", "random-unbiased"):  # rescale: then each plane's scale
+    for method in ("magnitude", "rescale", "random", "random-unbiased", "mvue"):  # rescale: then each plane's scale
         ref, out = _both(g, n, 4, method, 2)
         _agree(ref, out, method, 4, g.dtype)
         assert torch.equal(ref.isnan(), out.isnan())
@@ -247,7 +247,7 @@ def test_float_rows_of_groups_of_four_equal_the_torch_path(n, groups):
 def test_property_rows_of_four(n, rows, groups, seed):
     gen = torch.Generator().manual_seed(seed)
     g = torch.randint(-3, 4, (rows, 4 * groups), generator=gen).float()  # small integers: ties everywhere
-    for method in ("magnitude", "random", "random-unbiased"):
+    for method in ("magnitude", "random", "random-unbiased", "mvue"):
         ref, out = _both(g, n, 4, method, 1, seed)
         assert torch.equal(ref, out)
     assert torch.equal(native.nm_mask_native(g, n, 4, 1), nm_mask(g, n, 4, dim=1))

@@ -2,7 +2,7 @@
 
 ``NativeExtension("nmsparse_x", ["x.cpp"], ...)`` compiles the named files with
 ``torch.utils.cpp_extension.load`` (needs a C++ compiler and ninja; the build is cached under
-``~/.cache/torch_extensions``). The extension's name carries a hash of the sources' contents, the
+``~/.cache/torch_extensions``). The extension's name carries a hash of the sources' and csrc's headers' contents, the
 flags and the torch version, so an edited source or another torch builds afresh instead of loading
 a stale build. A failed build is remembered (``error``) and callers fall back to a torch path.
 ``NMSPARSE_NO_NATIVE=1`` disables every extension.
@@ -38,17 +38,25 @@ def arch_flags() -> list[str]:
     return []
 
 
-def build_extension(name: str, sources: str | Sequence[str], extra_cflags: Sequence[str] = (),
-                    extra_ldflags: Sequence[str] = ()):
-    """Compile (or load the cached build of) ``csrc/<sources>`` as the module ``<name>_<hash>``; raises on failure."""
+def build_name(name: str, sources: str | Sequence[str], extra_cflags: Sequence[str] = (),
+               extra_ldflags: Sequence[str] = ()) -> str:
+    """``<name>_<hash>``: the hash of the named sources, every header in csrc/ (any source may include one), the
+    flags and the torch version, so that a change to any of them builds afresh."""
     paths = [CSRC / s for s in ([sources] if isinstance(sources, str) else sources)]
     h = hashlib.sha1()
-    for p in paths:
+    for p in paths + sorted(CSRC.glob("*.h")):
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
     h.update((" ".join(extra_cflags) + "|" + " ".join(extra_ldflags) + "|" + torch.__version__).encode())
+    return f"{name}_{h.hexdigest()[:10]}"
+
+
+def build_extension(name: str, sources: str | Sequence[str], extra_cflags: Sequence[str] = (),
+                    extra_ldflags: Sequence[str] = ()):
+    """Compile (or load the cached build of) ``csrc/<sources>`` as the module ``build_name(...)``; raises on failure."""
+    paths = [CSRC / s for s in ([sources] if isinstance(sources, str) else sources)]
     from torch.utils.cpp_extension import get_default_build_root, load
 
-    full = f"{name}_{h.hexdigest()[:10]}"
+    full = build_name(name, sources, extra_cflags, extra_ldflags)
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     for lock in [root / full / "lock", *root.glob(f"*/{full}/lock")]:  # torch adds e.g. py311_cpu/ by default
         clear_stale_lock(lock)

@@ -17,36 +17,9 @@
 // rounding of the sum). Compile with -ffp-contract=off so no multiply-add is fused, and -fno-trapping-math
 // so lane loops may compute a division in every lane and select (no value changes).
 
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <string>
-#include <type_traits>
-#include <vector>
-
-#ifdef __AVX__
-#include <immintrin.h>
-#endif
+#include "nm_prune_rows.h"
 
 namespace {
-
-constexpr int MAXM = 32;
-
-enum Method { MAGNITUDE = 0, RANDOM = 1, RESCALE = 2, RANDOM_UNBIASED = 3, MVUE = 4 };
-
-struct View {
-  int64_t B, O, C, I, sB, sO, sC, sI;
-  View(const torch::Tensor& t) {
-    B = t.size(0); O = t.size(1); C = t.size(2); I = t.size(3);
-    sB = t.stride(0); sO = t.stride(1); sC = t.stride(2); sI = t.stride(3);
-  }
-  int64_t at(int64_t b, int64_t o, int64_t c, int64_t i) const { return b * sB + o * sO + c * sC + i * sI; }
-};
 
 // Branch-free tests (std::isnan / std::isfinite keep the loops that use them from vectorizing).
 template <typename acc_t>
@@ -57,31 +30,6 @@ inline acc_t magnitude_key(acc_t x) {
   const acc_t a = std::abs(x);
   return a == a ? a : std::numeric_limits<acc_t>::infinity();  // NaN ranks as +inf
 }
-
-// Work goes in tiles of W positions (W groups side by side): gathered into [m][W] arrays, decided
-// by loops whose inner index is the lane (the compiler vectorizes them), scattered back. Lane flags are
-// int, not bool: a select between floats on a byte-wide flag stays scalar (5x slower, measured).
-constexpr int W = 8;  // one AVX2 vector of floats: 16 measured slower (larger unrolled code)
-
-// kernels/draws.py hash32: a bijective mix of 32-bit words (uint32 arithmetic, so the lanes vectorize).
-inline uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x21f0aaadu;
-  x ^= x >> 15;
-  x *= 0xd35a2d97u;
-  return x ^ (x >> 15);
-}
-
-// Uniform number e of `key`: hash32(hash32(lo(e) ^ lo(key)) ^ hi(e) ^ hi(key)), its top 24 bits times 2^-24
-// (exact in float32; kernels/draws.py hashed_uniforms). Through int32: AVX2 converts signed ints only.
-inline float draw(uint64_t key, uint64_t e) {
-  uint32_t x = hash32(static_cast<uint32_t>(e) ^ static_cast<uint32_t>(key));
-  x = hash32(x ^ static_cast<uint32_t>(e >> 32) ^ static_cast<uint32_t>(key >> 32));
-  return static_cast<float>(static_cast<int32_t>(x >> 8)) * (1.0f / 16777216.0f);
-}
-
-template <typename scalar_t>
-using acc_type = typename std::conditional<std::is_same<scalar_t, double>::value, double, float>::type;
 
 // keep[j][w] = the n largest keys of lane w (ties to the earlier position), by pairwise comparison.
 template <typename key_t, int MT>
@@ -136,14 +84,14 @@ inline void mvue_tile(const acc_t (*__restrict__ x)[W], int m_arg, int n, const 
   constexpr int MA = MT ? MT : MAXM;  // arrays of the constant size stay in registers
   const V zero = V{}, one = L::splat(1), nv = L::splat(acc_t(n));
   const M no_sign = M{} + std::numeric_limits<std::remove_reference_t<decltype(M{}[0])>>::max();
+  // Only a and capped live through the rounds (16 vector registers in all): fin and q are recomputed where used.
   V a[MA];
-  M fin[MA], capped[MA];
+  M capped[MA];
   M nz = M{};
   for (int j = 0; j < m; ++j) {
     const V v = L::load(x[j]);
     const V av = (V)((M)v & no_sign);  // |x| as std::abs: the sign bit cleared (NaN stays NaN, fails the test below)
-    fin[j] = av <= L::splat(std::numeric_limits<acc_t>::max());
-    a[j] = fin[j] ? av : zero;
+    a[j] = av <= L::splat(std::numeric_limits<acc_t>::max()) ? av : zero;
     nz -= a[j] > zero;  // a true mask is -1
     capped[j] = M{};
   }
@@ -173,22 +121,21 @@ inline void mvue_tile(const acc_t (*__restrict__ x)[W], int m_arg, int n, const 
   const M pos_r = r > zero;
   const V ratio = pos_r ? r / s : zero, mag = pos_r ? s / r : zero;  // computed in every lane, then selected
   const V u = L::load(u_in);
-  V q[MA];
+  auto q_of = [&](int j) { return (capped[j] | few) ? zero : a[j] * ratio; };
   M last = M{} - 1;
-  for (int j = 0; j < m; ++j) {
-    q[j] = (capped[j] | few) ? zero : a[j] * ratio;
-    last = q[j] > zero ? M{} + j : last;
-  }
+  for (int j = 0; j < m; ++j) last = q_of(j) > zero ? M{} + j : last;
   V cum = zero, prev = L::ceil(-u);
   for (int j = 0; j < m; ++j) {
-    cum += q[j];
+    const V q = q_of(j);
+    cum += q;
     const V end = cum < r ? cum : r;  // min(cum, r) as torch.minimum (no NaN here)
     const V now = L::ceil((last <= j ? r : end) - u);
-    const M drawn = (now > prev) & (q[j] > zero);
+    const M drawn = (now > prev) & (q > zero);
     prev = now;
     const V g = L::load(x[j]);
     const V sign = g > zero ? one : (g < zero ? -one : zero);
-    const M keep = capped[j] | few | ~fin[j];
+    const M fin = (V)((M)g & no_sign) <= L::splat(std::numeric_limits<acc_t>::max());
+    const M keep = capped[j] | few | ~fin;
     L::store(y[j], keep ? g : sign * mag * (drawn ? one : zero));
   }
 }
@@ -204,192 +151,6 @@ struct Lanes {
   template <int MT>
   bool whole_row(int64_t sC) const { return MT && count == W && step == MT && sC == 1; }
 };
-
-#ifdef __AVX__
-// 8 groups of 4 floats in a row (q[4w + j]) to x[j][w] and back, in registers: one 32-byte store per x[j]. The
-// compiler's own transpose stores 16-byte halves, which the 32-byte loads of the lane loops then cannot take
-// from the store buffer (a store-forwarding stall per row: most of a 2:4 Linear prune's time, measured).
-inline void transpose_8x4_in(const float* q, float (*x)[W]) {
-  const __m256 a0 = _mm256_loadu_ps(q), a1 = _mm256_loadu_ps(q + 8), a2 = _mm256_loadu_ps(q + 16),
-               a3 = _mm256_loadu_ps(q + 24);                       // groups (0|1), (2|3), (4|5), (6|7)
-  const __m256 v0 = _mm256_permute2f128_ps(a0, a2, 0x20), v1 = _mm256_permute2f128_ps(a0, a2, 0x31),
-               v2 = _mm256_permute2f128_ps(a1, a3, 0x20), v3 = _mm256_permute2f128_ps(a1, a3, 0x31);  // (0|4) .. (3|7)
-  const __m256 t0 = _mm256_unpacklo_ps(v0, v1), t1 = _mm256_unpackhi_ps(v0, v1), t2 = _mm256_unpacklo_ps(v2, v3),
-               t3 = _mm256_unpackhi_ps(v2, v3);
-  _mm256_storeu_ps(x[0], _mm256_shuffle_ps(t0, t2, 0x44));
-  _mm256_storeu_ps(x[1], _mm256_shuffle_ps(t0, t2, 0xEE));
-  _mm256_storeu_ps(x[2], _mm256_shuffle_ps(t1, t3, 0x44));
-  _mm256_storeu_ps(x[3], _mm256_shuffle_ps(t1, t3, 0xEE));
-}
-
-inline void transpose_4x8_out(const float (*y)[W], float* q) {
-  const __m256 r0 = _mm256_loadu_ps(y[0]), r1 = _mm256_loadu_ps(y[1]), r2 = _mm256_loadu_ps(y[2]),
-               r3 = _mm256_loadu_ps(y[3]);
-  const __m256 u0 = _mm256_unpacklo_ps(r0, r1), u1 = _mm256_unpackhi_ps(r0, r1), u2 = _mm256_unpacklo_ps(r2, r3),
-               u3 = _mm256_unpackhi_ps(r2, r3);
-  const __m256 v0 = _mm256_shuffle_ps(u0, u2, 0x44), v1 = _mm256_shuffle_ps(u0, u2, 0xEE),
-               v2 = _mm256_shuffle_ps(u1, u3, 0x44), v3 = _mm256_shuffle_ps(u1, u3, 0xEE);  // (0|4) .. (3|7)
-  _mm256_storeu_ps(q, _mm256_permute2f128_ps(v0, v1, 0x20));
-  _mm256_storeu_ps(q + 8, _mm256_permute2f128_ps(v2, v3, 0x20));
-  _mm256_storeu_ps(q + 16, _mm256_permute2f128_ps(v0, v1, 0x31));
-  _mm256_storeu_ps(q + 24, _mm256_permute2f128_ps(v2, v3, 0x31));
-}
-#endif
-
-#ifdef __AVX2__
-// n:4 along a contiguous float32 row, 8 entries (two groups, one per 128-bit lane) per vector, with no transpose:
-// an entry's rank is how many of its group beat it (a larger key, or an equal one earlier), counted against the
-// key vector's three in-lane rotations. keep: rank < n, as -1 / 0 lanes.
-inline __m256i row4_keep_key(__m256 key, int n) {
-  // rotation r sets entry k = (j + r) % 4 beside entry j; k < j (an equal key beats j) for j >= 4 - r
-  const __m256 k1 = _mm256_permute_ps(key, _MM_SHUFFLE(0, 3, 2, 1));
-  const __m256 k2 = _mm256_permute_ps(key, _MM_SHUFFLE(1, 0, 3, 2));
-  const __m256 k3 = _mm256_permute_ps(key, _MM_SHUFFLE(2, 1, 0, 3));
-  const __m256 b1 = _mm256_blend_ps(_mm256_cmp_ps(k1, key, _CMP_GT_OQ), _mm256_cmp_ps(k1, key, _CMP_GE_OQ), 0x88);
-  const __m256 b2 = _mm256_blend_ps(_mm256_cmp_ps(k2, key, _CMP_GT_OQ), _mm256_cmp_ps(k2, key, _CMP_GE_OQ), 0xCC);
-  const __m256 b3 = _mm256_blend_ps(_mm256_cmp_ps(k3, key, _CMP_GT_OQ), _mm256_cmp_ps(k3, key, _CMP_GE_OQ), 0xEE);
-  const __m256i beaten = _mm256_add_epi32(_mm256_add_epi32(_mm256_castps_si256(b1), _mm256_castps_si256(b2)),
-                                          _mm256_castps_si256(b3));  // a true compare is -1: this is -rank
-  return _mm256_cmpgt_epi32(beaten, _mm256_set1_epi32(-n));
-}
-
-// magnitude's key: |x|, NaN as +inf (magnitude_key)
-inline __m256i row4_keep(__m256 x, int n) {
-  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  return row4_keep_key(_mm256_blendv_ps(a, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
-                                        _mm256_cmp_ps(a, a, _CMP_UNORD_Q)), n);
-}
-
-inline __m256i hash32v(__m256i x) {  // hash32 in 8 lanes
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(0x21f0aaadu)));
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(static_cast<int32_t>(0xd35a2d97u)));
-  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-}
-
-// draw(key, e + w) for w = 0..7, as draw computes it (the entries' high words are e's: the caller checks)
-inline __m256 draw8(uint64_t key, uint64_t e) {
-  const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(e))),
-                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i x = hash32v(_mm256_xor_si256(lo, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(key)))));
-  x = hash32v(_mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(e >> 32) ^
-                                                                         static_cast<uint32_t>(key >> 32)))));
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(x, 8)), _mm256_set1_ps(1.0f / 16777216.0f));
-}
-
-// One vector of a row pruned: magnitude, or random / random-unbiased from the draws of entries e.. (a non-finite
-// entry's key is 2, above any draw); pruned entries 0, kept ones g (times m / n for random-unbiased).
-inline __m256 row4_pruned(__m256 x, int n, int method, uint64_t rnd, uint64_t e, float unbiased) {
-  if (method == MAGNITUDE) return _mm256_and_ps(x, _mm256_castsi256_ps(row4_keep(x, n)));
-  __m256 d;
-  if (static_cast<uint32_t>(e) <= 0xFFFFFFFFu - 7u) {
-    d = draw8(rnd, e);
-  } else {  // the entries' numbers cross a multiple of 2^32
-    alignas(32) float v[8];
-    for (int w = 0; w < 8; ++w) v[w] = draw(rnd, e + w);
-    d = _mm256_load_ps(v);
-  }
-  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  const __m256 fin = _mm256_cmp_ps(a, _mm256_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ);
-  const __m256i keep = row4_keep_key(_mm256_blendv_ps(_mm256_set1_ps(2.0f), d, fin), n);
-  if (method == RANDOM_UNBIASED) x = _mm256_mul_ps(x, _mm256_set1_ps(unbiased));
-  return _mm256_and_ps(x, _mm256_castsi256_ps(keep));
-}
-
-// The row pruned into out (a kept -0.0 stays -0.0); e: the number of its first entry (random keys).
-inline void prune_row4(const float* g, float* out, int64_t C, int n, int method = MAGNITUDE, uint64_t rnd = 0,
-                       uint64_t e = 0, float unbiased = 1.0f) {
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8)
-    _mm256_storeu_ps(out + c, row4_pruned(_mm256_loadu_ps(g + c), n, method, rnd, e + c, unbiased));
-  if (c < C) {  // one group left (C % 8 == 4): the low lane
-    const __m256 x = _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(g + c), 0);
-    _mm_storeu_ps(out + c, _mm256_castps256_ps128(row4_pruned(x, n, method, rnd, e + c, unbiased)));
-  }
-}
-
-// The row's mask as bytes 1 / 0.
-inline void mask_row4(const float* g, bool* out, int64_t C, int n) {
-  auto bytes = [](__m256i keep) {
-    const __m256i one = _mm256_and_si256(keep, _mm256_set1_epi32(1));
-    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(one), _mm256_extracti128_si256(one, 1));
-    return _mm_packus_epi16(w, w);  // the 8 flags in order in the low 8 bytes
-  };
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) _mm_storel_epi64(reinterpret_cast<__m128i*>(out + c), bytes(row4_keep(_mm256_loadu_ps(g + c), n)));
-  if (c < C) {
-    const __m256 x = _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_loadu_ps(g + c), 0);
-    const int32_t four = _mm_cvtsi128_si32(bytes(row4_keep(x, n)));
-    std::memcpy(out + c, &four, 4);
-  }
-}
-
-// sum |x| over a row of C floats (C % 4 == 0), in 8 partial sums (so another order than a scalar loop's)
-inline float abs_sum_row4(const float* x, int64_t C) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) acc = _mm256_add_ps(acc, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + c)));
-  if (c < C) acc = _mm256_add_ps(acc, _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_andnot_ps(_mm_set1_ps(-0.0f),
-                                                                                                _mm_loadu_ps(x + c)), 0));
-  float lanes[8];
-  _mm256_storeu_ps(lanes, acc);
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
-
-// Rescale along rows: each sample b's rows pruned on the row path, then scaled per (b, channel) plane (summed over
-// the O rows), or per b in row mode, by sum|g| / (sum|kept| + eps).
-inline void rescale_rows4(const float* gp, float* op, const View& v, const View& vo, int n, double eps, bool row) {
-  at::parallel_for(0, v.B, 1, [&](int64_t lo, int64_t hi) {
-    const int64_t per_b = row ? 1 : v.C;
-    std::vector<float> full(per_b), kept(per_b);
-    for (int64_t b = lo; b < hi; ++b) {
-      std::fill(full.begin(), full.end(), 0.0f);
-      std::fill(kept.begin(), kept.end(), 0.0f);
-      for (int64_t o = 0; o < v.O; ++o) {
-        const float* x = gp + v.at(b, o, 0, 0);
-        float* y = op + vo.at(b, o, 0, 0);
-        prune_row4(x, y, v.C, n);
-        if (row) {
-          full[0] += abs_sum_row4(x, v.C);
-          kept[0] += abs_sum_row4(y, v.C);
-        } else {
-          for (int64_t c = 0; c < v.C; ++c) {
-            full[c] += std::abs(x[c]);
-            kept[c] += std::abs(y[c]);
-          }
-        }
-      }
-      for (int64_t c = 0; c < per_b; ++c) full[c] = full[c] / (kept[c] + static_cast<float>(eps));
-      for (int64_t o = 0; o < v.O; ++o) {
-        float* y = op + vo.at(b, o, 0, 0);
-        for (int64_t c = 0; c < v.C; ++c) y[c] = y[c] * full[row ? 0 : c];
-      }
-    }
-  });
-}
-
-// Calls fn(b, o, b * O + o) for every row (b, o) of a (B, O, C, I) view, in parallel.
-template <typename F>
-inline void for_rows(const View& v, F&& fn) {
-  at::parallel_for(0, v.B * v.O, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t bo = lo; bo < hi; ++bo) fn(bo / v.O, bo % v.O, bo);
-  });
-}
-#endif
-
-// The row path takes float32 n:4 (m == 4) along rows with contiguous channels and nothing after them (I == 1): a
-// Linear weight's mask, a Linear gradient's prune. The tile path measured 2.4-3.5 ns per element there.
-template <typename scalar_t, int MT>
-constexpr bool kRow4 =
-#ifdef __AVX2__
-    std::is_same<scalar_t, float>::value && MT == 4;
-#else
-    false;
-#endif
-
-inline bool rows_of(const View& v) { return v.I == 1 && v.sC == 1; }
 
 // x[j][w] = p[lane w's entry j] as acc_t (zero beyond count); contiguous loads when the lanes are adjacent, and
 // for W whole groups side by side in a row (a Linear gradient) loads and shuffles: the compiler vectorizes the
@@ -494,6 +255,12 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
       return;
     }
     if (rows_of(v) && method == RESCALE) return rescale_rows4(gp, op, v, vo, n, eps, row);
+    if (rows_of(v) && method == MVUE) {
+      for_rows(v, [&](int64_t b, int64_t o, int64_t bo) {  // group (b, o, g) is number bo * G + g
+        mvue_row4(gp + v.at(b, o, 0, 0), op + vo.at(b, o, 0, 0), v.C, n, rnd, static_cast<uint64_t>(bo * (v.C / 4)));
+      });
+      return;
+    }
   }
 #endif
   const acc_t unbiased = static_cast<acc_t>(static_cast<double>(m) / n);  // torch's tensor * Python float
