@@ -16,6 +16,9 @@
 // torch path's order), except rescale's scale, whose plane sums are added in another order (a
 // rounding of the sum). Compile with -ffp-contract=off so no multiply-add is fused, and -fno-trapping-math
 // so lane loops may compute a division in every lane and select (no value changes).
+//
+// This file: the tile path (any m, dtype and layout) and the entry points; nm_prune_rows.h: the AVX2 row path
+// (float32 n:4 along contiguous rows); nm_prune_common.h: what both use.
 
 #include "nm_prune_rows.h"
 
