@@ -251,3 +251,41 @@ def test_property_rows_of_four(n, rows, groups, seed):
         ref, out = _both(g, n, 4, method, 1, seed)
         assert torch.equal(ref, out)
     assert torch.equal(native.nm_mask_native(g, n, 4, 1), nm_mask(g, n, 4, dim=1))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("positions", [(2, 4), (4, 4), (4, 6), (8, 8), (8, 9), (8, 15), (5, 40)])
+def test_float_planes_of_groups_of_four_equal_the_torch_path(n, positions):
+    """float32 n:4 across channels a plane apart with whole vectors of contiguous positions (an NCHW conv gradient)
+    takes its own vector path on AVX2: the tile path's keep rule and values, for every method; positions from 8 to
+    200 cover mvue's blocks of 8, 4, 2 and 1 vectors."""
+    h, w = positions
+    gen = torch.Generator().manual_seed(h * 100 + w * 10 + n)
+    g = torch.randn(3, 12, h, w, generator=gen)
+    g[0, :4, 0, 0] = 1.5  # a whole group tied
+    g[0, 4:8, 0, 1] = torch.tensor([-0.0, 0.0, 0.0, -0.0])
+    g[1, :4, 1, 0] = torch.tensor([math.nan, 1.0, math.nan, -2.0])
+    g[1, 4:8, 1, 1] = torch.tensor([math.inf, -math.inf, 3.0, math.inf])
+    g[2, 8:12, 0, 0] = torch.tensor([2.0, -2.0, 1.0, 2.0])  # |x| ties across signs
+    g[2, :, 1] = g[2, :, 1].round()  # many ties
+    g[0, 8:12, 1] = 0  # planes with fewer than n nonzeros
+    for method in METHODS:
+        ref, out = _both(g, n, 4, method, 1)
+        _agree(ref, out, method, 4, g.dtype)
+        assert torch.equal(ref.isnan(), out.isnan())
+    five = g.reshape(3, 2, 6, h, w)  # channels at dim 2 with a dim before them: O = 2
+    for method in METHODS:
+        ref, out = _both(five[:, :, :4].contiguous(), n, 4, method, 2)
+        _agree(ref, out, method, 4, g.dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 12), st.integers(0, 2**31 - 1))
+def test_property_planes_of_four(n, batch, groups, vectors, seed):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randint(-3, 4, (batch, 4 * groups, 8 * vectors), generator=gen).float()  # ties everywhere
+    for method in ("magnitude", "random", "random-unbiased", "mvue"):
+        ref, out = _both(g, n, 4, method, 1, seed)
+        assert torch.equal(ref, out)
+    ref, out = _both(g, n, 4, "rescale", 1, seed)
+    _agree(ref, out, "rescale", 4, g.dtype)

@@ -18,9 +18,10 @@
 // so lane loops may compute a division in every lane and select (no value changes).
 //
 // This file: the tile path (any m, dtype and layout) and the entry points; nm_prune_rows.h: the AVX2 row path
-// (float32 n:4 along contiguous rows); nm_prune_common.h: what both use.
+// (float32 n:4 along contiguous rows); nm_prune_planes.h: the AVX2 plane path (float32 n:4 across channels a
+// plane apart, e.g. an NCHW conv gradient); nm_prune_common.h: what they share.
 
-#include "nm_prune_rows.h"
+#include "nm_prune_planes.h"
 
 namespace {
 
@@ -263,6 +264,12 @@ void prune_impl(const torch::Tensor& g4, torch::Tensor& o4, int n, int m_arg, in
         mvue_row4(gp + v.at(b, o, 0, 0), op + vo.at(b, o, 0, 0), v.C, n, rnd, static_cast<uint64_t>(bo * (v.C / 4)));
       });
       return;
+    }
+    if (planes_of(v)) {  // channels a plane apart, positions contiguous: an NCHW conv gradient
+      if (method == MAGNITUDE || method == RANDOM || method == RANDOM_UNBIASED)
+        return prune_planes4(gp, op, v, vo, n, method, rnd, static_cast<float>(static_cast<double>(m) / n));
+      if (method == RESCALE && v.O == 1 && !row) return rescale_planes4(gp, op, v, vo, n, eps);
+      if (method == MVUE) return mvue_planes4(gp, op, v, vo, n, rnd);
     }
   }
 #endif
