@@ -76,6 +76,21 @@ def test_channels_last_keeps_its_layout(method):
     _agree(ref, out, method, 4, g.dtype)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,d", [((3, 12, 4, 8), 1), ((2, 3, 8, 4, 4), 2), ((8, 4, 3, 3), 0), ((5, 16, 1, 1), 1)])
+def test_channels_innermost_in_memory(method, dtype, shape, d):
+    """Channels innermost in memory with dims after them (a channels_last gradient, any d) are viewed as rows: the
+    same values as the torch path (entries and rescale's planes are counted in channels-last order) in g's layout."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=dtype).movedim(d, -1).contiguous()
+    g = g.movedim(-1, d)
+    g[(0,) * g.dim()] = math.nan
+    ref, out = _both(g, 2, 4, method, d)
+    assert out.stride() == g.stride()
+    _agree(ref, out, method, 4, g.dtype)
+    assert torch.equal(ref.isnan(), out.isnan())
+
+
 def test_strided_views():
     g = torch.randn(8, 6, 4).permute(2, 0, 1)  # (4, 8, 6), any strides: viewed as (4, 1, 8, 6)
     ref, out = _both(g, 2, 4, "mvue", 1)

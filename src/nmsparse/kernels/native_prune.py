@@ -75,6 +75,19 @@ def _bock(t: torch.Tensor, d: int) -> torch.Tensor | None:
         return None
 
 
+def _channels_innermost(t: torch.Tensor, d: int) -> torch.Tensor | None:
+    """A tensor whose channels (dim d) are innermost in memory with dims after them (a channels_last conv gradient)
+    as (B, O * I, C, 1) rows, a view the row path takes; else None. The kernel's entry and group numbers and
+    rescale's (sample, channel) planes are the same in both views: they are counted in channels-last order."""
+    if d == t.dim() - 1 or t.dim() < 3:
+        return None
+    tc = t.movedim(d, -1)
+    if not tc.is_contiguous():
+        return None
+    b = 1 if d == 0 else t.shape[0]
+    return tc.view(b, -1, t.shape[d], 1)
+
+
 def prune_grad_native(g: torch.Tensor, n: int, m: int, method: str, d: int,
                       generator: torch.Generator | torch.Tensor | None = None,
                       eps: float = 1e-4) -> torch.Tensor | None:
@@ -87,7 +100,9 @@ def prune_grad_native(g: torch.Tensor, n: int, m: int, method: str, d: int,
     if _extension.load() is None:
         return None
     out = torch.empty_like(g)
-    g4, o4 = _bock(g, d), _bock(out, d)
+    g4, o4 = _channels_innermost(g, d), _channels_innermost(out, d)
+    if g4 is None or o4 is None:
+        g4, o4 = _bock(g, d), _bock(out, d)
     if g4 is None or o4 is None or g4.stride() != o4.stride():
         return None
     key = draw_key(generator) if method in ("random", "random-unbiased", "mvue") else 0  # one word per call
