@@ -76,19 +76,30 @@ def test_channels_last_keeps_its_layout(method):
     _agree(ref, out, method, 4, g.dtype)
 
 
+def _same_bits(ref, out):
+    """Equal to the bit (the sign of a zero included, which torch.equal does not see)."""
+    ints = {torch.float32: torch.int32, torch.float64: torch.int64}[ref.dtype]
+    assert torch.equal(ref.contiguous().view(ints), out.contiguous().view(ints))
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape,d", [((3, 12, 4, 8), 1), ((2, 3, 8, 4, 4), 2), ((8, 4, 3, 3), 0), ((5, 16, 1, 1), 1)])
-def test_channels_innermost_in_memory(method, dtype, shape, d):
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("shape,d", [((3, 12, 4, 8), 1), ((2, 3, 8, 4, 4), 2), ((8, 4, 3, 3), 0), ((5, 16, 1, 1), 1),
+                                     ((3, 8, 16), 1)])
+def test_channels_innermost_in_memory(method, dtype, n, shape, d):
     """Channels innermost in memory with dims after them (a channels_last gradient, any d) are viewed as rows: the
     same values as the torch path (entries and rescale's planes are counted in channels-last order) in g's layout."""
     g = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=dtype).movedim(d, -1).contiguous()
+    g.view(-1)[1::5] = -0.0  # zeros whose sign must survive
     g = g.movedim(-1, d)
     g[(0,) * g.dim()] = math.nan
-    ref, out = _both(g, 2, 4, method, d)
+    ref, out = _both(g, n, 4, method, d)
     assert out.stride() == g.stride()
     _agree(ref, out, method, 4, g.dtype)
     assert torch.equal(ref.isnan(), out.isnan())
+    if method != "rescale":
+        _same_bits(ref, out)
 
 
 def test_strided_views():
@@ -288,6 +299,8 @@ def test_float_planes_of_groups_of_four_equal_the_torch_path(n, positions):
         ref, out = _both(g, n, 4, method, 1)
         _agree(ref, out, method, 4, g.dtype)
         assert torch.equal(ref.isnan(), out.isnan())
+        if method != "rescale":
+            _same_bits(ref, out)
     five = g.reshape(3, 2, 6, h, w)  # channels at dim 2 with a dim before them: O = 2
     for method in METHODS:
         ref, out = _both(five[:, :, :4].contiguous(), n, 4, method, 2)

@@ -42,8 +42,8 @@ inline __m256 draws8_step(uint64_t key, uint64_t e, uint64_t step) {
 
 // 8 positions of a group's 4 channels (g[j * sC]) pruned into out: magnitude, random or random-unbiased, as
 // row4_pruned decides them. e: the entry number of channel 0 at the first position (positions C apart).
-inline void planes4_pruned(const float* g, float* out, int64_t sC, int64_t C, int n, int method, uint64_t rnd,
-                           uint64_t e, float unbiased) {
+inline void planes4_pruned(const float* g, float* out, int64_t sC, int64_t osC, int64_t C, int n, int method,
+                           uint64_t rnd, uint64_t e, float unbiased) {
   __m256 x[4], k[4];
   const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   for (int j = 0; j < 4; ++j) {
@@ -60,7 +60,7 @@ inline void planes4_pruned(const float* g, float* out, int64_t sC, int64_t C, in
   planes4_keep(k, n, keep);
   for (int j = 0; j < 4; ++j) {
     const __m256 y = method == RANDOM_UNBIASED ? _mm256_mul_ps(x[j], _mm256_set1_ps(unbiased)) : x[j];
-    _mm256_storeu_ps(out + j * sC, _mm256_and_ps(y, _mm256_castsi256_ps(keep[j])));
+    _mm256_storeu_ps(out + j * osC, _mm256_and_ps(y, _mm256_castsi256_ps(keep[j])));
   }
 }
 
@@ -86,8 +86,8 @@ inline void prune_planes4(const float* gp, float* op, const View& v, const View&
     const float* g = gp + v.at(b, o, 4 * gi, 0);
     float* y = op + vo.at(b, o, 4 * gi, 0);
     for (int64_t i = 0; i < v.I; i += W)  // entry (b, o, c, i) is number (bo * I + i) * C + c
-      planes4_pruned(g + i, y + i, v.sC, v.C, n, method, rnd, static_cast<uint64_t>((bo * v.I + i) * v.C + 4 * gi),
-                     unbiased);
+      planes4_pruned(g + i, y + i, v.sC, vo.sC, v.C, n, method, rnd,
+                     static_cast<uint64_t>((bo * v.I + i) * v.C + 4 * gi), unbiased);
   });
 }
 
@@ -101,7 +101,7 @@ inline void rescale_planes4(const float* gp, float* op, const View& v, const Vie
     __m256 full[4], kept[4];
     for (int j = 0; j < 4; ++j) full[j] = kept[j] = _mm256_setzero_ps();
     for (int64_t i = 0; i < v.I; i += W) {
-      planes4_pruned(g + i, y + i, v.sC, v.C, n, MAGNITUDE, 0, 0, 1.0f);
+      planes4_pruned(g + i, y + i, v.sC, vo.sC, v.C, n, MAGNITUDE, 0, 0, 1.0f);
       for (int j = 0; j < 4; ++j) {
         full[j] = _mm256_add_ps(full[j], _mm256_andnot_ps(sign, _mm256_loadu_ps(g + j * v.sC + i)));
         kept[j] = _mm256_add_ps(kept[j], _mm256_andnot_ps(sign, _mm256_loadu_ps(y + j * vo.sC + i)));
@@ -123,8 +123,8 @@ inline void rescale_planes4(const float* gp, float* op, const View& v, const Vie
 // mvue of K * 8 positions of a group from position i on: K tiles in flight (mvue_tiles4); group (b, o, gi, i) is
 // number (bo * I + i) * G + gi, positions G apart.
 template <int K>
-inline void mvue_planes4_block(const float* g, float* y, int64_t sC, int64_t i, int n, uint64_t rnd, uint64_t grp,
-                               uint64_t G) {
+inline void mvue_planes4_block(const float* g, float* y, int64_t sC, int64_t osC, int64_t i, int n, uint64_t rnd,
+                               uint64_t grp, uint64_t G) {
   alignas(32) float x[K][4][W], out[K][4][W], u[K][W];
   for (int k = 0; k < K; ++k) {
     for (int j = 0; j < 4; ++j) _mm256_store_ps(x[k][j], _mm256_loadu_ps(g + j * sC + i + k * W));
@@ -132,7 +132,7 @@ inline void mvue_planes4_block(const float* g, float* y, int64_t sC, int64_t i, 
   }
   mvue_tiles4<K>(x, n, u, out);
   for (int k = 0; k < K; ++k)
-    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + j * sC + i + k * W, _mm256_load_ps(out[k][j]));
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(y + j * osC + i + k * W, _mm256_load_ps(out[k][j]));
 }
 
 inline void mvue_planes4(const float* gp, float* op, const View& v, const View& vo, int n, uint64_t rnd) {
@@ -142,10 +142,10 @@ inline void mvue_planes4(const float* gp, float* op, const View& v, const View& 
     float* y = op + vo.at(b, o, 4 * gi, 0);
     const uint64_t grp = static_cast<uint64_t>(bo * v.I * G + gi), step = static_cast<uint64_t>(G);
     int64_t i = 0;
-    for (; i + 8 * W <= v.I; i += 8 * W) mvue_planes4_block<8>(g, y, v.sC, i, n, rnd, grp, step);
-    if (i + 4 * W <= v.I) mvue_planes4_block<4>(g, y, v.sC, i, n, rnd, grp, step), i += 4 * W;
-    if (i + 2 * W <= v.I) mvue_planes4_block<2>(g, y, v.sC, i, n, rnd, grp, step), i += 2 * W;
-    if (i + W <= v.I) mvue_planes4_block<1>(g, y, v.sC, i, n, rnd, grp, step);
+    for (; i + 8 * W <= v.I; i += 8 * W) mvue_planes4_block<8>(g, y, v.sC, vo.sC, i, n, rnd, grp, step);
+    if (i + 4 * W <= v.I) mvue_planes4_block<4>(g, y, v.sC, vo.sC, i, n, rnd, grp, step), i += 4 * W;
+    if (i + 2 * W <= v.I) mvue_planes4_block<2>(g, y, v.sC, vo.sC, i, n, rnd, grp, step), i += 2 * W;
+    if (i + W <= v.I) mvue_planes4_block<1>(g, y, v.sC, vo.sC, i, n, rnd, grp, step);
   });
 }
 #endif
