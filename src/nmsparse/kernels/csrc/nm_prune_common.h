@@ -1,6 +1,6 @@
-// Pieces that nm_prune.cpp's tile path and its AVX2 row and plane paths (nm_prune_rows.h, nm_prune_planes.h)
-// share: the (B, O, C, I) view, the methods' codes, the random draws, the in-register transposes of 8 groups of 4
-// floats.
+// Pieces that nm_prune.cpp's tile path (nm_prune_tiles.h) and its AVX2 row and plane paths (nm_prune_rows.h,
+// nm_prune_planes.h) share: the (B, O, C, I) view, the methods' codes, the random draws, the in-register
+// transposes of 8 groups of 4 floats.
 
 #pragma once
 
