@@ -24,37 +24,14 @@ inline void planes4_keep(const __m256 (&k)[4], int n, __m256i (&keep)[4]) {
   for (int j = 0; j < 4; ++j) keep[j] = _mm256_cmpgt_epi32(beaten[j], _mm256_set1_epi32(-n));
 }
 
-// draw(key, e + w * step) for w = 0..7, as draw computes it
-inline __m256 draws8_step(uint64_t key, uint64_t e, uint64_t step) {
-  if (step <= 0xFFFFFFFFu / 8 && static_cast<uint32_t>(e) <= 0xFFFFFFFFu - 7 * step) {  // one high word for all 8
-    const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(e))),
-                                        _mm256_mullo_epi32(_mm256_set1_epi32(static_cast<int32_t>(step)),
-                                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-    __m256i x = hash32v(_mm256_xor_si256(lo, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(key)))));
-    x = hash32v(_mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(e >> 32) ^
-                                                                           static_cast<uint32_t>(key >> 32)))));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(x, 8)), _mm256_set1_ps(1.0f / 16777216.0f));
-  }
-  alignas(32) float v[8];
-  for (int w = 0; w < 8; ++w) v[w] = draw(key, e + w * step);
-  return _mm256_load_ps(v);
-}
-
 // 8 positions of a group's 4 channels (g[j * sC]) pruned into out: magnitude, random or random-unbiased, as
 // row4_pruned decides them. e: the entry number of channel 0 at the first position (positions C apart).
 inline void planes4_pruned(const float* g, float* out, int64_t sC, int64_t osC, int64_t C, int n, int method,
                            uint64_t rnd, uint64_t e, float unbiased) {
   __m256 x[4], k[4];
-  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   for (int j = 0; j < 4; ++j) {
     x[j] = _mm256_loadu_ps(g + j * sC);
-    const __m256 a = _mm256_andnot_ps(sign, x[j]);
-    if (method == MAGNITUDE) {
-      k[j] = _mm256_blendv_ps(a, inf, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
-    } else {
-      const __m256 fin = _mm256_cmp_ps(a, _mm256_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ);
-      k[j] = _mm256_blendv_ps(_mm256_set1_ps(2.0f), draws8_step(rnd, e + j, static_cast<uint64_t>(C)), fin);
-    }
+    k[j] = method == MAGNITUDE ? magnitude_key8(x[j]) : random_key8(x[j], draws8(rnd, e + j, static_cast<uint64_t>(C)));
   }
   __m256i keep[4];
   planes4_keep(k, n, keep);
@@ -108,12 +85,7 @@ inline void rescale_planes4(const float* gp, float* op, const View& v, const Vie
       }
     }
     for (int j = 0; j < 4; ++j) {
-      alignas(32) float f[8], k[8];
-      _mm256_store_ps(f, full[j]);
-      _mm256_store_ps(k, kept[j]);
-      const float fs = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
-      const float ks = ((k[0] + k[1]) + (k[2] + k[3])) + ((k[4] + k[5]) + (k[6] + k[7]));
-      const __m256 s = _mm256_set1_ps(fs / (ks + static_cast<float>(eps)));
+      const __m256 s = _mm256_set1_ps(sum8(full[j]) / (sum8(kept[j]) + static_cast<float>(eps)));
       float* yj = y + j * vo.sC;
       for (int64_t i = 0; i < v.I; i += W) _mm256_storeu_ps(yj + i, _mm256_mul_ps(_mm256_loadu_ps(yj + i), s));
     }
@@ -128,7 +100,7 @@ inline void mvue_planes4_block(const float* g, float* y, int64_t sC, int64_t osC
   alignas(32) float x[K][4][W], out[K][4][W], u[K][W];
   for (int k = 0; k < K; ++k) {
     for (int j = 0; j < 4; ++j) _mm256_store_ps(x[k][j], _mm256_loadu_ps(g + j * sC + i + k * W));
-    _mm256_store_ps(u[k], draws8_step(rnd, grp + static_cast<uint64_t>(i + k * W) * G, G));
+    _mm256_store_ps(u[k], draws8(rnd, grp + static_cast<uint64_t>(i + k * W) * G, G));
   }
   mvue_tiles4<K>(x, n, u, out);
   for (int k = 0; k < K; ++k)
@@ -141,11 +113,9 @@ inline void mvue_planes4(const float* gp, float* op, const View& v, const View& 
     const float* g = gp + v.at(b, o, 4 * gi, 0);
     float* y = op + vo.at(b, o, 4 * gi, 0);
     const uint64_t grp = static_cast<uint64_t>(bo * v.I * G + gi), step = static_cast<uint64_t>(G);
-    int64_t i = 0;
-    for (; i + 8 * W <= v.I; i += 8 * W) mvue_planes4_block<8>(g, y, v.sC, vo.sC, i, n, rnd, grp, step);
-    if (i + 4 * W <= v.I) mvue_planes4_block<4>(g, y, v.sC, vo.sC, i, n, rnd, grp, step), i += 4 * W;
-    if (i + 2 * W <= v.I) mvue_planes4_block<2>(g, y, v.sC, vo.sC, i, n, rnd, grp, step), i += 2 * W;
-    if (i + W <= v.I) mvue_planes4_block<1>(g, y, v.sC, vo.sC, i, n, rnd, grp, step);
+    in_tile_blocks(v.I, [&](auto k, int64_t i) {  // I is whole tiles (planes_of)
+      mvue_planes4_block<decltype(k)::value>(g, y, v.sC, vo.sC, i, n, rnd, grp, step);
+    });
   });
 }
 #endif

@@ -25,11 +25,19 @@ inline __m256i row4_keep_key(__m256 key, int n) {
 }
 
 // magnitude's key: |x|, NaN as +inf (magnitude_key)
-inline __m256i row4_keep(__m256 x, int n) {
+inline __m256 magnitude_key8(__m256 x) {
   const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  return row4_keep_key(_mm256_blendv_ps(a, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
-                                        _mm256_cmp_ps(a, a, _CMP_UNORD_Q)), n);
+  return _mm256_blendv_ps(a, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
 }
+
+// the random methods' key: the draw d, or 2 (above any draw) for a non-finite entry
+inline __m256 random_key8(__m256 x, __m256 d) {
+  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  return _mm256_blendv_ps(_mm256_set1_ps(2.0f), d,
+                          _mm256_cmp_ps(a, _mm256_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ));
+}
+
+inline __m256i row4_keep(__m256 x, int n) { return row4_keep_key(magnitude_key8(x), n); }
 
 inline __m256i hash32v(__m256i x) {  // hash32 in 8 lanes
   x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
@@ -39,21 +47,20 @@ inline __m256i hash32v(__m256i x) {  // hash32 in 8 lanes
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
 }
 
-// draw(key, e + w) for w = 0..7, as draw computes it (the entries' high words are e's: the caller checks)
-inline __m256 draw8(uint64_t key, uint64_t e) {
-  const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(e))),
-                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i x = hash32v(_mm256_xor_si256(lo, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(key)))));
-  x = hash32v(_mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(e >> 32) ^
-                                                                         static_cast<uint32_t>(key >> 32)))));
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(x, 8)), _mm256_set1_ps(1.0f / 16777216.0f));
-}
-
-// draw(key, e + w) for w = 0..7 however the entries' numbers fall
-inline __m256 draws8(uint64_t key, uint64_t e) {
-  if (static_cast<uint32_t>(e) <= 0xFFFFFFFFu - 7u) return draw8(key, e);
-  alignas(32) float v[8];  // the numbers cross a multiple of 2^32
-  for (int w = 0; w < 8; ++w) v[w] = draw(key, e + w);
+// draw(key, e + w * step) for w = 0..7, as draw computes it: 8 lanes at once where the entries share e's high
+// word (the usual case), else one by one.
+inline __m256 draws8(uint64_t key, uint64_t e, uint64_t step = 1) {
+  if (step <= 0xFFFFFFFFu / 8 && static_cast<uint32_t>(e) <= 0xFFFFFFFFu - 7 * step) {
+    const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(e))),
+                                        _mm256_mullo_epi32(_mm256_set1_epi32(static_cast<int32_t>(step)),
+                                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    __m256i x = hash32v(_mm256_xor_si256(lo, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(key)))));
+    x = hash32v(_mm256_xor_si256(x, _mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(e >> 32) ^
+                                                                           static_cast<uint32_t>(key >> 32)))));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(x, 8)), _mm256_set1_ps(1.0f / 16777216.0f));
+  }
+  alignas(32) float v[8];
+  for (int w = 0; w < 8; ++w) v[w] = draw(key, e + w * step);
   return _mm256_load_ps(v);
 }
 
@@ -61,10 +68,7 @@ inline __m256 draws8(uint64_t key, uint64_t e) {
 // entry's key is 2, above any draw); pruned entries 0, kept ones g (times m / n for random-unbiased).
 inline __m256 row4_pruned(__m256 x, int n, int method, uint64_t rnd, uint64_t e, float unbiased) {
   if (method == MAGNITUDE) return _mm256_and_ps(x, _mm256_castsi256_ps(row4_keep(x, n)));
-  const __m256 d = draws8(rnd, e);
-  const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
-  const __m256 fin = _mm256_cmp_ps(a, _mm256_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ);
-  const __m256i keep = row4_keep_key(_mm256_blendv_ps(_mm256_set1_ps(2.0f), d, fin), n);
+  const __m256i keep = row4_keep_key(random_key8(x, draws8(rnd, e)), n);
   if (method == RANDOM_UNBIASED) x = _mm256_mul_ps(x, _mm256_set1_ps(unbiased));
   return _mm256_and_ps(x, _mm256_castsi256_ps(keep));
 }
@@ -97,6 +101,13 @@ inline void mask_row4(const float* g, bool* out, int64_t C, int n) {
   }
 }
 
+// the 8 lanes' sum, pairwise
+inline float sum8(__m256 v) {
+  alignas(32) float l[8];
+  _mm256_store_ps(l, v);
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
 // sum |x| over a row of C floats (C % 4 == 0), in 8 partial sums (so another order than a scalar loop's)
 inline float abs_sum_row4(const float* x, int64_t C) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -105,9 +116,7 @@ inline float abs_sum_row4(const float* x, int64_t C) {
   for (; c + 8 <= C; c += 8) acc = _mm256_add_ps(acc, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + c)));
   if (c < C) acc = _mm256_add_ps(acc, _mm256_insertf128_ps(_mm256_setzero_ps(), _mm_andnot_ps(_mm_set1_ps(-0.0f),
                                                                                                 _mm_loadu_ps(x + c)), 0));
-  float lanes[8];
-  _mm256_storeu_ps(lanes, acc);
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  return sum8(acc);
 }
 
 // Rescale along rows: each sample b's rows pruned on the row path, then scaled per (b, channel) plane (summed over
@@ -212,6 +221,18 @@ inline void mvue_tiles4(const float (*__restrict__ x)[4][W], int n, const float 
   }
 }
 
+// Calls fn(std::integral_constant<int, K>{}, start) over `count` units in tiles of W: blocks of 8 tiles, then one
+// of 4, 2 and 1 as they fit (K tiles in flight, mvue_tiles4); returns where the whole tiles end.
+template <typename F>
+inline int64_t in_tile_blocks(int64_t count, F&& fn) {
+  int64_t at = 0;
+  for (; at + 8 * W <= count; at += 8 * W) fn(std::integral_constant<int, 8>{}, at);
+  if (at + 4 * W <= count) fn(std::integral_constant<int, 4>{}, at), at += 4 * W;
+  if (at + 2 * W <= count) fn(std::integral_constant<int, 2>{}, at), at += 2 * W;
+  if (at + W <= count) fn(std::integral_constant<int, 1>{}, at), at += W;
+  return at;
+}
+
 // mvue of the K * W groups of a row from group gi on (numbered grp + gi..): K tiles in flight.
 template <int K>
 inline void mvue_row4_block(const float* g, float* out, int64_t gi, int n, uint64_t rnd, uint64_t grp) {
@@ -228,11 +249,9 @@ inline void mvue_row4_block(const float* g, float* out, int64_t gi, int n, uint6
 // per element, 2 tiles 1.6, 4 1.3, 8 1.2), then 4, 2, 1, a last partial tile padded with zeros as the tile path pads it.
 inline void mvue_row4(const float* g, float* out, int64_t C, int n, uint64_t rnd, uint64_t grp) {
   const int64_t G = C / 4;
-  int64_t gi = 0;
-  for (; gi + 8 * W <= G; gi += 8 * W) mvue_row4_block<8>(g, out, gi, n, rnd, grp);
-  if (gi + 4 * W <= G) mvue_row4_block<4>(g, out, gi, n, rnd, grp), gi += 4 * W;
-  if (gi + 2 * W <= G) mvue_row4_block<2>(g, out, gi, n, rnd, grp), gi += 2 * W;
-  if (gi + W <= G) mvue_row4_block<1>(g, out, gi, n, rnd, grp), gi += W;
+  const int64_t gi = in_tile_blocks(G, [&](auto k, int64_t at) {
+    mvue_row4_block<decltype(k)::value>(g, out, at, n, rnd, grp);
+  });
   if (gi < G) {
     const int count = static_cast<int>(G - gi);
     alignas(32) float x[1][4][W], y[1][4][W], u[1][W];
